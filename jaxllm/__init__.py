@@ -1,0 +1,12 @@
+"""jaxllm: a JAX/Flax training stack for modern decoder-only LLMs."""
+
+from jaxllm.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+)
+
+__all__ = ["Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]

@@ -1,0 +1,281 @@
+"""Configs as frozen dataclasses: validation, `key.sub=value` overrides, experiment files.
+
+A `Config` is plain, hashable data. Every check that can fail runs before anything is
+compiled, and every error names the field at fault and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config field holds a value that cannot work. The message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer."""
+
+    vocab_size: int = 512
+    embed_dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 4  # == num_heads: MHA; 1: MQA; otherwise GQA.
+    head_dim: int | None = None  # None: embed_dim // num_heads.
+    mlp_dim: int = 384
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
+    remat: Literal["none", "full", "save_dots"] = "none"
+    scan_layers: bool = True
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes. One size may be -1: it takes the devices left over."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+    context: int = 1
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training batches come from."""
+
+    source: Literal["arithmetic"] = "arithmetic"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and loop settings."""
+
+    steps: int = 200
+    batch_size: int = 16  # global, in sequences
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the jitted step
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    z_loss: float = 0.0
+    seed: int = 0
+    log_every: int = 10
+    peak_flops: float | None = None  # per device; None: known chip table, else measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run: a model, a mesh, data and training settings, and where to write."""
+
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    workdir: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def validate(config: Config) -> Config:
+    """Checks every field that can be checked without devices. Returns `config`."""
+    m, t = config.model, config.train
+    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+        _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
+    if m.head_dim is None:
+        _require(
+            m.embed_dim % m.num_heads == 0,
+            "model.num_heads",
+            f"{m.num_heads} heads do not divide model.embed_dim={m.embed_dim}; "
+            "pick a divisor or set model.head_dim explicitly",
+        )
+    else:
+        _require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads",
+        f"{m.num_kv_heads} kv heads do not divide model.num_heads={m.num_heads}",
+    )
+    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    sizes = config.mesh.shape
+    _require(
+        list(sizes.values()).count(-1) <= 1,
+        "mesh",
+        f"at most one axis may be -1, got {sizes}",
+    )
+    for axis, size in sizes.items():
+        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or >= 1, got {size}")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+        _require(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
+    _require(
+        t.batch_size % t.grad_accum == 0,
+        "train.grad_accum",
+        f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}",
+    )
+    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]")
+    _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    return config
+
+
+def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
+    """Resolves -1 in the mesh and checks the mesh and batch against the device count.
+
+    Returns the concrete mesh shape.
+    """
+    sizes = dict(config.mesh.shape)
+    fixed = 1
+    for size in sizes.values():
+        fixed *= 1 if size == -1 else size
+    if -1 in sizes.values():
+        _require(
+            num_devices % fixed == 0,
+            "mesh",
+            f"the fixed axes {sizes} (product {fixed}) do not divide the {num_devices} devices",
+        )
+        sizes = {k: num_devices // fixed if v == -1 else v for k, v in sizes.items()}
+    product = 1
+    for size in sizes.values():
+        product *= size
+    _require(
+        product == num_devices,
+        "mesh",
+        f"the axis sizes {sizes} multiply to {product}, but there are {num_devices} devices; "
+        "make the product match or set one axis to -1",
+    )
+    t = config.train
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    _require(
+        (t.batch_size // t.grad_accum) % batch_shards == 0,
+        "train.batch_size",
+        f"each of the {t.grad_accum} micro-batches of {t.batch_size // t.grad_accum} sequences "
+        f"must split evenly over mesh.data*mesh.fsdp={batch_shards} shards",
+    )
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides: "train.steps=50", "model.dtype=bfloat16", "workdir=runs/a"
+
+
+def _coerce(text: str, annotation: Any, field: str) -> Any:
+    """Parses `text` into the type `annotation` names."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        _require(text in choices, field, f"must be one of {list(choices)}, got {text!r}")
+        return text
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(options) < len(typing.get_args(annotation)):
+            return None
+        (annotation,) = options
+    if annotation is bool:
+        lowered = text.lower()
+        _require(lowered in ("true", "false", "1", "0"), field, f"expects true/false, got {text!r}")
+        return lowered in ("true", "1")
+    if annotation in (int, float, str):
+        try:
+            value = float(text) if annotation is float else annotation(text)
+        except ValueError:
+            raise ConfigError(f"{field}: expects {annotation.__name__}, got {text!r}") from None
+        return value
+    raise ConfigError(f"{field}: cannot be set from the command line")
+
+
+def _set(node: Any, path: list[str], text: str, prefix: str) -> Any:
+    key = path[0]
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    full = f"{prefix}{key}"
+    if key not in fields:
+        raise ConfigError(f"{full}: unknown key; valid keys here are {sorted(fields)}")
+    value = getattr(node, key)
+    if dataclasses.is_dataclass(value):
+        if len(path) == 1:
+            raise ConfigError(f"{full}: is a section; set one of its fields, e.g. {full}.x=...")
+        new = _set(value, path[1:], text, f"{full}.")
+    else:
+        if len(path) > 1:
+            raise ConfigError(f"{full}: is a value and has no field {path[1]!r}")
+        hints = typing.get_type_hints(type(node))
+        new = _coerce(text, hints[key], full)
+    return dataclasses.replace(node, **{key: new})
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Applies `key.sub=value` strings in order, then validates."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{item!r}: overrides look like key.sub=value")
+        config = _set(config, key.split("."), text, "")
+    return validate(config)
+
+
+# ---------------------------------------------------------------------------------------
+# Experiment files and serialisation
+
+
+def load_experiment(path: str | Path) -> Config:
+    """Runs an experiment file and returns the `Config` its `config()` function builds."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxllm_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "config", None)):
+        raise ConfigError(f"{path}: an experiment file must define config() -> jaxllm.Config")
+    config = module.config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: config() returned {type(config).__name__}, not Config")
+    return validate(config)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of `to_dict`, for configs read back from a workdir."""
+    sections = {
+        "model": ModelConfig,
+        "mesh": MeshConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+    }
+    kwargs = {k: sections[k](**v) if k in sections else v for k, v in data.items()}
+    return validate(Config(**kwargs))
+
+
+def save(config: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")

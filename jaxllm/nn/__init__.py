@@ -1,0 +1,19 @@
+"""Flax Linen modules. Each is pure: init + apply over a params pytree, no I/O."""
+
+from jaxllm.nn.attention import Attention, causal_segment_mask, dot_product_attention
+from jaxllm.nn.mlp import SwiGLU
+from jaxllm.nn.norms import RMSNorm
+from jaxllm.nn.positions import apply_rope
+from jaxllm.nn.transformer import Block, Decoder, Transformer
+
+__all__ = [
+    "Attention",
+    "Block",
+    "Decoder",
+    "RMSNorm",
+    "SwiGLU",
+    "Transformer",
+    "apply_rope",
+    "causal_segment_mask",
+    "dot_product_attention",
+]

@@ -1,0 +1,98 @@
+"""The device mesh and the logical-axis rules that shard the whole model.
+
+Parameters and activations name their axes logically (`embed`, `heads`, `act_batch`, ...).
+`RULES` maps those names onto the five mesh axes, so this one table decides how every
+tensor is laid out. GSPMD does the rest.
+"""
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm.config import Config, validate_for_devices
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor, expert, context) mesh the config asks for.
+
+    Raises ConfigError when the axis sizes cannot tile the devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = validate_for_devices(config, len(devices))
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    return jax.make_mesh(
+        shape,
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=RULES) -> Iterator[None]:
+    """Makes `mesh` and the logical rules current, so that modules' logical constraints
+    take effect while tracing."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def _mesh_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec:
+    """Logical spec -> mesh spec; a dimension the mesh axes do not divide stays replicated."""
+    spec = nn.logical_to_mesh_axes(logical, rules)
+    dims = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        shards = int(np.prod([mesh.shape[a] for a in names]))
+        dims.append(axes if names and size % shards == 0 else None)
+    return PartitionSpec(*dims)
+
+
+def shardings(boxed_tree, mesh: Mesh, rules=RULES):
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` values (or their shapes).
+
+    Leaves without logical names are replicated.
+    """
+    logical = nn.get_partition_spec(boxed_tree)
+    shapes = jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x,
+        boxed_tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh, rules)),
+        logical,
+        shapes,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sequences split over (data, fsdp), positions over context."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "context"))

@@ -1,0 +1,65 @@
+"""FLOP accounting for MFU, and the peak it is measured against."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.config import ModelConfig
+
+# Dense bf16 peak per chip, from the vendors' spec sheets.
+KNOWN_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def matmul_params(cfg: ModelConfig, num_params: int) -> int:
+    """Parameters that take part in a matmul for every token: all of them except the input
+    embedding table, which is a lookup (a tied table is counted once, as the head)."""
+    return num_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.embed_dim)
+
+
+def train_flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
+    """Model FLOPs per trained token, the PaLM (appendix B) convention:
+
+        6 * N + 12 * L * H * d_head * S
+
+    N is `matmul_params`. The attention term counts the full S x S score matrix, not halved
+    for causality, as in PaLM. Rematerialisation is not counted (model FLOPs, not
+    hardware FLOPs).
+    """
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    return 6 * matmul_params(cfg, num_params) + attention
+
+
+def measure_matmul_peak(size: int = 4096, dtype=jnp.float32, repeats: int = 5) -> float:
+    """The best FLOP/s of an n x n x n matmul on the default device, over `repeats` runs."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the figure comes from)."""
+    kind = jax.devices()[0].device_kind
+    for name, flops in KNOWN_PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return flops, f"{name} spec sheet"
+    # On CPU the 8 simulated devices of the tests share the same cores: measure the host.
+    peak = measure_matmul_peak(2048, dtype) / jax.local_device_count()
+    return peak, f"measured {jnp.dtype(dtype).name} matmul on {kind}"

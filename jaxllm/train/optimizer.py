@@ -1,0 +1,42 @@
+"""AdamW with warmup + cosine decay, global-norm clipping, and no decay on norms or biases."""
+
+import jax
+import optax
+
+from jaxllm.config import TrainConfig
+
+NO_DECAY = frozenset({"scale", "bias"})
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_lr_ratio` of it."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.steps,
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+
+
+def decay_mask(params):
+    """True for every parameter except norm scales and biases."""
+
+    def keep(path, _):
+        return not any(getattr(key, "key", None) in NO_DECAY for key in path)
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )

@@ -1,0 +1,54 @@
+"""The train state, created directly in its sharded layout."""
+
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from jaxllm import parallel
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def _create(rng, *, model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
+    init_rng, rng = jax.random.split(rng)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = model.init(init_rng, tokens)["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+
+
+def init_state(model, tx, seq_len: int, mesh: Mesh, rng: jax.Array):
+    """Initialises params and optimizer state under jit with sharded outputs.
+
+    No full copy ever lands on one device: each device computes only its own shards.
+    Returns (state, state_shardings).
+    """
+    create = functools.partial(_create, model=model, tx=tx, seq_len=seq_len)
+    with parallel.use_mesh(mesh):
+        boxed = jax.eval_shape(create, rng)
+        state_shardings = parallel.shardings(boxed, mesh)
+        state = jax.jit(
+            lambda r: nn.meta.unbox(create(r)), out_shardings=state_shardings
+        )(rng)
+    return state, state_shardings
+
+
+def abstract_params(model, seq_len: int = 8):
+    """Param shapes without allocating anything (through `jax.eval_shape`)."""
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    return nn.meta.unbox(boxed)
+
+
+def count_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,94 @@
+"""The loss and the jit-compiled train step, with gradient accumulation inside the jit."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm import parallel
+from jaxllm.config import TrainConfig
+from jaxllm.train.state import TrainState
+
+
+def cross_entropy(logits, targets, loss_mask, z_loss: float = 0.0):
+    """Summed token cross-entropy in float32, plus `z_loss * logsumexp(logits)^2`.
+
+    Returns (sum of masked losses, sum of masked z-losses, number of masked-in tokens);
+    the caller divides, so micro-batches combine exactly.
+    """
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = (log_z - target_logits) * loss_mask
+    z_term = z_loss * jnp.square(log_z) * loss_mask
+    return nll.sum(), z_term.sum(), loss_mask.sum()
+
+
+def _sums(params, batch, model: nn.Module, z_loss: float):
+    logits = model.apply(
+        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+    )
+    nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+    return nll + z_term, (nll, tokens)
+
+
+def _split_micro_batches(batch, k: int):
+    """[B, ...] -> [k, B/k, ...], taking rows i, i+k, i+2k, ... into micro-batch i so that
+    each device's contiguous shard feeds every micro-batch (no data moves)."""
+
+    def split(x):
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "act_batch", "act_length"))
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConfig, schedule):
+    """One optimizer step over `cfg.grad_accum` micro-batches.
+
+    The loss is the mean over all masked-in tokens of the whole batch, whatever the number
+    of micro-batches, so accumulation is exact.
+    """
+    grad_fn = jax.grad(functools.partial(_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
+
+    def accumulate(carry, micro_batch):
+        grads, nll, tokens = carry
+        g, (n, t) = grad_fn(state.params, micro_batch)
+        return (jax.tree.map(jnp.add, grads, g), nll + n, tokens + t), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    if cfg.grad_accum == 1:
+        (grads, nll, tokens), _ = accumulate(init, batch)
+    else:
+        micro_batches = _split_micro_batches(batch, cfg.grad_accum)
+        (grads, nll, tokens), _ = jax.lax.scan(accumulate, init, micro_batches)
+    tokens = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    _, rng = jax.random.split(state.rng)
+    metrics = {
+        "loss": nll / tokens,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": schedule(state.step),
+        "tokens": tokens,
+    }
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+
+def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings):
+    """`train_step` under jit with explicit shardings and the state donated.
+
+    Call the result inside `parallel.use_mesh(mesh)`.
+    """
+    step = functools.partial(train_step, model=model, tx=tx, cfg=cfg, schedule=schedule)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )

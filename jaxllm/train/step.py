@@ -73,7 +73,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
     _, rng = jax.random.split(state.rng)
     metrics = {
         "loss": nll / tokens,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": tokens,
     }

@@ -1,0 +1,201 @@
+"""Train-step benchmark: matmul peak, MFU of the small_dense step, compile time vs depth.
+
+    python benchmarks/train_step.py                               # full run
+    python benchmarks/train_step.py --steps 2 --skip-compile-check  # smoke run
+
+1. The host's large-matmul peak (float32 and bfloat16, n x n x n) from
+   `jaxllm.train.flops.measure_matmul_peak`.
+2. The small_dense train step (46M params) built as `jaxllm.train.loop` builds it, on a
+   one-device mesh: median step time, tokens/s, MFU against the measured peak of the
+   compute dtype, XLA's cost and memory analysis of the compiled step.
+3. Trace + compile time of the step for a shallow and a deep model: with
+   `scan_layers=True` the ratio should stay near 1; unrolled layers for contrast.
+
+Other processes on the same cores skew every number: the 1-minute load average before
+the run is printed so that a noisy run can be spotted and rerun.
+"""
+
+import argparse
+import dataclasses
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import config as config_lib
+from jaxllm import parallel, presets
+from jaxllm.data import make_source
+from jaxllm.nn import Transformer
+from jaxllm.train import flops
+from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxllm.train.state import count_params, init_state
+from jaxllm.train.step import jit_train_step
+
+
+def build(config: config_lib.Config):
+    """Mesh, state, one batch and the jitted step, exactly as `train.loop.pretrain` does."""
+    config = config_lib.validate(config)
+    cfg = config.train
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    model = Transformer(config.model)
+    tx = make_optimizer(cfg)
+    state, state_shardings = init_state(model, tx, cfg.seq_len, mesh, jax.random.key(cfg.seed))
+    batch = next(make_source(config).batches(cfg.batch_size, cfg.seq_len))
+    batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+    step = jit_train_step(model, tx, cfg, learning_rate_schedule(cfg), mesh, state_shardings)
+    return mesh, state, batch, step
+
+
+def compile_step(mesh, state, batch, step):
+    """(compiled step, seconds to trace, lower and compile it)."""
+    with parallel.use_mesh(mesh):
+        start = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def cost_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per module
+    return float(cost["flops"])
+
+
+def bench_step(args, peaks) -> dict:
+    model = dataclasses.replace(presets.small_dense(), dtype=args.dtype, remat=args.remat)
+    config = config_lib.Config(
+        model=model,
+        train=config_lib.TrainConfig(
+            steps=1000, batch_size=args.batch, seq_len=args.seq_len, warmup_steps=10
+        ),
+    )
+    mesh, state, batch, step = build(config)
+    num_params = count_params(state.params)
+    per_token = flops.train_flops_per_token(model, num_params, args.seq_len)
+    tokens = args.batch * args.seq_len
+    compiled, compile_s = compile_step(mesh, state, batch, step)
+
+    with parallel.use_mesh(mesh):
+        for _ in range(args.warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - start)
+
+    step_s = statistics.median(times)
+    memory = compiled.memory_analysis()
+    xla = cost_flops(compiled)
+    r = dict(
+        params=num_params, per_token=per_token, compile_s=compile_s, step_s=step_s,
+        min_s=min(times), max_s=max(times), tokens_per_s=tokens / step_s,
+        model_flops=per_token * tokens, xla_flops=xla, loss=float(metrics["loss"]),
+        temp=memory.temp_size_in_bytes, arg=memory.argument_size_in_bytes,
+    )
+    r["mfu"] = r["tokens_per_s"] * per_token / peaks[args.dtype]
+    print(f"\n== train step: small_dense, batch {args.batch} x seq {args.seq_len}, "
+          f"{args.dtype}, remat={args.remat}, scan_layers={model.scan_layers}")
+    print(f"params {num_params:,}; model FLOPs/token {per_token / 1e6:.1f} M "
+          f"(x {tokens} tokens = {r['model_flops'] / 1e9:.1f} GFLOP/step)")
+    print(f"compile {compile_s:.1f} s; loss after {args.warmup + args.steps} steps "
+          f"{r['loss']:.3f}")
+    print(f"step time median {step_s * 1e3:.0f} ms (min {r['min_s'] * 1e3:.0f}, "
+          f"max {r['max_s'] * 1e3:.0f}, {args.steps} steps)")
+    print(f"tokens/s {r['tokens_per_s']:,.0f}; achieved "
+          f"{r['tokens_per_s'] * per_token / 1e9:.1f} GFLOP/s; "
+          f"MFU {r['mfu']:.1%} of the measured {args.dtype} peak")
+    print(f"XLA cost_analysis {xla / 1e9:.1f} GFLOP/step = "
+          f"{xla / r['model_flops']:.2f} x model FLOPs"
+          + (" (XLA counts the scanned layer body once, not num_layers times)"
+             if model.scan_layers and model.num_layers > 1 else ""))
+    print(f"XLA memory_analysis: temp {r['temp'] / 2**20:.0f} MiB + arguments "
+          f"{r['arg'] / 2**20:.0f} MiB = {(r['temp'] + r['arg']) / 2**20:.0f} MiB")
+    return r
+
+
+def compile_scaling(args) -> dict:
+    """Compile seconds of the train step for each (scan_layers, num_layers)."""
+    print("\n== compile time vs depth: embed 256, 4 heads, mlp 768, vocab 512, "
+          f"batch 2 x seq {min(args.seq_len, 128)}")
+    out = {}
+    for scan in (True, False) if not args.skip_unrolled else (True,):
+        for layers in (args.shallow, args.deep):
+            model = config_lib.ModelConfig(
+                vocab_size=512, embed_dim=256, num_layers=layers, num_heads=4,
+                num_kv_heads=4, mlp_dim=768, scan_layers=scan,
+            )
+            config = config_lib.Config(
+                model=model, train=config_lib.TrainConfig(batch_size=2, seq_len=min(args.seq_len, 128))
+            )
+            _, seconds = compile_step(*build(config))
+            out[scan, layers] = seconds
+            print(f"scan_layers={scan!s:5} {layers:2d} layers: {seconds:5.2f} s")
+        ratio = out[scan, args.deep] / out[scan, args.shallow]
+        print(f"scan_layers={scan!s:5} {args.deep}/{args.shallow} layers: {ratio:.2f} x")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compile")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="none")
+    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--shallow", type=int, default=2)
+    parser.add_argument("--deep", type=int, default=16)
+    parser.add_argument("--skip-compile-check", action="store_true")
+    parser.add_argument("--skip-unrolled", action="store_true",
+                        help="compile check: scanned layers only")
+    args = parser.parse_args()
+    command = shlex.join(["python", *sys.argv])
+
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the run")
+
+    print(f"\n== matmul peak, {args.matmul_size}^3")
+    peaks = {}
+    for dtype in ("float32", "bfloat16"):
+        peaks[dtype] = flops.measure_matmul_peak(args.matmul_size, jnp.dtype(dtype))
+        print(f"{dtype:8s} {peaks[dtype] / 1e9:8.1f} GFLOP/s")
+
+    r = bench_step(args, peaks)
+    scaling = {} if args.skip_compile_check else compile_scaling(args)
+
+    n = args.matmul_size
+    rows = [
+        (f"matmul peak float32 / bfloat16 ({n}^3)",
+         f"{peaks['float32'] / 1e9:.0f} / {peaks['bfloat16'] / 1e9:.0f} GFLOP/s"),
+        (f"small_dense step ({args.batch}x{args.seq_len}, {args.dtype}), median",
+         f"{r['step_s'] * 1e3:.0f} ms"),
+        ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        (f"MFU (vs measured {args.dtype} peak)", f"{r['mfu']:.1%}"),
+        ("XLA cost_analysis / model FLOPs", f"{r['xla_flops'] / r['model_flops']:.2f}"),
+        ("XLA memory: temp + arguments",
+         f"{r['temp'] / 2**20:.0f} + {r['arg'] / 2**20:.0f} MiB"),
+        ("compile, small_dense step", f"{r['compile_s']:.1f} s"),
+    ]
+    for scan in (True, False):
+        if (scan, args.deep) in scaling:
+            label = "scanned" if scan else "unrolled"
+            rows.append((
+                f"compile {args.shallow} -> {args.deep} layers, {label}",
+                f"{scaling[scan, args.shallow]:.1f} -> {scaling[scan, args.deep]:.1f} s "
+                f"({scaling[scan, args.deep] / scaling[scan, args.shallow]:.2f} x)",
+            ))
+    print(f"\n`{command}`\n\n| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,10 @@ from jaxllm.config import (
     DataConfig,
     MeshConfig,
     ModelConfig,
+    MoEConfig,
     TrainConfig,
 )
 
-__all__ = ["Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "TrainConfig"]
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig", "MoEConfig", "TrainConfig",
+]

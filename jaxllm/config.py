@@ -20,6 +20,41 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts feed-forward layer and where it goes in the stack.
+
+    The routing conventions (softmax or sigmoid scores, group-limited selection, the
+    selection-only bias) follow `../shared/REFERENCES.md`, "Mixture of experts".
+    """
+
+    num_experts: int = 8
+    experts_per_token: int = 2  # top-k
+    expert_dim: int = 128  # hidden width of each routed SwiGLU expert
+    num_shared_experts: int = 0  # always-on experts, fused into one SwiGLU
+    shared_expert_dim: int | None = None  # None: expert_dim
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    norm_topk_prob: bool = True  # divide the top-k weights by their sum
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1  # group-limited routing (DeepSeek-V3): experts split into n_group groups
+    topk_group: int = 1  # ... of which only the best topk_group are eligible
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = 1.25  # dispatch=capacity: slots per expert = factor * T * k / E
+    # The grouped matmul: ragged_dot (TPU, GPU), or padded [E, C, D] blocks and an einsum
+    # (CPU). Dropless, the blocks hold C = T rows: E/k times the FLOPs; pair it with capacity.
+    kernel: Literal["ragged_dot", "sorted_einsum"] = "ragged_dot"
+    load_balance_loss: float = 0.0  # weight of the Switch load-balance loss
+    seq_aux_loss: float = 0.0  # weight of the DeepSeek-V3 sequence-wise auxiliary loss
+    router_z_loss: float = 0.0  # weight of the ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # gamma of aux-loss-free balancing (sigmoid router)
+    first_dense_layers: int = 0  # the first layers keep a dense SwiGLU (DeepSeek)
+    moe_every: int = 1  # then every moe_every-th layer is MoE (Llama 4 Maverick: 2)
+
+    @property
+    def resolved_shared_dim(self) -> int:
+        return self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer."""
 
@@ -36,6 +71,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = True
+    moe: MoEConfig | None = None  # None: every layer is a dense SwiGLU
 
     @property
     def resolved_head_dim(self) -> int:
@@ -107,6 +143,63 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
+    """Checks the `model.moe` section of a model with `num_layers` layers."""
+    for name in ("num_experts", "experts_per_token", "expert_dim", "n_group", "topk_group",
+                 "moe_every", "capacity_factor"):
+        value = getattr(moe, name)
+        _require(value > 0, f"model.moe.{name}", f"must be positive, got {value}")
+    _require(
+        moe.experts_per_token <= moe.num_experts,
+        "model.moe.experts_per_token",
+        f"{moe.experts_per_token} exceeds model.moe.num_experts={moe.num_experts}",
+    )
+    _require(
+        moe.num_experts % moe.n_group == 0,
+        "model.moe.n_group",
+        f"{moe.n_group} groups do not divide model.moe.num_experts={moe.num_experts}",
+    )
+    _require(
+        moe.n_group == 1 or moe.num_experts // moe.n_group >= 2,
+        "model.moe.n_group",
+        "a group is scored by its top-2 experts, so each group needs at least 2",
+    )
+    _require(
+        moe.topk_group <= moe.n_group,
+        "model.moe.topk_group",
+        f"{moe.topk_group} exceeds model.moe.n_group={moe.n_group}",
+    )
+    _require(
+        moe.experts_per_token <= moe.topk_group * (moe.num_experts // moe.n_group),
+        "model.moe.topk_group",
+        f"{moe.topk_group} groups hold fewer than experts_per_token={moe.experts_per_token} experts",
+    )
+    _require(moe.num_shared_experts >= 0, "model.moe.num_shared_experts", "must be >= 0")
+    _require(
+        moe.shared_expert_dim is None or moe.shared_expert_dim > 0,
+        "model.moe.shared_expert_dim",
+        "must be positive or None",
+    )
+    _require(
+        0 <= moe.first_dense_layers <= num_layers,
+        "model.moe.first_dense_layers",
+        f"must lie in [0, model.num_layers={num_layers}]",
+    )
+    _require(
+        (num_layers - moe.first_dense_layers) % moe.moe_every == 0,
+        "model.moe.moe_every",
+        f"must divide the {num_layers - moe.first_dense_layers} layers after the dense ones, "
+        "so that the layer groups repeat exactly",
+    )
+    for name in ("load_balance_loss", "seq_aux_loss", "router_z_loss", "bias_update_rate"):
+        _require(getattr(moe, name) >= 0, f"model.moe.{name}", "must be >= 0")
+    _require(
+        moe.bias_update_rate == 0 or moe.router == "sigmoid",
+        "model.moe.bias_update_rate",
+        "the selection bias belongs to the sigmoid router; set model.moe.router=sigmoid",
+    )
+
+
 def validate(config: Config) -> Config:
     """Checks every field that can be checked without devices. Returns `config`."""
     m, t = config.model, config.train
@@ -127,6 +220,8 @@ def validate(config: Config) -> Config:
         f"{m.num_kv_heads} kv heads do not divide model.num_heads={m.num_heads}",
     )
     _require(m.resolved_head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+    if m.moe is not None:
+        _validate_moe(m.moe, m.num_layers)
     sizes = config.mesh.shape
     _require(
         list(sizes.values()).count(-1) <= 1,
@@ -212,6 +307,14 @@ def _coerce(text: str, annotation: Any, field: str) -> Any:
     raise ConfigError(f"{field}: cannot be set from the command line")
 
 
+def _section_type(annotation: Any, field: str) -> type:
+    """The dataclass in `Section | None`, for setting a field of a section that is unset."""
+    options = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+    if len(options) != 1:
+        raise ConfigError(f"{field}: is a value and has no fields")
+    return options[0]
+
+
 def _set(node: Any, path: list[str], text: str, prefix: str) -> Any:
     key = path[0]
     fields = {f.name: f for f in dataclasses.fields(node)}
@@ -219,6 +322,8 @@ def _set(node: Any, path: list[str], text: str, prefix: str) -> Any:
     if key not in fields:
         raise ConfigError(f"{full}: unknown key; valid keys here are {sorted(fields)}")
     value = getattr(node, key)
+    if value is None and len(path) > 1:
+        value = _section_type(typing.get_type_hints(type(node))[key], full)()
     if dataclasses.is_dataclass(value):
         if len(path) == 1:
             raise ConfigError(f"{full}: is a section; set one of its fields, e.g. {full}.x=...")
@@ -274,6 +379,8 @@ def from_dict(data: dict[str, Any]) -> Config:
         "train": TrainConfig,
     }
     kwargs = {k: sections[k](**v) if k in sections else v for k, v in data.items()}
+    if kwargs.get("model") and isinstance(kwargs["model"].moe, dict):
+        kwargs["model"] = dataclasses.replace(kwargs["model"], moe=MoEConfig(**kwargs["model"].moe))
     return validate(Config(**kwargs))
 
 

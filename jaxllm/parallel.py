@@ -25,6 +25,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
+    ("expert", "expert"),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),

@@ -1,6 +1,8 @@
 """Model presets. Experiment files compose these with mesh, data and training settings."""
 
-from jaxllm.config import ModelConfig
+import dataclasses
+
+from jaxllm.config import ModelConfig, MoEConfig
 
 
 def tiny_dense() -> ModelConfig:
@@ -27,4 +29,44 @@ def small_dense() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny_dense": tiny_dense, "small_dense": small_dense}
+def tiny_mixtral() -> ModelConfig:
+    """Mixtral's structure at tiny_dense's size: every layer MoE, 8 experts, softmax top-2,
+    the Switch load-balance loss at HF Mixtral's 0.02."""
+    moe = MoEConfig(
+        num_experts=8, experts_per_token=2, expert_dim=192, router="softmax",
+        load_balance_loss=0.02,
+    )
+    return dataclasses.replace(tiny_dense(), moe=moe)
+
+
+def tiny_deepseek() -> ModelConfig:
+    """DeepSeek-V3's structure: the first layer dense, then fine-grained experts (16 of width
+    64, top-4) plus a shared expert; sigmoid scores with group-limited routing (4 groups,
+    best 2), normalised top-k times 2.5, aux-loss-free bias balancing and a small
+    sequence-wise aux loss. The bias rate is 10x V3's 0.001, so balance shows in 200 steps."""
+    moe = MoEConfig(
+        num_experts=16, experts_per_token=4, expert_dim=64, num_shared_experts=1,
+        router="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5, n_group=4,
+        topk_group=2, seq_aux_loss=1e-4, bias_update_rate=1e-2, first_dense_layers=1,
+    )
+    return dataclasses.replace(tiny_dense(), num_layers=3, moe=moe)
+
+
+def tiny_llama4() -> ModelConfig:
+    """Llama 4 Maverick's MoE structure: dense and MoE layers alternate (layers 1 and 3 are
+    MoE), each MoE layer routes top-1 with a sigmoid weight and adds a shared expert. (The
+    NoPE and chunked-attention layers of Llama 4 are not modelled.)"""
+    moe = MoEConfig(
+        num_experts=8, experts_per_token=1, expert_dim=192, num_shared_experts=1,
+        router="sigmoid", norm_topk_prob=False, moe_every=2,
+    )
+    return dataclasses.replace(tiny_dense(), num_layers=4, moe=moe)
+
+
+PRESETS = {
+    "tiny_dense": tiny_dense,
+    "small_dense": small_dense,
+    "tiny_mixtral": tiny_mixtral,
+    "tiny_deepseek": tiny_deepseek,
+    "tiny_llama4": tiny_llama4,
+}

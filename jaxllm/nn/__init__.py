@@ -2,6 +2,7 @@
 
 from jaxllm.nn.attention import Attention, causal_segment_mask, dot_product_attention
 from jaxllm.nn.mlp import SwiGLU
+from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import apply_rope
 from jaxllm.nn.transformer import Block, Decoder, Transformer
@@ -10,6 +11,7 @@ __all__ = [
     "Attention",
     "Block",
     "Decoder",
+    "MoE",
     "RMSNorm",
     "SwiGLU",
     "Transformer",

@@ -8,6 +8,7 @@ from jaxllm.config import ModelConfig
 from jaxllm.nn.attention import Attention
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.mlp import SwiGLU
+from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
 
 REMAT_POLICIES = {
@@ -20,13 +21,54 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
 
+def moe_layers(config: ModelConfig) -> tuple[bool, ...]:
+    """Whether each layer's feed-forward is MoE: after `first_dense_layers` dense layers
+    (DeepSeek-V3), the last of every `moe_every` layers (Llama 4 Maverick: 1, 3, 5, ...)."""
+    moe = config.moe
+    if moe is None:
+        return (False,) * config.num_layers
+    first, every = moe.first_dense_layers, moe.moe_every
+    return tuple(i >= first and (i - first + 1) % every == 0 for i in range(config.num_layers))
+
+
+def layer_segments(config: ModelConfig) -> list[tuple[str, tuple[bool, ...], int]]:
+    """The stack as scanned segments: (name, the MoE pattern of one layer group, repeats)."""
+    moe = config.moe
+    if moe is None:
+        return [("layers", (False,), config.num_layers)]
+    first, every = moe.first_dense_layers, moe.moe_every
+    segments = [("dense_layers", (False,), first)] if first else []
+    if config.num_layers > first:
+        group = (False,) * (every - 1) + (True,)
+        segments.append(("layers", group, (config.num_layers - first) // every))
+    return segments
+
+
+def layer_number(config: ModelConfig, path: tuple[str, ...], index: int) -> int:
+    """The layer that a variable at `path` under the decoder belongs to, at scan `index`.
+
+    e.g. ("layers_3", "moe") -> 3 unrolled; ("layers", "block_1", "moe") at index 2 with
+    groups of 2 after 1 dense layer -> 1 + 2 * 2 + 1 = 6.
+    """
+    if path[0].startswith("layers_"):
+        return int(path[0].removeprefix("layers_"))
+    start = 0
+    for name, pattern, repeats in layer_segments(config):
+        if name == path[0]:
+            offset = int(path[1].removeprefix("block_")) if len(pattern) > 1 else 0
+            return start + index * len(pattern) + offset
+        start += len(pattern) * repeats
+    raise KeyError(f"no layer segment {path[0]!r}")
+
+
 class Block(nn.Module):
-    """x + Attention(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)).
+    """x + Attention(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)), or h + MoE(RMSNorm(h)).
 
     Returns `(x, None)` so the same module works under `nn.scan`.
     """
 
     config: ModelConfig
+    use_moe: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -37,39 +79,67 @@ class Block(nn.Module):
             name="attn",
         )(h, positions, segment_ids)
         x = x + h
-        h = SwiGLU(cfg.mlp_dim, dtype, name="mlp")(RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x))
+        h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
+        if self.use_moe:
+            h = MoE(cfg.moe, dtype, name="moe")(h)
+        else:
+            h = SwiGLU(cfg.mlp_dim, dtype, name="mlp")(h)
         x = nn.with_logical_constraint(x + h, ("act_batch", "act_length", "act_embed"))
         return x, None
 
 
+class LayerGroup(nn.Module):
+    """Consecutive blocks `block_0 ...`, MoE where `pattern` is True: the unit a scan repeats
+    when dense and MoE layers alternate."""
+
+    config: ModelConfig
+    pattern: tuple[bool, ...]
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids):
+        for i, use_moe in enumerate(self.pattern):
+            x, _ = Block(self.config, use_moe, name=f"block_{i}")(x, positions, segment_ids)
+        return x, None
+
+
 class Decoder(nn.Module):
-    """The stack of blocks: one `nn.scan` over layers, or an unrolled loop.
+    """The stack of blocks: `nn.scan` over each segment of `layer_segments`, or a loop.
 
     Scanned parameters carry a leading `layers` axis; unrolled ones live in
-    `layers_0 ... layers_{L-1}`. Both compute the same function.
+    `layers_0 ... layers_{L-1}`. Both compute the same function. A dense model is one
+    segment, `layers`, of single blocks.
     """
 
     config: ModelConfig
 
+    def _remat(self, module):
+        cfg = self.config
+        if cfg.remat == "none":
+            return module
+        return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         cfg = self.config
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if not cfg.scan_layers:
+            for i, use_moe in enumerate(moe_layers(cfg)):
+                block = self._remat(Block)(cfg, use_moe, name=f"layers_{i}")
+                x, _ = block(x, positions, segment_ids)
+            return x
+        for name, pattern, repeats in layer_segments(cfg):
+            if len(pattern) == 1:
+                unit, args = Block, (cfg, pattern[0])
+            else:
+                unit, args = LayerGroup, (cfg, pattern)
             stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
+                self._remat(unit),
+                variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
-                length=cfg.num_layers,
+                length=repeats,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, name="layers")(x, positions, segment_ids)
-        else:
-            for i in range(cfg.num_layers):
-                x, _ = block(cfg, name=f"layers_{i}")(x, positions, segment_ids)
+            x, _ = stack(*args, name=name)(x, positions, segment_ids)
         return x
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.nn.transformer import moe_layers
 
 # Dense bf16 peak per chip, from the vendors' spec sheets.
 KNOWN_PEAK_FLOPS = {
@@ -24,8 +25,15 @@ KNOWN_PEAK_FLOPS = {
 
 def matmul_params(cfg: ModelConfig, num_params: int) -> int:
     """Parameters that take part in a matmul for every token: all of them except the input
-    embedding table, which is a lookup (a tied table is counted once, as the head)."""
-    return num_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.embed_dim)
+    embedding table, which is a lookup (a tied table is counted once, as the head), and the
+    routed experts a token does not choose (E - k of E in each MoE layer)."""
+    embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.embed_dim
+    inactive = 0
+    if cfg.moe is not None:
+        per_expert = 3 * cfg.embed_dim * cfg.moe.expert_dim
+        unchosen = cfg.moe.num_experts - cfg.moe.experts_per_token
+        inactive = sum(moe_layers(cfg)) * unchosen * per_expert
+    return num_params - embedding - inactive
 
 
 def train_flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:

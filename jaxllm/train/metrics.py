@@ -11,12 +11,16 @@ from tensorboardX import SummaryWriter
 
 
 def format_line(metrics: dict, total_steps: int) -> str:
-    return (
+    line = (
         f"step {metrics['step']:>6}/{total_steps} | loss {metrics['loss']:.4f} "
         f"| grad_norm {metrics['grad_norm']:.3f} | lr {metrics['learning_rate']:.2e} "
         f"| {metrics['tokens_per_s']:,.0f} tok/s | {metrics['step_time_s']:.3f} s/step "
         f"| MFU {100 * metrics['mfu']:.1f}%"
     )
+    loads = [v for k, v in metrics.items() if k.endswith("/load_max_over_mean")]
+    if loads:  # an MoE model: the worst layer's balance and the total aux loss
+        line += f" | load max/mean {max(loads):.2f} | aux {metrics['moe/aux_loss']:.2e}"
+    return line
 
 
 class MetricsWriter:

@@ -18,13 +18,18 @@ class TrainState:
     params: dict
     opt_state: optax.OptState
     rng: jax.Array
+    # The "moe_bias" collection: MoE selection biases, updated outside the optimizer.
+    moe_bias: dict = flax.struct.field(default_factory=dict)
 
 
 def _create(rng, *, model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
     init_rng, rng = jax.random.split(rng)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(init_rng, tokens)["params"]
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
+    variables = model.init(init_rng, tokens)
+    params = variables["params"]
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, tx.init(params), rng, variables.get("moe_bias", {})
+    )
 
 
 def init_state(model, tx, seq_len: int, mesh: Mesh, rng: jax.Array):

@@ -10,6 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import parallel
 from jaxllm.config import TrainConfig
+from jaxllm.train import moe
 from jaxllm.train.state import TrainState
 
 
@@ -27,12 +28,26 @@ def cross_entropy(logits, targets, loss_mask, z_loss: float = 0.0):
     return nll.sum(), z_term.sum(), loss_mask.sum()
 
 
-def _sums(params, batch, model: nn.Module, z_loss: float):
-    logits = model.apply(
-        {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
+def _moe_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
+    """(summed loss, (summed nll, tokens, moe_metrics)) of one micro-batch.
+
+    The loss is the summed cross-entropy and z-loss plus the MoE layers' aux losses times
+    the token count, so that dividing by the batch's tokens leaves their token-weighted mean.
+    """
+    logits, sown = model.apply(
+        {"params": params, "moe_bias": moe_bias},
+        batch["inputs"], batch["positions"], batch["segment_ids"],
+        mutable=["moe_metrics"],
     )
+    moe_metrics = sown.get("moe_metrics", {})
     nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return nll + z_term, (nll, tokens)
+    return nll + z_term + moe.aux_loss(moe_metrics) * tokens, (nll, tokens, moe_metrics)
+
+
+def _sums(params, batch, model: nn.Module, z_loss: float):
+    """(summed loss, (summed nll, tokens)) of a model without MoE selection biases."""
+    loss, (nll, tokens, _) = _moe_sums(params, {}, batch, model, z_loss)
+    return loss, (nll, tokens)
 
 
 def _split_micro_batches(batch, k: int):
@@ -50,34 +65,43 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
     """One optimizer step over `cfg.grad_accum` micro-batches.
 
     The loss is the mean over all masked-in tokens of the whole batch, whatever the number
-    of micro-batches, so accumulation is exact.
+    of micro-batches, so accumulation is exact. MoE aux losses join the loss; after the
+    update, the MoE selection biases take one aux-loss-free step on the whole batch's load.
     """
-    grad_fn = jax.grad(functools.partial(_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
+    grad_fn = jax.grad(functools.partial(_moe_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
 
     def accumulate(carry, micro_batch):
-        grads, nll, tokens = carry
-        g, (n, t) = grad_fn(state.params, micro_batch)
-        return (jax.tree.map(jnp.add, grads, g), nll + n, tokens + t), None
+        grads, nll, tokens, moe_metrics = carry
+        g, (n, t, m) = grad_fn(state.params, state.moe_bias, micro_batch)
+        add = functools.partial(jax.tree.map, jnp.add)
+        return (add(grads, g), nll + n, tokens + t, add(moe_metrics, m)), None
 
+    micro_batches = batch if cfg.grad_accum == 1 else _split_micro_batches(batch, cfg.grad_accum)
+    first = batch if cfg.grad_accum == 1 else jax.tree.map(lambda x: x[0], micro_batches)
+    moe_shapes = jax.eval_shape(grad_fn, state.params, state.moe_bias, first)[1][2]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    scalar = jnp.zeros((), jnp.float32)
+    init = (zeros, scalar, scalar, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes))
     if cfg.grad_accum == 1:
-        (grads, nll, tokens), _ = accumulate(init, batch)
+        (grads, nll, tokens, moe_metrics), _ = accumulate(init, batch)
     else:
-        micro_batches = _split_micro_batches(batch, cfg.grad_accum)
-        (grads, nll, tokens), _ = jax.lax.scan(accumulate, init, micro_batches)
+        (grads, nll, tokens, moe_metrics), _ = jax.lax.scan(accumulate, init, micro_batches)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    moe_config = model.config.moe
+    rate = moe_config.bias_update_rate if moe_config else 0.0
+    moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)
     _, rng = jax.random.split(state.rng)
     metrics = {
         "loss": nll / tokens,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": tokens,
+        **moe.step_metrics(model.config, moe_metrics, cfg.grad_accum),
     }
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return TrainState(state.step + 1, params, opt_state, rng, moe_bias), metrics
 
 
 def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings):

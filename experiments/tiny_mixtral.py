@@ -1,0 +1,15 @@
+"""The tiny Mixtral-style MoE (8 experts, softmax top-2) on the offline arithmetic corpus.
+
+    jaxllm pretrain experiments/tiny_mixtral.py train.steps=50 workdir=runs/a
+"""
+
+from jaxllm import Config, DataConfig, TrainConfig, presets
+
+
+def config() -> Config:
+    return Config(
+        model=presets.tiny_mixtral(),
+        data=DataConfig(source="arithmetic", seed=0),
+        train=TrainConfig(steps=200, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=20),
+        workdir="runs/tiny_mixtral",
+    )

@@ -42,6 +42,10 @@ class MoEConfig:
     # The grouped matmul: ragged_dot (TPU, GPU), or padded [E, C, D] blocks and an einsum
     # (CPU). Dropless, the blocks hold C = T rows: E/k times the FLOPs; pair it with capacity.
     kernel: Literal["ragged_dot", "sorted_einsum"] = "ragged_dot"
+    # On a mesh with expert > 1 whose devices split the tokens: shard_map with an all_to_all
+    # token exchange (`jaxllm.nn.expert_parallel`). False, or tokens that do not split,
+    # leave the expert-sharded matmuls to GSPMD.
+    expert_parallel: bool = True
     load_balance_loss: float = 0.0  # weight of the Switch load-balance loss
     seq_aux_loss: float = 0.0  # weight of the DeepSeek-V3 sequence-wise auxiliary loss
     router_z_loss: float = 0.0  # weight of the ST-MoE router z-loss
@@ -266,6 +270,13 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         "mesh",
         f"the axis sizes {sizes} multiply to {product}, but there are {num_devices} devices; "
         "make the product match or set one axis to -1",
+    )
+    moe = config.model.moe
+    _require(
+        moe is None or not moe.expert_parallel or moe.num_experts % sizes["expert"] == 0,
+        "model.moe.num_experts",
+        f"expert parallelism needs mesh.expert={sizes['expert']} to divide the experts; "
+        "change either, or set model.moe.expert_parallel=false",
     )
     t = config.train
     batch_shards = sizes["data"] * sizes["fsdp"]

@@ -63,10 +63,21 @@ def tiny_llama4() -> ModelConfig:
     return dataclasses.replace(tiny_dense(), num_layers=4, moe=moe)
 
 
+def tiny_kimi() -> ModelConfig:
+    """Kimi K2's structure next to tiny_deepseek's: more routed experts (32, top-4) and half
+    the attention heads, one expert group (no group limit), scaling 2.827, the first layer
+    dense and a shared expert, as in the published K2 config."""
+    moe = dataclasses.replace(
+        tiny_deepseek().moe, num_experts=32, n_group=1, topk_group=1, routed_scaling_factor=2.827
+    )
+    return dataclasses.replace(tiny_deepseek(), num_heads=2, num_kv_heads=2, moe=moe)
+
+
 PRESETS = {
     "tiny_dense": tiny_dense,
     "small_dense": small_dense,
     "tiny_mixtral": tiny_mixtral,
     "tiny_deepseek": tiny_deepseek,
     "tiny_llama4": tiny_llama4,
+    "tiny_kimi": tiny_kimi,
 }

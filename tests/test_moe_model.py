@@ -209,7 +209,7 @@ def test_matmul_params_count_only_the_chosen_experts():
     assert matmul_params(cfg, count) == want
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
 def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     assert config.model.moe is not None
@@ -218,7 +218,7 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
 def test_each_tiny_moe_experiment_learns(family):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     config = config_lib.apply_overrides(config, [

@@ -2,7 +2,8 @@
 
 h' = sum_shared FFN(h) + sum_i g_i FFN_i(h) (DeepSeek-V3 eq. 12; the residual is added by
 the block). Routing is in float32 (`jaxllm.nn.router`); the grouped matmul is in
-`jaxllm.nn.experts`.
+`jaxllm.nn.experts`. On a mesh with expert > 1, `jaxllm.nn.expert_parallel` runs it with the
+experts sharded and the tokens exchanged by all_to_all.
 
 Collections besides "params":
 - "moe_bias": `e_score_correction_bias` [E] of the sigmoid router, the selection-only bias
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import MoEConfig
-from jaxllm.nn import router
+from jaxllm.nn import expert_parallel, router
 from jaxllm.nn.experts import routed_experts
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.mlp import SwiGLU
@@ -78,10 +79,16 @@ class MoE(nn.Module):
             "wo", (cfg.num_experts, cfg.expert_dim, embed), ("expert", "mlp", "embed"),
             in_axis=1, out_axis=2,
         )
-        y, dropped = routed_experts(
-            x.reshape(tokens, embed).astype(self.dtype), weights, experts, wi, wo,
-            capacity=capacity(cfg, tokens), kernel=cfg.kernel,
-        )
+        flat_x = x.reshape(tokens, embed).astype(self.dtype)
+        mesh = expert_parallel.expert_mesh(tokens) if cfg.expert_parallel else None
+        if mesh is None:
+            y, dropped = routed_experts(
+                flat_x, weights, experts, wi, wo, capacity=capacity(cfg, tokens), kernel=cfg.kernel
+            )
+        else:
+            y, dropped = expert_parallel.routed_experts_parallel(
+                flat_x, weights, experts, wi, wo, mesh=mesh, cfg=cfg
+            )
         y = y.reshape(batch, length, embed)
         if cfg.num_shared_experts:
             y = y + SwiGLU(cfg.resolved_shared_dim, self.dtype, name="shared")(x)

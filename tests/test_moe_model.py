@@ -222,11 +222,11 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 def test_each_tiny_moe_experiment_learns(family):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     config = config_lib.apply_overrides(config, [
-        "train.steps=60", "train.warmup_steps=10", "train.batch_size=8", "train.seq_len=64",
-        "train.log_every=20",
+        "train.steps=30", "train.warmup_steps=5", "train.batch_size=8", "train.seq_len=32",
+        "train.log_every=10", "mesh.data=2", "mesh.expert=4",
         "workdir=none",
     ])
     history = pretrain(config, log=lambda line: None)
     first, last = history[0]["loss"], history[-1]["loss"]
-    assert last < 0.5 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
     assert history[-1]["moe/aux_loss"] >= 0 and history[-1]["moe/layer_1/dropped_fraction"] == 0

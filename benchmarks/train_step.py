@@ -82,20 +82,29 @@ def bench_step(args, peaks) -> dict:
         for _ in range(args.warmup):
             state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        times = []
+        times, cpu_start = [], time.process_time()
         for _ in range(args.steps):
             start = time.perf_counter()
             state, metrics = compiled(state, batch)
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - start)
+        cores_used = (time.process_time() - cpu_start) / sum(times)
 
     step_s = statistics.median(times)
     memory = compiled.memory_analysis()
     xla = cost_flops(compiled)
+    # XLA counts a while loop's body once, so also cost the same step with unrolled layers
+    # (lowered only, not compiled).
+    unrolled = dataclasses.replace(config, model=dataclasses.replace(model, scan_layers=False))
+    mesh_u, state_u, batch_u, step_u = build(unrolled)
+    with parallel.use_mesh(mesh_u):
+        xla_unrolled = cost_flops(step_u.lower(state_u, batch_u))
+    del state_u
     r = dict(
         params=num_params, per_token=per_token, compile_s=compile_s, step_s=step_s,
         min_s=min(times), max_s=max(times), tokens_per_s=tokens / step_s,
-        model_flops=per_token * tokens, xla_flops=xla, loss=float(metrics["loss"]),
+        model_flops=per_token * tokens, xla_flops=xla, xla_unrolled=xla_unrolled,
+        loss=float(metrics["loss"]), cores_used=cores_used,
         temp=memory.temp_size_in_bytes, arg=memory.argument_size_in_bytes,
     )
     r["mfu"] = r["tokens_per_s"] * per_token / peaks[args.dtype]
@@ -110,10 +119,12 @@ def bench_step(args, peaks) -> dict:
     print(f"tokens/s {r['tokens_per_s']:,.0f}; achieved "
           f"{r['tokens_per_s'] * per_token / 1e9:.1f} GFLOP/s; "
           f"MFU {r['mfu']:.1%} of the measured {args.dtype} peak")
-    print(f"XLA cost_analysis {xla / 1e9:.1f} GFLOP/step = "
-          f"{xla / r['model_flops']:.2f} x model FLOPs"
-          + (" (XLA counts the scanned layer body once, not num_layers times)"
-             if model.scan_layers and model.num_layers > 1 else ""))
+    print(f"CPU time / wall time while timing: {cores_used:.2f} of {os.cpu_count()} cores"
+          + (" -- WARNING: other processes took CPU, rerun on an idle machine"
+             if cores_used < 0.75 * os.cpu_count() else ""))
+    print(f"XLA cost_analysis: compiled step {xla / 1e9:.1f} GFLOP (the scanned layer body "
+          f"counted once); unrolled layers {xla_unrolled / 1e9:.1f} GFLOP = "
+          f"{xla_unrolled / r['model_flops']:.3f} x model FLOPs")
     print(f"XLA memory_analysis: temp {r['temp'] / 2**20:.0f} MiB + arguments "
           f"{r['arg'] / 2**20:.0f} MiB = {(r['temp'] + r['arg']) / 2**20:.0f} MiB")
     return r
@@ -178,8 +189,9 @@ def main() -> None:
         (f"small_dense step ({args.batch}x{args.seq_len}, {args.dtype}), median",
          f"{r['step_s'] * 1e3:.0f} ms"),
         ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
+        ("CPU cores busy while timing", f"{r['cores_used']:.2f} of {os.cpu_count()}"),
         (f"MFU (vs measured {args.dtype} peak)", f"{r['mfu']:.1%}"),
-        ("XLA cost_analysis / model FLOPs", f"{r['xla_flops'] / r['model_flops']:.2f}"),
+        ("XLA cost_analysis (unrolled) / model FLOPs", f"{r['xla_unrolled'] / r['model_flops']:.3f}"),
         ("XLA memory: temp + arguments",
          f"{r['temp'] / 2**20:.0f} + {r['arg'] / 2**20:.0f} MiB"),
         ("compile, small_dense step", f"{r['compile_s']:.1f} s"),

@@ -26,6 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+import flax_reference
+
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
 from jaxllm.data import make_source
@@ -38,7 +40,10 @@ from jaxllm.train.step import jit_train_step
 
 def build(config: config_lib.Config):
     """Mesh, state, one batch and the jitted step, exactly as `train.loop.pretrain` does."""
-    config = config_lib.validate(config)
+    # Token ids only matter for the loss value: the in-memory arithmetic source needs no TFDS.
+    config = config_lib.validate(
+        dataclasses.replace(config, data=config_lib.DataConfig(source="arithmetic"))
+    )
     cfg = config.train
     mesh = parallel.make_mesh(config, jax.devices()[:1])
     model = Transformer(config.model)
@@ -130,6 +135,33 @@ def bench_step(args, peaks) -> dict:
     return r
 
 
+def bench_reference(args, peaks, per_token: float) -> dict:
+    """The same shape as a plain Flax decoder (`flax_reference.py`), timed the same way."""
+    small = presets.small_dense()
+    model = flax_reference.Decoder(
+        small.vocab_size, small.embed_dim, small.num_layers, small.num_heads, small.mlp_dim
+    )
+    tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len + 1), 0,
+                                small.vocab_size)
+    params, opt_state, step = flax_reference.make_step(model, tokens)
+    for _ in range(args.warmup + 1):
+        params, opt_state, loss = step(params, opt_state, tokens)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state, tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens_per_s = args.batch * args.seq_len / step_s
+    mfu = tokens_per_s * per_token / peaks["float32"]
+    print("\n== plain Flax reference, same shape, float32 (benchmarks/flax_reference.py)")
+    print(f"step time median {step_s * 1e3:.0f} ms (min {min(times) * 1e3:.0f}); "
+          f"tokens/s {tokens_per_s:,.0f}; MFU {mfu:.1%}")
+    return dict(step_s=step_s, tokens_per_s=tokens_per_s, mfu=mfu)
+
+
 def compile_scaling(args) -> dict:
     """Compile seconds of the train step for each (scan_layers, num_layers)."""
     print("\n== compile time vs depth: embed 256, 4 heads, mlp 768, vocab 512, "
@@ -180,6 +212,7 @@ def main() -> None:
         print(f"{dtype:8s} {peaks[dtype] / 1e9:8.1f} GFLOP/s")
 
     r = bench_step(args, peaks)
+    reference = bench_reference(args, peaks, r["per_token"]) if args.dtype == "float32" else None
     scaling = {} if args.skip_compile_check else compile_scaling(args)
 
     n = args.matmul_size
@@ -191,6 +224,14 @@ def main() -> None:
         ("tokens/s", f"{r['tokens_per_s']:,.0f}"),
         ("CPU cores busy while timing", f"{r['cores_used']:.2f} of {os.cpu_count()}"),
         (f"MFU (vs measured {args.dtype} peak)", f"{r['mfu']:.1%}"),
+    ]
+    if reference:
+        rows += [
+            ("plain Flax reference: tokens/s, MFU",
+             f"{reference['tokens_per_s']:,.0f}, {reference['mfu']:.1%}"),
+            ("jaxllm / plain Flax tokens/s", f"{r['tokens_per_s'] / reference['tokens_per_s']:.2f}"),
+        ]
+    rows += [
         ("XLA cost_analysis (unrolled) / model FLOPs", f"{r['xla_unrolled'] / r['model_flops']:.3f}"),
         ("XLA memory: temp + arguments",
          f"{r['temp'] / 2**20:.0f} + {r['arg'] / 2**20:.0f} MiB"),

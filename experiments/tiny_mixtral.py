@@ -1,4 +1,4 @@
-"""The tiny Mixtral-style MoE (8 experts, softmax top-2) on the offline arithmetic corpus.
+"""The tiny Mixtral-style MoE (8 experts, softmax top-2) on the offline reasoning corpus.
 
     jaxllm pretrain experiments/tiny_mixtral.py train.steps=50 workdir=runs/a
 """
@@ -9,7 +9,7 @@ from jaxllm import Config, DataConfig, TrainConfig, presets
 def config() -> Config:
     return Config(
         model=presets.tiny_mixtral(),
-        data=DataConfig(source="arithmetic", seed=0),
+        data=DataConfig(seed=0),
         train=TrainConfig(steps=200, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=20),
         workdir="runs/tiny_mixtral",
     )

@@ -4,42 +4,211 @@ import argparse
 import sys
 
 from jaxllm import config as config_lib
-from jaxllm import presets
+
+
+def _experiment_config(args) -> config_lib.Config:
+    from jaxllm import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    config = config_lib.load_experiment(args.experiment)
+    return config_lib.apply_overrides(config, args.overrides)
 
 
 def _pretrain(args) -> None:
     from jaxllm.train.loop import pretrain
 
-    config = config_lib.load_experiment(args.experiment)
-    pretrain(config_lib.apply_overrides(config, args.overrides))
+    pretrain(_experiment_config(args))
+
+
+def _grpo(args) -> None:
+    from jaxllm.rl.loop import grpo
+
+    grpo(_experiment_config(args))
+
+
+def _sampler(workdir: str):
+    from jaxllm.infer import Sampler
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.train.run import load_run
+
+    config, model, state = load_run(workdir)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    return config, Sampler(model, state.params, tokenizer, moe_bias=state.moe_bias)
+
+
+def _generate(args) -> None:
+    import jax
+
+    from jaxllm.data import tasks
+    from jaxllm.infer.stream import stream
+
+    _, sampler = _sampler(args.workdir)
+    tokenizer = sampler.tokenizer
+    text = args.prompt if args.raw else tasks.prompt(tasks.Problem("", args.prompt, ""))
+    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
+    if args.effort is not None:
+        prompt.append(sampler.think.open)
+    print(tokenizer.decode(prompt[1:]), end="", flush=True)
+    generated = []
+    for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
+                        rng=jax.random.key(args.seed), temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, effort=args.effort):
+        shown = tokenizer.decode(generated)
+        generated.append(token)
+        print(tokenizer.decode(generated)[len(shown):], end="", flush=True)
+    print()
+
+
+def _eval(args) -> None:
+    import json
+    from pathlib import Path
+
+    import jax
+
+    from jaxllm.data.readers import reasoning_problems
+    from jaxllm.rl import sweep
+    from jaxllm.rl.evaluate import evaluate
+
+    config, sampler = _sampler(args.workdir)
+    problems = reasoning_problems(config.data, args.split)[: args.problems]
+    rng = jax.random.key(args.seed)
+    options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    if not args.sweep:
+        result = evaluate(sampler, problems, effort=args.effort, votes=args.votes, rng=rng,
+                          **options)
+        print(json.dumps(result, indent=2))
+        return
+    rows = sweep.sweep(sampler, problems, efforts=sweep.budgets(args.budgets), votes=args.votes_list,
+                       rng=rng, **options)
+    out = Path(args.workdir) / "sweep"
+    out.mkdir(exist_ok=True)
+    (out / "sweep.md").write_text(sweep.table(rows) + "\n")
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(sweep.table(rows))
+    print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png')}")
 
 
 def _demo(args) -> None:
-    from jaxllm.train.loop import pretrain
+    from jaxllm.demo import demo
 
-    config = config_lib.Config(
-        model=presets.tiny_dense(),
-        train=config_lib.TrainConfig(steps=150, batch_size=16, seq_len=128, log_every=10),
-        workdir=args.workdir,
+    demo(args.workdir, args.overrides)
+
+
+def _plot(args) -> None:
+    from jaxllm.plot import plot_run
+
+    for path in plot_run(args.workdir):
+        print(f"wrote {path}")
+
+
+def _params(args) -> None:
+    import json
+
+    import jax
+
+    from jaxllm import calculator, presets
+
+    if args.budget is not None:
+        plan = calculator.compute_optimal(args.budget)
+        print(json.dumps(plan, indent=2) if args.json else calculator.format_plan(plan))
+        return
+    if args.target is None:
+        raise config_lib.ConfigError("params: give a preset name, an experiment file or --budget")
+    if args.target.endswith(".py"):
+        config = config_lib.load_experiment(args.target)
+    elif args.target in presets.PRESETS:
+        config = config_lib.Config(model=presets.PRESETS[args.target]())
+    else:
+        raise config_lib.ConfigError(
+            f"params: {args.target!r} is neither an experiment file (.py) nor a preset; "
+            f"presets are {sorted(presets.PRESETS)}"
+        )
+    config = config_lib.apply_overrides(config, args.overrides)
+    report = calculator.calculate(config, args.devices or jax.device_count(), args.context)
+    if args.json:
+        print(json.dumps(calculator.to_json(report), indent=2))
+    else:
+        print(calculator.format_report(report))
+
+
+def _add_experiment_command(commands, name: str, help: str, run) -> None:
+    command = commands.add_parser(name, help=help)
+    command.add_argument("experiment", help="path to an experiments/*.py file")
+    command.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50")
+    processes = command.add_argument_group(
+        "multi-process", "for GPU clusters and local tests; TPU VMs are detected automatically"
     )
-    history = pretrain(config_lib.apply_overrides(config, args.overrides))
-    first, last = history[0]["loss"], history[-1]["loss"]
-    print(f"demo: loss fell from {first:.3f} to {last:.3f} over {config.train.steps} steps")
+    processes.add_argument("--coordinator", help="host:port of process 0")
+    processes.add_argument("--num-processes", type=int)
+    processes.add_argument("--process-id", type=int)
+    command.set_defaults(run=run)
+
+
+def _add_sampling_options(command) -> None:
+    command.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    command.add_argument("--max-new-tokens", type=int, default=96)
+    command.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_experiment_command(commands, "pretrain", "pretrain the model an experiment file builds",
+                            _pretrain)
+    _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
+                            "from init_from=WORKDIR", _grpo)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain the model an experiment file builds")
-    pretrain.add_argument("experiment", help="path to an experiments/*.py file")
-    pretrain.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50")
-    pretrain.set_defaults(run=_pretrain)
+    generate = commands.add_parser("generate", help="stream a completion from a run's model")
+    generate.add_argument("workdir", help="a run's workdir, holding checkpoints")
+    generate.add_argument("--prompt", required=True, help='a question, e.g. "12*34=?"')
+    generate.add_argument("--raw", action="store_true",
+                          help="use the prompt as is, without the task template")
+    generate.add_argument("--effort", choices=("instant", "low", "medium", "high", "auto"),
+                          help="open a thought and cap it at this effort's token budget")
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--top-p", type=float)
+    _add_sampling_options(generate)
+    generate.set_defaults(run=_generate)
 
-    demo = commands.add_parser("demo", help="pretrain the tiny model on CPU and show the loss fall")
+    evaluate = commands.add_parser("eval", help="held-out accuracy of a run's model")
+    evaluate.add_argument("workdir", help="a run's workdir, holding checkpoints")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--problems", type=int, default=200, help="the first N of the split")
+    evaluate.add_argument("--effort", choices=("instant", "low", "medium", "high", "auto"))
+    evaluate.add_argument("--votes", type=int, default=1, help="self-consistency samples")
+    evaluate.add_argument("--sweep", action="store_true",
+                          help="every budget x vote count: a table and a PNG in WORKDIR/sweep")
+    evaluate.add_argument("--budgets", default="0,8,16,32,64",
+                          help="sweep: thinking-token budgets, comma-separated")
+    evaluate.add_argument("--votes-list", type=lambda s: [int(v) for v in s.split(",")],
+                          default=[1, 4, 16], help="sweep: vote counts, comma-separated")
+    _add_sampling_options(evaluate)
+    evaluate.set_defaults(run=_eval)
+
+    demo = commands.add_parser(
+        "demo", help="the mission on CPU: pretrain, evaluate, GRPO, evaluate, effort sweep"
+    )
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50")
+    demo.add_argument("overrides", nargs="*",
+                      help="pretrain.* / grpo.* overrides, e.g. pretrain.train.steps=100")
     demo.set_defaults(run=_demo)
+
+    plot = commands.add_parser("plot", help="write PNG curves of a run into WORKDIR/plots")
+    plot.add_argument("workdir", help="a run's workdir, holding metrics.jsonl")
+    plot.set_defaults(run=_plot)
+
+    params = commands.add_parser(
+        "params", help="parameters, FLOPs, KV cache and memory per device, without allocating"
+    )
+    params.add_argument("target", nargs="?", help="a preset name or an experiments/*.py file")
+    params.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=256")
+    params.add_argument("--devices", type=int,
+                        help="size the mesh for this many devices (default: the ones present)")
+    params.add_argument("--context", type=int, help="KV-cache length (default: train.seq_len)")
+    params.add_argument("--budget", type=float,
+                        help="FLOPs: print the compute-optimal parameters and tokens instead")
+    params.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    params.set_defaults(run=_params)
     return parser
 
 
@@ -49,5 +218,15 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except config_lib.ConfigError as error:
         print(f"jaxllm: config error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"jaxllm: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        from jaxllm.train.checkpoint import CheckpointError  # loaded by whatever raised
+
+        if not isinstance(error, CheckpointError):
+            raise
+        print(f"jaxllm: checkpoint error: {error}", file=sys.stderr)
         return 2
     return 0

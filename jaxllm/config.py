@@ -84,25 +84,52 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes. One size may be -1: it takes the devices left over."""
+    """Sizes of the mesh axes. One size may be -1: it takes the devices left over.
+
+    `slices` > 1 is multislice: the data axis spans that many slices over DCN, and every
+    other axis stays within a slice (ICI).
+
+    `context` > 1 splits each sequence over that many devices (ring attention); the data path
+    permutes the tokens into `context_order` first, which balances the causal work.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
     context: int = 1
+    slices: int = 1
+    context_order: Literal["plain", "zigzag", "striped"] = "zigzag"  # see nn/context_order.py
 
     @property
     def shape(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        """Axis name -> size, in mesh order."""
+        return {axis: getattr(self, axis) for axis in ("data", "fsdp", "tensor", "expert", "context")}
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where training batches come from."""
+    """Where training batches come from.
 
-    source: Literal["arithmetic"] = "arithmetic"
-    seed: int = 0
+    reasoning:  the offline reasoning corpus, built on first use into `data_dir`;
+    tfds:       the prepared TFDS dataset `name`, feature `text_key`, from `data_dir` (or gs://);
+    text:       local files `paths` (comma-separated, globs allowed); `.jsonl` reads `text_key`;
+    arithmetic: bare arithmetic problems generated in memory, without TensorFlow.
+    """
+
+    source: Literal["reasoning", "tfds", "text", "arithmetic"] = "reasoning"
+    seed: int = 0  # the corpus and the order of the documents
+    split: str = "train"
+    eval_split: str | None = "validation"  # None: no evaluation split
+    name: str | None = None  # tfds: dataset name, e.g. "lm1b" or "c4/en:3.1.0"
+    text_key: str = "text"  # tfds: the text feature; text: the JSONL field
+    data_dir: str | None = None  # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+    paths: str | None = None  # text: "a.txt,corpus/*.jsonl"
+    tokenizer: str = "byte"  # "byte", a tokenizer.json or a SentencePiece .model
+    difficulty: int = 2  # reasoning: digits, coefficient ranges, countdown numbers
+    train_size: int = 20_000  # reasoning: problems per split
+    validation_size: int = 500
+    test_size: int = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +152,46 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     peak_flops: float | None = None  # per device; None: known chip table, else measured
+    eval_every: int = 50  # steps between evaluations on data.eval_split; 0: never
+    eval_batches: int = 4  # validation batches per evaluation (the same ones each time)
+    profile_start: int = 0  # first step of a jax.profiler trace into workdir/profile
+    profile_steps: int = 0  # steps traced from profile_start; 0: no trace
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints in `workdir/checkpoints`; a run without a workdir writes none.
+
+    A run started on a workdir that holds checkpoints resumes from the latest complete one.
+    """
+
+    every: int = 100  # steps between async saves; the last step and SIGTERM always save
+    keep: int = 3  # the newest `keep` checkpoints stay on disk
+    resume_step: int | None = None  # resume from this step instead, deleting the later ones
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """The RL phase: rollouts, rewards and the GRPO-family loss.
+
+    Formulas and defaults follow `../shared/REFERENCES.md`, "GRPO and its variants".
+    """
+
+    group_size: int = 8  # G completions per prompt
+    max_completion_len: int = 64  # L_max: sampling budget, Dr. GRPO normaliser, overlong limit
+    temperature: float = 1.0
+    num_iterations: int = 1  # mu: updates per rollout batch; 1: pi_old is the step's own policy
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "gspo"] = "grpo"
+    scale_rewards: bool = True  # divide advantages by the group's std; False: Dr. GRPO
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # DAPO's clip-higher: 0.28
+    beta: float = 0.0  # KL coefficient; 0 keeps no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal
+    overlong_buffer: int = 0  # L_cache of DAPO's soft overlong penalty; 0: off
+    format_reward: float = 0.0  # weight of the format reward; accuracy has weight 1
+    eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
+    eval_problems: int = 64  # validation problems per accuracy check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +202,10 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
     workdir: str | None = None
+    init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,6 +274,26 @@ def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
     )
 
 
+def _validate_grpo(g: GRPOConfig) -> None:
+    """Checks the `grpo` section."""
+    _require(
+        g.group_size >= 2,
+        "grpo.group_size",
+        f"a group needs >= 2 completions to compare, got {g.group_size}",
+    )
+    for name in ("max_completion_len", "num_iterations", "temperature"):
+        _require(getattr(g, name) > 0, f"grpo.{name}", f"must be positive, got {getattr(g, name)}")
+    _require(0 <= g.epsilon_low < 1, "grpo.epsilon_low", f"must lie in [0, 1), got {g.epsilon_low}")
+    _require(g.eval_problems >= 1, "grpo.eval_problems", f"must be >= 1, got {g.eval_problems}")
+    for name in ("epsilon_high", "beta", "format_reward", "eval_every"):
+        _require(getattr(g, name) >= 0, f"grpo.{name}", f"must be >= 0, got {getattr(g, name)}")
+    _require(
+        0 <= g.overlong_buffer <= g.max_completion_len,
+        "grpo.overlong_buffer",
+        f"must lie in [0, grpo.max_completion_len={g.max_completion_len}]",
+    )
+
+
 def validate(config: Config) -> Config:
     """Checks every field that can be checked without devices. Returns `config`."""
     m, t = config.model, config.train
@@ -234,6 +324,7 @@ def validate(config: Config) -> Config:
     )
     for axis, size in sizes.items():
         _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or >= 1, got {size}")
+    _require(config.mesh.slices >= 1, "mesh.slices", f"must be >= 1, got {config.mesh.slices}")
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
         _require(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
     _require(
@@ -241,9 +332,48 @@ def validate(config: Config) -> Config:
         "train.grad_accum",
         f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}",
     )
-    _require(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must lie in [0, train.steps]")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
+    for name in ("eval_every", "profile_start", "profile_steps"):
+        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
+    _require(t.eval_batches > 0, "train.eval_batches", f"must be positive, got {t.eval_batches}")
+    _require(
+        t.profile_steps == 0 or t.profile_start >= 1,
+        "train.profile_start",
+        "steps count from 1; set the first step to trace",
+    )
+    _require(
+        t.profile_steps == 0 or config.workdir is not None,
+        "train.profile_steps",
+        "the trace goes to workdir/profile; set workdir",
+    )
+    c = config.checkpoint
+    for name in ("every", "keep"):
+        value = getattr(c, name)
+        _require(value > 0, f"checkpoint.{name}", f"must be positive, got {value}")
+    _require(
+        c.resume_step is None or c.resume_step >= 1,
+        "checkpoint.resume_step",
+        f"must be a saved step >= 1 or none, got {c.resume_step}",
+    )
+    if config.grpo is not None:
+        _validate_grpo(config.grpo)
+        _require(
+            t.batch_size % config.grpo.group_size == 0,
+            "train.batch_size",
+            f"an RL batch is whole groups: {t.batch_size} sequences do not split into groups "
+            f"of grpo.group_size={config.grpo.group_size}",
+        )
+    _validate_data(config.data)
     return config
+
+
+def _validate_data(d: DataConfig) -> None:
+    """Checks the `data` section; files and datasets are checked when the source is made."""
+    _require(d.source != "tfds" or bool(d.name), "data.name", "source=tfds needs a dataset name")
+    _require(d.source != "text" or bool(d.paths), "data.paths", "source=text needs file paths")
+    for name in ("difficulty", "train_size", "validation_size", "test_size"):
+        _require(getattr(d, name) > 0, f"data.{name}", f"must be positive, got {getattr(d, name)}")
 
 
 def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
@@ -278,6 +408,11 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         f"expert parallelism needs mesh.expert={sizes['expert']} to divide the experts; "
         "change either, or set model.moe.expert_parallel=false",
     )
+    _require(
+        sizes["data"] % config.mesh.slices == 0,
+        "mesh.slices",
+        f"the data axis ({sizes['data']}) must split evenly over {config.mesh.slices} slices",
+    )
     t = config.train
     batch_shards = sizes["data"] * sizes["fsdp"]
     _require(
@@ -285,6 +420,12 @@ def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
         "train.batch_size",
         f"each of the {t.grad_accum} micro-batches of {t.batch_size // t.grad_accum} sequences "
         f"must split evenly over mesh.data*mesh.fsdp={batch_shards} shards",
+    )
+    _require(
+        t.seq_len % (2 * sizes["context"]) == 0 or sizes["context"] == 1,
+        "train.seq_len",
+        f"{t.seq_len} must be a multiple of {2 * sizes['context']}: ring attention cuts each "
+        f"sequence into 2 chunks on each of the mesh.context={sizes['context']} devices",
     )
     return sizes
 
@@ -388,8 +529,11 @@ def from_dict(data: dict[str, Any]) -> Config:
         "mesh": MeshConfig,
         "data": DataConfig,
         "train": TrainConfig,
+        "checkpoint": CheckpointConfig,
+        "grpo": GRPOConfig,
     }
-    kwargs = {k: sections[k](**v) if k in sections else v for k, v in data.items()}
+    kwargs = {k: sections[k](**v) if k in sections and v is not None else v
+              for k, v in data.items()}
     if kwargs.get("model") and isinstance(kwargs["model"].moe, dict):
         kwargs["model"] = dataclasses.replace(kwargs["model"], moe=MoEConfig(**kwargs["model"].moe))
     return validate(Config(**kwargs))

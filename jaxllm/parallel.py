@@ -11,9 +11,10 @@ from collections.abc import Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import Config, validate_for_devices
+from jaxllm.config import Config, ConfigError, validate_for_devices
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
 BATCH_AXES = ("data", "fsdp")
@@ -48,12 +49,31 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
     devices = list(jax.devices() if devices is None else devices)
     sizes = validate_for_devices(config, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.make_mesh(
-        shape,
+    return Mesh(
+        device_grid(shape, config.mesh.slices, devices),
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
     )
+
+
+def device_grid(shape: tuple[int, ...], slices: int, devices: Sequence) -> np.ndarray:
+    """Devices arranged as `shape`, the physical topology respected.
+
+    With `slices` > 1 (multislice) the first axis (data) is split into `slices` groups over
+    DCN, each a whole slice, and the other axes are laid out within a slice over ICI.
+    Devices without a `slice_index` (CPU, GPU) are grouped by process.
+    """
+    if slices == 1:
+        return mesh_utils.create_device_mesh(shape, devices)
+    ici_shape = (shape[0] // slices, *shape[1:])
+    dcn_shape = (slices,) + (1,) * (len(shape) - 1)
+    try:
+        return mesh_utils.create_hybrid_device_mesh(
+            ici_shape, dcn_shape, devices,
+            process_is_granule=not hasattr(devices[0], "slice_index"),
+        )
+    except ValueError as error:
+        raise ConfigError(f"mesh.slices: {slices} slices do not fit the devices: {error}") from None
 
 
 @contextlib.contextmanager

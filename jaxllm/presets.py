@@ -73,6 +73,57 @@ def tiny_kimi() -> ModelConfig:
     return dataclasses.replace(tiny_deepseek(), num_heads=2, num_kv_heads=2, moe=moe)
 
 
+def llama3_8b() -> ModelConfig:
+    """Llama-3-8B (Meta, HF `meta-llama/Meta-Llama-3-8B` config.json): 8,030,261,248
+    parameters, GQA 32/8 heads, untied head, RoPE theta 500000, bf16 compute."""
+    return ModelConfig(
+        vocab_size=128_256,
+        embed_dim=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=14_336,
+        rope_theta=500_000.0,
+        norm_eps=1e-5,
+        dtype="bfloat16",
+    )
+
+
+def _mixtral(vocab_size: int, embed_dim: int, num_layers: int, num_heads: int,
+             expert_dim: int) -> ModelConfig:
+    """Mixtral's layout: every layer MoE, 8 SwiGLU experts, softmax over the top-2 logits
+    (softmax then renormalised top-k), GQA with 8 kv heads, RoPE theta 1e6, untied head,
+    the Switch load-balance loss at HF's router_aux_loss_coef 0.02. `mlp_dim` is unused."""
+    moe = MoEConfig(
+        num_experts=8, experts_per_token=2, expert_dim=expert_dim, router="softmax",
+        norm_topk_prob=True, load_balance_loss=0.02,
+    )
+    return ModelConfig(
+        vocab_size=vocab_size,
+        embed_dim=embed_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=8,
+        mlp_dim=expert_dim,
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        dtype="bfloat16",
+        moe=moe,
+    )
+
+
+def mixtral_8x7b() -> ModelConfig:
+    """Mixtral 8x7B (Mistral AI, HF `mistralai/Mixtral-8x7B-v0.1` config.json): 46.7B total,
+    12.9B active; d 4096, 32 layers, 32/8 heads, experts of width 14336, vocab 32000."""
+    return _mixtral(32_000, 4096, 32, 32, 14_336)
+
+
+def mixtral_8x22b() -> ModelConfig:
+    """Mixtral 8x22B (Mistral AI, HF `mistralai/Mixtral-8x22B-v0.1` config.json): 141B total,
+    39B active; d 6144, 56 layers, 48/8 heads, experts of width 16384, vocab 32768."""
+    return _mixtral(32_768, 6144, 56, 48, 16_384)
+
+
 PRESETS = {
     "tiny_dense": tiny_dense,
     "small_dense": small_dense,
@@ -80,4 +131,7 @@ PRESETS = {
     "tiny_deepseek": tiny_deepseek,
     "tiny_llama4": tiny_llama4,
     "tiny_kimi": tiny_kimi,
+    "llama3_8b": llama3_8b,
+    "mixtral_8x7b": mixtral_8x7b,
+    "mixtral_8x22b": mixtral_8x22b,
 }

@@ -1,6 +1,5 @@
 """The train step and loop: accumulation, loss, optimizer masking, and learning."""
 
-import dataclasses
 import json
 
 import jax
@@ -40,9 +39,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     got_params, got = one_step(4, mesh)
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
-    # Adam's first update is about lr * sign(g) = 3e-3 per weight; agree to within 1% of it.
+    # Adam's first update is about lr * sign(g) = 3e-3 per weight; agree to within 3% of it
+    # (g / sqrt(v) turns float noise in a near-zero gradient into a visible difference).
     jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5), got_params, want_params
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got_params, want_params
     )
 
 
@@ -89,7 +89,11 @@ def test_training_the_tiny_model_lowers_the_loss(tmp_path):
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last < 0.4 * first, (first, last)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in logged] == [1, 25, 50, 75, 100]
-    assert all(0 < m["mfu"] < 1 and m["tokens_per_s"] > 0 for m in logged)
+    trained = [m for m in logged if "loss" in m]
+    assert [m["step"] for m in trained] == [1, 25, 50, 75, 100]
+    assert all(0 < m["mfu"] < 1 and m["tokens_per_s"] > 0 for m in trained)
+    evaluated = [m for m in logged if "eval_loss" in m]
+    assert [m["step"] for m in evaluated] == [50, 100]
+    assert evaluated[-1]["eval_loss"] < evaluated[0]["eval_loss"]
     assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 100
     assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"

@@ -1,22 +1,62 @@
-"""Data sources. A source has `tokenizer` and `batches(batch_size, seq_len)`, which yields
-dicts of [batch, seq_len] numpy arrays: inputs, targets, segment_ids, positions, loss_mask."""
+"""Data sources, tokenizers, packing and the reasoning task families.
+
+A source has `tokenizer` and `batches(batch_size, seq_len, start=0, mask_prompt=False)`, which
+yields this process's rows of each batch as numpy arrays: inputs, targets, segment_ids,
+positions, loss_mask (see `jaxllm.data.sources`).
+"""
 
 from jaxllm.config import Config, ConfigError
+from jaxllm.data import readers
 from jaxllm.data.arithmetic import ArithmeticSource
-from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.data.sources import DocumentSource
+from jaxllm.data.tokenizer import (
+    ByteTokenizer,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 
-SOURCES = {"arithmetic": ArithmeticSource}
 
+def make_source(config: Config, split: str | None = None) -> ArithmeticSource | DocumentSource:
+    """The source of `split` (default `config.data.split`), checked against the model's vocabulary.
 
-def make_source(config: Config):
-    """The data source the config names, checked against the model's vocabulary."""
-    source = SOURCES[config.data.source](seed=config.data.seed)
-    if source.tokenizer.vocab_size > config.model.vocab_size:
+    Raises ConfigError for a missing dataset or file, an empty split or a bad tokenizer.
+    """
+    data = config.data
+    split = data.split if split is None else split
+    try:
+        tokenizer = load_tokenizer(data.tokenizer)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"data.tokenizer: {error}") from None
+    if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
-            f"{source.tokenizer.vocab_size} tokens"
+            f"{tokenizer.vocab_size} tokens"
         )
-    return source
+    if data.source == "arithmetic":
+        if data.tokenizer != "byte":
+            raise ConfigError("data.tokenizer: the arithmetic source is byte-level")
+        return ArithmeticSource(data.seed, split)
+    if data.source == "reasoning":
+        texts = readers.reasoning_texts(data, split)
+    elif data.source == "tfds":
+        texts = readers.tfds_texts(data, split)
+    else:
+        if split != data.split:
+            raise ConfigError(f"data.split: text files are one split, {data.split!r}; there is "
+                              f"no {split!r} (set data.eval_split=none to skip evaluation)")
+        texts = readers.text_file_texts(data)
+    return DocumentSource(texts, tokenizer, data.seed)
 
 
-__all__ = ["ArithmeticSource", "ByteTokenizer", "make_source"]
+__all__ = [
+    "ArithmeticSource",
+    "ByteTokenizer",
+    "DocumentSource",
+    "HuggingFaceTokenizer",
+    "SentencePieceTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "make_source",
+]

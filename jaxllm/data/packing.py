@@ -1,43 +1,81 @@
-"""Packing of tokenized documents into fixed-length rows."""
+"""Packing of tokenized documents into fixed-length rows.
 
-from collections.abc import Iterable, Iterator
+A row holds whole documents back to back, then padding, as numpy arrays:
+  inputs:      token ids;
+  targets:     the next token of the same document;
+  segment_ids: 1, 2, ... per document in the row, 0 on padding;
+  positions:   the position of each token within its own document;
+  loss_mask:   1 where `targets` is a real next token of the same document that lies past
+               the document's prompt.
+"""
+
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
 
-def pack(documents: Iterable[list[int]], seq_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:
-    """Packs whole documents greedily into rows of `seq_len` tokens.
+def pack(
+    documents: Iterable[Sequence[int]], seq_len: int, pad_id: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Packs a stream of documents greedily; one longer than `seq_len` is truncated.
 
-    A document that does not fit in the rest of a row starts the next row (longer ones are
-    truncated). Yields one row at a time, with:
-      inputs:      token ids;
-      targets:     the next token of the same document;
-      segment_ids: 1, 2, ... per document in the row, 0 on padding;
-      positions:   the position of each token within its own document;
-      loss_mask:   1 where `targets` is a real next token of the same document.
+    A document that does not fit in the rest of a row starts the next row.
     """
-    tokens, segments, positions = [], [], []
+    row = []
     for doc in documents:
         doc = doc[:seq_len]
-        if len(tokens) + len(doc) > seq_len:
-            yield _row(tokens, segments, positions, seq_len, pad_id)
-            tokens, segments, positions = [], [], []
-        segment = (segments[-1] if segments else 0) + 1
-        tokens += doc
-        segments += [segment] * len(doc)
-        positions += range(len(doc))
+        if sum(map(len, row)) + len(doc) > seq_len:
+            yield pack_row(row, seq_len, pad_id)
+            row = []
+        row.append(doc)
 
 
-def _row(tokens, segments, positions, seq_len, pad_id) -> dict[str, np.ndarray]:
+def plan_rows(lengths: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+    """Greedy packing of documents of these lengths (each <= seq_len), in order.
+
+    Returns each row as the half-open range [first, stop) of the documents it holds; the
+    same rows `pack` makes of the same documents.
+    """
+    rows, first, used = [], 0, 0
+    for i, length in enumerate(lengths):
+        if used + length > seq_len:
+            rows.append((first, i))
+            first, used = i, 0
+        used += length
+    if first < len(lengths):
+        rows.append((first, len(lengths)))
+    return rows
+
+
+def pack_row(
+    documents: Sequence[Sequence[int]],
+    seq_len: int,
+    pad_id: int,
+    prompt_lengths: Sequence[int] | None = None,
+) -> dict[str, np.ndarray]:
+    """One row of `documents`, which must fit in `seq_len` tokens together.
+
+    The first `prompt_lengths[i]` tokens of document i are never targets (default: none is,
+    beyond the first token, which has no predecessor).
+    """
+    if prompt_lengths is None:
+        prompt_lengths = [0] * len(documents)
+    tokens = [t for doc in documents for t in doc]
     pad = seq_len - len(tokens)
+    if pad < 0:
+        raise ValueError(f"{len(tokens)} tokens do not fit in a row of {seq_len}")
+    segments = np.repeat(np.arange(1, len(documents) + 1), [len(d) for d in documents])
+    positions = np.concatenate([np.arange(len(d)) for d in documents] + [np.zeros(pad, int)])
+    past_prompt = np.concatenate(
+        [np.arange(len(d)) >= n for d, n in zip(documents, prompt_lengths)] + [np.zeros(pad, bool)]
+    )
     inputs = np.array(tokens + [pad_id] * pad, dtype=np.int32)
-    segment_ids = np.array(segments + [0] * pad, dtype=np.int32)
-    targets = np.append(inputs[1:], pad_id).astype(np.int32)
-    same_doc = np.append(segment_ids[1:] == segment_ids[:-1], False)
+    segment_ids = np.concatenate([segments, np.zeros(pad, int)]).astype(np.int32)
+    same_doc = np.append(segment_ids[1:] == segment_ids[:-1], False) & (segment_ids > 0)
     return {
         "inputs": inputs,
-        "targets": targets,
+        "targets": np.append(inputs[1:], pad_id).astype(np.int32),
         "segment_ids": segment_ids,
-        "positions": np.array(positions + [0] * pad, dtype=np.int32),
-        "loss_mask": (same_doc & (segment_ids > 0)).astype(np.float32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": (same_doc & np.append(past_prompt[1:], False)).astype(np.float32),
     }

@@ -69,6 +69,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     use_moe: bool = False
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
@@ -76,7 +77,7 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
         h = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta, dtype,
-            name="attn",
+            self.decode, name="attn",
         )(h, positions, segment_ids)
         x = x + h
         h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
@@ -94,11 +95,13 @@ class LayerGroup(nn.Module):
 
     config: ModelConfig
     pattern: tuple[bool, ...]
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         for i, use_moe in enumerate(self.pattern):
-            x, _ = Block(self.config, use_moe, name=f"block_{i}")(x, positions, segment_ids)
+            block = Block(self.config, use_moe, self.decode, name=f"block_{i}")
+            x, _ = block(x, positions, segment_ids)
         return x, None
 
 
@@ -107,14 +110,16 @@ class Decoder(nn.Module):
 
     Scanned parameters carry a leading `layers` axis; unrolled ones live in
     `layers_0 ... layers_{L-1}`. Both compute the same function. A dense model is one
-    segment, `layers`, of single blocks.
+    segment, `layers`, of single blocks. The "cache" collection of a decoding stack is laid
+    out like the parameters. Decoding skips remat: it only saves memory for gradients.
     """
 
     config: ModelConfig
+    decode: bool = False
 
     def _remat(self, module):
         cfg = self.config
-        if cfg.remat == "none":
+        if cfg.remat == "none" or self.decode:
             return module
         return nn.remat(module, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
@@ -123,17 +128,17 @@ class Decoder(nn.Module):
         cfg = self.config
         if not cfg.scan_layers:
             for i, use_moe in enumerate(moe_layers(cfg)):
-                block = self._remat(Block)(cfg, use_moe, name=f"layers_{i}")
+                block = self._remat(Block)(cfg, use_moe, self.decode, name=f"layers_{i}")
                 x, _ = block(x, positions, segment_ids)
             return x
         for name, pattern, repeats in layer_segments(cfg):
             if len(pattern) == 1:
-                unit, args = Block, (cfg, pattern[0])
+                unit, args = Block, (cfg, pattern[0], self.decode)
             else:
-                unit, args = LayerGroup, (cfg, pattern)
+                unit, args = LayerGroup, (cfg, pattern, self.decode)
             stack = nn.scan(
                 self._remat(unit),
-                variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0},
+                variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=repeats,
@@ -149,13 +154,19 @@ class Transformer(nn.Module):
     `positions` default to 0..S-1 and `segment_ids` to one document per row. With packed
     documents, pass both: attention never crosses a segment boundary and RoPE sees each
     token's position within its own document.
+
+    With `decode=True` the model attends over a KV cache, the mutable "cache" collection
+    (see `Attention`), and `positions` place each row's tokens; `jaxllm.infer` drives it.
     """
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions=None, segment_ids=None):
         cfg, dtype = self.config, compute_dtype(self.config)
+        if self.decode and segment_ids is not None:
+            raise ValueError("segment_ids: packed documents cannot be decoded; pass positions")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         if segment_ids is None:
@@ -169,7 +180,7 @@ class Transformer(nn.Module):
         full_table = nn.with_logical_constraint(table, (None, None)).astype(dtype)
         x = jnp.take(full_table, tokens, axis=0)
         x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-        x = Decoder(cfg, name="decoder")(x, positions, segment_ids)
+        x = Decoder(cfg, self.decode, name="decoder")(x, positions, segment_ids)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
             logits = jnp.einsum("bse,ve->bsv", x, table.astype(dtype)) * cfg.embed_dim**-0.5

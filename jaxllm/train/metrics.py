@@ -1,6 +1,7 @@
-"""Run logs: a line per log step on stdout, JSONL and TensorBoard events in the workdir.
+"""Run logs: a line per log step, JSONL and TensorBoard events in the workdir.
 
-Only process 0 writes, so a multi-host run logs once.
+Only process 0 writes, so a multi-host run logs once. A resumed run first drops what the
+previous run logged past the resumed step, so the logs read as one uninterrupted run.
 """
 
 import json
@@ -23,16 +24,45 @@ def format_line(metrics: dict, total_steps: int) -> str:
     return line
 
 
-class MetricsWriter:
-    """Writes metrics to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`."""
+def format_eval_line(metrics: dict) -> str:
+    return (
+        f"step {metrics['step']:>6} | eval loss {metrics['eval_loss']:.4f} "
+        f"| perplexity {metrics['eval_perplexity']:.3f}"
+    )
 
-    def __init__(self, workdir: str | None):
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl file, in order.
+
+    A last line without its newline, cut short by a killed process, is left out.
+    """
+    text = path.read_text()
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _truncate(path: Path, last_step: int) -> None:
+    """Drops the records of steps after `last_step`: a resumed run logs them again."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r["step"] <= last_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class MetricsWriter:
+    """Writes metrics to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`.
+
+    `start_step` is the step a run starts after (0, or the resumed checkpoint's step):
+    records past it are dropped from the JSONL, and TensorBoard is told to purge them.
+    """
+
+    def __init__(self, workdir: str | None, start_step: int):
         self.enabled = workdir is not None and jax.process_index() == 0
         if not self.enabled:
             return
         Path(workdir).mkdir(parents=True, exist_ok=True)
+        _truncate(Path(workdir) / "metrics.jsonl", start_step)
         self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(Path(workdir) / "tb"))
+        self.tensorboard = SummaryWriter(str(Path(workdir) / "tb"), purge_step=start_step + 1)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:

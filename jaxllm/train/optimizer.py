@@ -9,11 +9,14 @@ NO_DECAY = frozenset({"scale", "bias"})
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_lr_ratio` of it."""
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to `min_lr_ratio` of it.
+
+    A warmup longer than the run (a short smoke run of a longer experiment) is cut to it.
+    """
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=min(cfg.warmup_steps, cfg.steps - 1),
         decay_steps=cfg.steps,
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )

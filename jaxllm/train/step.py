@@ -88,12 +88,6 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
         (grads, nll, tokens, moe_metrics), _ = jax.lax.scan(accumulate, init, micro_batches)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    moe_config = model.config.moe
-    rate = moe_config.bias_update_rate if moe_config else 0.0
-    moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)
-    _, rng = jax.random.split(state.rng)
     metrics = {
         "loss": nll / tokens,
         "grad_norm": optax.tree.norm(grads),
@@ -101,7 +95,19 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
         "tokens": tokens,
         **moe.step_metrics(model.config, moe_metrics, cfg.grad_accum),
     }
-    return TrainState(state.step + 1, params, opt_state, rng, moe_bias), metrics
+    return apply_gradients(state, grads, moe_metrics, model=model, tx=tx), metrics
+
+
+def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, tx) -> TrainState:
+    """The next state: one optimizer update, then the MoE selection biases' aux-loss-free
+    step on the batch's expert load."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    moe_config = model.config.moe
+    rate = moe_config.bias_update_rate if moe_config else 0.0
+    moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)
+    _, rng = jax.random.split(state.rng)
+    return TrainState(state.step + 1, params, opt_state, rng, moe_bias)
 
 
 def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings):

@@ -1,0 +1,72 @@
+"""Held-out accuracy of a model on task problems, at an effort level and a vote count."""
+
+import collections
+
+import jax
+import numpy as np
+
+from jaxllm.data import tasks
+from jaxllm.infer import Sampler, extract_answer, majority_vote
+from jaxllm.infer import effort as effort_lib
+from jaxllm.rl.rollout import prompt_tokens, stop_ids
+from jaxllm.rl.verify import is_correct
+
+
+def thinking_tokens(tokens: np.ndarray, length: int, close_id: int) -> int:
+    """Tokens of a completion (which starts inside a thought) before its `</think>`."""
+    row = list(tokens[:length])
+    return row.index(close_id) if close_id in row else length
+
+
+def evaluate(
+    sampler: Sampler,
+    problems: list[tasks.Problem],
+    *,
+    rng: jax.Array,
+    effort: str | effort_lib.Effort | None = None,
+    votes: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """Accuracy of the majority answer of `votes` samples per problem.
+
+    Returns accuracy, per-family accuracy (`accuracy/<family>`), the mean agreement of the
+    votes, and the mean thinking and completion tokens per sample.
+    """
+    tokenizer = sampler.tokenizer
+    think = sampler.think
+    forcing = {}
+    if effort is not None:
+        forcing = {"effort": effort_lib.resolve(effort, sampler.efforts), "think": think}
+    rows = [prompt_tokens(p, tokenizer) for p in problems for _ in range(votes)]
+    prompt_len = max(len(r) for r in rows)
+    batch_size = min(batch_size, len(rows))
+    answers, thinking, lengths = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        result = jax.device_get(sampler.generate(
+            chunk + [chunk[-1]] * (batch_size - len(chunk)),  # one shape, one compilation
+            max_new_tokens=max_new_tokens, temperature=temperature,
+            rng=jax.random.fold_in(rng, start), stop_ids=stop_ids(tokenizer),
+            prompt_len=prompt_len, **forcing,
+        ))
+        for tokens, length in zip(result.tokens[:len(chunk)], result.lengths[:len(chunk)]):
+            answers.append(extract_answer(tokenizer.decode(tokens[:length])))
+            thinking.append(thinking_tokens(tokens, length, think.close))
+            lengths.append(length)
+    correct, agreement = collections.defaultdict(list), []
+    for i, problem in enumerate(problems):
+        vote = majority_vote(answers[i * votes:(i + 1) * votes])
+        agreement.append(vote.agreement)
+        correct[problem.family].append(
+            is_correct(problem.family, vote.answer, problem.answer, problem.numbers, problem.target)
+        )
+    everything = [c for family in correct.values() for c in family]
+    return {
+        "accuracy": float(np.mean(everything)),
+        **{f"accuracy/{f}": float(np.mean(c)) for f, c in sorted(correct.items())},
+        "agreement": float(np.mean(agreement)),
+        "thinking_tokens": float(np.mean(thinking)),
+        "completion_tokens": float(np.mean(lengths)),
+    }

@@ -1,0 +1,87 @@
+"""Rollouts: G sampled completions per prompt, laid out as one GRPO update batch.
+
+A row is the left-padded prompt followed by its completion: [B, P + L] tokens, with
+positions that start at 0 on the first real token, segment id 1 on real tokens (0 on
+padding), and `completion_mask` 1 on the completion tokens the loss counts.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxllm.data import tasks
+from jaxllm.infer import Sampler
+
+
+def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
+    """`<bos>`, the task's prompt and `<think>`: the model continues with its reasoning."""
+    think = tokenizer.special["<think>"]
+    return [tokenizer.bos_id, *tokenizer.encode(tasks.prompt(problem)), think]
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """A completion ends with `</answer>`, or with `<eos>`."""
+    return (tokenizer.special["</answer>"], tokenizer.eos_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One batch of completions, G consecutive rows per prompt (numpy arrays)."""
+
+    tokens: np.ndarray  # [B, P + L]
+    positions: np.ndarray  # [B, P + L]
+    segment_ids: np.ndarray  # [B, P + L]
+    completion_mask: np.ndarray  # [B, P + L]
+    lengths: np.ndarray  # [B] completion tokens, the stop token included
+    prompts: list[str]  # [B] prompt texts
+    completions: list[str]  # [B] completion texts, the stop token included
+
+    def batch(self) -> dict[str, np.ndarray]:
+        """The arrays of a GRPO update batch (advantages and log-probs are added later)."""
+        return {
+            "tokens": self.tokens,
+            "positions": self.positions,
+            "segment_ids": self.segment_ids,
+            "completion_mask": self.completion_mask,
+        }
+
+
+def rollout(
+    sampler: Sampler,
+    problems: list[tasks.Problem],
+    *,
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    rng: jax.Array,
+    prompt_len: int | None = None,
+) -> Rollout:
+    """Samples `group_size` completions of each problem's prompt."""
+    tokenizer = sampler.tokenizer
+    prompts = [prompt_tokens(p, tokenizer) for p in problems for _ in range(group_size)]
+    prompt_len = prompt_len or max(len(p) for p in prompts)
+    result = jax.device_get(sampler.generate(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
+        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len,
+    ))
+    prompt_lengths = np.array([len(p) for p in prompts])
+    width = prompt_len + max_new_tokens
+    column = np.arange(width)[None]
+    first = (prompt_len - prompt_lengths)[:, None]
+    end = prompt_len + result.lengths[:, None]
+    padded = np.full((len(prompts), prompt_len), tokenizer.pad_id, np.int32)
+    for row, tokens in enumerate(prompts):
+        padded[row, prompt_len - len(tokens):] = tokens
+    real = (column >= first) & (column < end)
+    return Rollout(
+        tokens=np.concatenate([padded, result.tokens], axis=1),
+        positions=np.maximum(column - first, 0).astype(np.int32),
+        segment_ids=real.astype(np.int32),
+        completion_mask=(real & (column >= prompt_len)).astype(np.int32),
+        lengths=np.asarray(result.lengths),
+        prompts=[tokenizer.decode(p) for p in prompts],
+        completions=[
+            tokenizer.decode(row[:length]) for row, length in zip(result.tokens, result.lengths)
+        ],
+    )

@@ -1,0 +1,128 @@
+"""The jit-compiled, sharded GRPO update step.
+
+A batch holds B whole sequences (prompt + completion), each [B, S] array aligned with
+`tokens`: `logprobs[b, t]` is log p(tokens[b, t] | tokens[b, :t]), 0 at t = 0, and
+`completion_mask` is 1 on the completion tokens whose log-probs count.
+
+    tokens, positions, segment_ids, completion_mask: [B, S]
+    advantages: [B]
+    old_logprobs: [B, S], when grpo.num_iterations > 1 (with mu = 1, pi_old is the
+        policy itself under stop_gradient, so the ratio is exactly 1)
+    ref_logprobs: [B, S], when grpo.beta > 0
+
+The mu inner iterations are the caller's loop over this step.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxllm import parallel
+from jaxllm.config import GRPOConfig
+from jaxllm.rl.loss import grpo_loss
+from jaxllm.train import moe
+from jaxllm.train.state import TrainState
+from jaxllm.train.step import apply_gradients
+
+
+def token_logprobs(logits, tokens):
+    """Log-probs of the realised tokens, and the predictive entropy, in float32.
+
+    logits [B, S, V] predict the next token; returns (logprobs, entropy), both [B, S],
+    aligned with `tokens` (position t holds the prediction of token t; 0 at t = 0).
+    """
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    entropy = -(jnp.exp(log_probs) * log_probs).sum(-1)
+    pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
+    return jnp.concatenate([pad, chosen], 1), jnp.concatenate([pad, entropy], 1)
+
+
+def _forward(params, moe_bias, tokens, positions, segment_ids, model: nn.Module):
+    """(logprobs, entropy, moe_metrics) of `tokens` under `params`."""
+    logits, sown = model.apply(
+        {"params": params, "moe_bias": moe_bias}, tokens, positions, segment_ids,
+        mutable=["moe_metrics"],
+    )
+    logprobs, entropy = token_logprobs(logits, tokens)
+    return logprobs, entropy, sown.get("moe_metrics", {})
+
+
+def logprobs(params, moe_bias, tokens, positions, segment_ids, *, model: nn.Module):
+    """[B, S] log-probs of `tokens`, for pi_old (mu > 1) or the reference model."""
+    return _forward(params, moe_bias, tokens, positions, segment_ids, model)[0]
+
+
+def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
+    """(GRPO loss + MoE aux losses, (GRPO loss, metrics, moe_metrics))."""
+    logp, entropy, moe_metrics = _forward(
+        params, moe_bias, batch["tokens"], batch["positions"], batch["segment_ids"], model
+    )
+    old = batch["old_logprobs"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logp)
+    mask = batch["completion_mask"].astype(jnp.float32)
+    loss, metrics = grpo_loss(
+        logp, old, batch["advantages"], mask, cfg, batch.get("ref_logprobs")
+    )
+    metrics["entropy"] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return loss + moe.aux_loss(moe_metrics), (loss, metrics, moe_metrics)
+
+
+def grpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: GRPOConfig, schedule):
+    """One optimizer step on the GRPO loss, plus the MoE aux losses at their configured
+    weights; MoE selection biases then take their aux-loss-free step on the batch's load,
+    as in pretraining."""
+    grad_fn = jax.grad(functools.partial(_loss, model=model, cfg=cfg), has_aux=True)
+    grads, (loss, metrics, moe_metrics) = grad_fn(state.params, state.moe_bias, batch)
+    metrics = {
+        "loss": loss,
+        **metrics,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": schedule(state.step),
+        "completion_tokens": batch["completion_mask"].sum(),
+        **moe.step_metrics(model.config, moe_metrics, 1),
+    }
+    return apply_gradients(state, grads, moe_metrics, model=model, tx=tx), metrics
+
+
+def batch_keys(cfg: GRPOConfig) -> tuple[str, ...]:
+    """The arrays a GRPO batch must hold under `cfg`."""
+    keys = ("tokens", "positions", "segment_ids", "completion_mask", "advantages")
+    keys += ("old_logprobs",) if cfg.num_iterations > 1 else ()
+    return keys + (("ref_logprobs",) if cfg.beta > 0 else ())
+
+
+def batch_shardings(mesh: Mesh, cfg: GRPOConfig) -> dict[str, NamedSharding]:
+    """Sequences over (data, fsdp); [B, S] positions over context."""
+    per_token = parallel.batch_sharding(mesh)
+    per_sequence = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
+    return {k: per_sequence if k == "advantages" else per_token for k in batch_keys(cfg)}
+
+
+def jit_grpo_step(model, tx, cfg: GRPOConfig, schedule, mesh: Mesh, state_shardings):
+    """`grpo_step` under jit with explicit shardings and the state donated.
+
+    The batch must hold exactly `batch_keys(cfg)`. Call the result inside
+    `parallel.use_mesh(mesh)`.
+    """
+    step = functools.partial(grpo_step, model=model, tx=tx, cfg=cfg, schedule=schedule)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings(mesh, cfg)),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
+
+
+def jit_logprobs(model, mesh: Mesh, state_shardings):
+    """`logprobs` under jit: (params, moe_bias, tokens, positions, segment_ids) -> [B, S],
+    for any state laid out like `state_shardings` (the policy, or a frozen reference copy)."""
+    per_token = parallel.batch_sharding(mesh)
+    return jax.jit(
+        functools.partial(logprobs, model=model),
+        in_shardings=(state_shardings.params, state_shardings.moe_bias) + (per_token,) * 3,
+        out_shardings=per_token,
+    )

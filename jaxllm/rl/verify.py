@@ -1,0 +1,71 @@
+"""Per-family answer checks for the reasoning tasks.
+
+A model's answer that does not parse is simply wrong; a reference answer that does not
+parse is a bug in the task and raises. Families and canonical answers:
+
+- arithmetic, linear: one number, "-12"; "3/4" and "0.75" are the same answer.
+- quadratic: the set of roots, "2, 3"; any order; a double root is written once.
+- countdown: an expression, "(3+5)*2", that uses each given number exactly once and
+  evaluates to the target.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+from jaxllm.rl.parse import ParseError, parse_expression, parse_number, parse_number_list
+
+
+def _or_none(parse: Callable, text: str):
+    try:
+        return parse(text)
+    except ParseError:
+        return None
+
+
+def _same_number(text: str, answer: str, numbers, target) -> bool:
+    return _or_none(parse_number, text) == parse_number(answer)
+
+
+def _same_roots(text: str, answer: str, numbers, target) -> bool:
+    got = _or_none(parse_number_list, text)
+    return got is not None and len(set(got)) == len(got) and set(got) == set(
+        parse_number_list(answer)
+    )
+
+
+def _reaches_target(text: str, answer: str, numbers, target) -> bool:
+    if numbers is None or target is None:
+        raise ValueError("countdown: needs the given `numbers` and the `target`")
+    expression = _or_none(parse_expression, text)
+    return (
+        expression is not None
+        and expression.value == Fraction(target)
+        and Counter(expression.numbers) == Counter(int(n) for n in numbers)
+    )
+
+
+CHECKS: dict[str, Callable[..., bool]] = {
+    "arithmetic": _same_number,
+    "linear": _same_number,
+    "quadratic": _same_roots,
+    "countdown": _reaches_target,
+}
+
+
+def is_correct(
+    family: str,
+    completion_answer: str | None,
+    answer: str,
+    numbers: Sequence[int] | None = None,
+    target: int | None = None,
+) -> bool:
+    """Whether `completion_answer` (the text inside <answer>, or None) solves the task.
+
+    `answer` is the canonical answer; countdown checks `numbers` and `target` instead.
+    """
+    if family not in CHECKS:
+        raise ValueError(f"family: unknown {family!r}; expected one of {sorted(CHECKS)}")
+    if completion_answer is None:
+        return False
+    return CHECKS[family](completion_answer, answer, numbers, target)

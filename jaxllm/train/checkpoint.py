@@ -1,0 +1,170 @@
+"""Orbax checkpoints of the train state, the data position and the config.
+
+Orbax writes each step into a temporary directory and renames it once every file is
+complete, so a process killed during a save leaves nothing that `latest_step` would pick.
+Restoring targets the current mesh's shardings, so a run may resume on other axis sizes.
+"""
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxllm import config as config_lib
+from jaxllm.train.state import TrainState
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be restored. The message names the step and the reason."""
+
+
+def _model_differences(saved: dict, current: dict, prefix: str = "model") -> list[str]:
+    """'model.field: saved in the checkpoint, current now' for each field that differs."""
+    differences = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += _model_differences(old, new, f"{prefix}.{key}")
+        elif old != new:
+            differences.append(f"{prefix}.{key}: {old!r} in the checkpoint, {new!r} now")
+    return differences
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain: the actual reason, such as a short read."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+def _abstract(state: TrainState) -> TrainState:
+    """Shapes, dtypes and shardings of `state`: the target layout of a restore."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+
+
+class Checkpointer:
+    """Async saves every `cfg.every` steps into `directory`, keeping the newest `cfg.keep`.
+
+    Each checkpoint holds two items: "state" (the whole `TrainState`) and "run" (JSON: the
+    data position, which is the number of batches consumed, and the run's config).
+    """
+
+    def __init__(self, directory: str | epath.Path, cfg: config_lib.CheckpointConfig):
+        self.cfg = cfg
+        path = epath.Path(directory)
+        self.directory = path if path.is_absolute() else path.absolute()  # gs:// is absolute
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=cfg.keep,
+                enable_async_checkpointing=True,
+                cleanup_tmp_directories=True,
+            ),
+            item_names=("state", "run"),
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def save(
+        self, step: int, state: TrainState, config: config_lib.Config, force: bool = False
+    ) -> bool:
+        """Starts an async save of `state` at `step` if it is a multiple of `every`, or `force`.
+
+        Returns once the arrays are copied off the devices, so `state` may then be donated.
+        """
+        if not force and step % self.cfg.every:
+            return False
+        run = {"data_position": step, "config": config_lib.to_dict(config)}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(run)),
+            force=True,
+        )
+        return True
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether a multi-host run's hosts agreed to stop at `step` after a preemption notice."""
+        return self.manager.reached_preemption(step)
+
+    def _restore_item(self, step: int, **args):
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as error:  # orbax wraps tensorstore read errors in a bare Exception
+            root = _root_cause(error)
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} cannot be restored: "
+                f"{type(root).__name__}: {root}"
+            ) from error
+
+    def check_model(self, step: int, config: config_lib.Config) -> None:
+        """Raises CheckpointError, naming the fields, if `step` holds another model."""
+        saved = self._restore_item(step, run=ocp.args.JsonRestore()).run["config"]["model"]
+        differences = _model_differences(saved, config_lib.to_dict(config)["model"])
+        if differences:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} holds another model: "
+                + "; ".join(differences)
+            )
+
+    def resume_step(self, config: config_lib.Config) -> int | None:
+        """The step to resume from: `checkpoint.resume_step`, else the latest; None if none.
+
+        Needs no state, so a run can check its checkpoint before building one.
+        """
+        steps = self.manager.all_steps()
+        step = self.cfg.resume_step or self.latest_step()
+        if step is None:
+            return None
+        if step not in steps:
+            raise CheckpointError(
+                f"checkpoint.resume_step={step}: {self.directory} holds no checkpoint at that "
+                f"step; it holds steps {sorted(steps)}"
+            )
+        self.check_model(step, config)
+        return step
+
+    def restore(
+        self, step: int, state: TrainState, config: config_lib.Config
+    ) -> tuple[TrainState, int]:
+        """Restores `step` into the shapes and shardings of `state`, resharding as needed.
+
+        The arrays of `state` are freed first, so that memory never holds two states.
+        Returns (the restored state, the data position).
+        """
+        self.check_model(step, config)
+        target = _abstract(state)
+        jax.tree.map(lambda x: x.delete(), state)
+        restored = self._restore_item(
+            step, state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()
+        )
+        return restored.state, restored.run["data_position"]
+
+    def resume(self, state: TrainState, config: config_lib.Config) -> tuple[TrainState, int]:
+        """Restores `resume_step(config)`, or returns (state, 0) if there is none.
+
+        The checkpoints after that step are deleted: the run branches there.
+        Returns (state, data position).
+        """
+        step = self.resume_step(config)
+        if step is None:
+            return state, 0
+        state, position = self.restore(step, state, config)
+        for later in (s for s in self.manager.all_steps() if s > step):
+            self.manager.delete(later)
+        return state, position
+
+    def close(self) -> None:
+        """Waits for the pending save to finish and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def checkpointer(config: config_lib.Config) -> Checkpointer | None:
+    """The run's checkpointer in `workdir/checkpoints`; None for a run without a workdir."""
+    if config.workdir is None:
+        return None
+    return Checkpointer(epath.Path(config.workdir) / "checkpoints", config.checkpoint)
+

@@ -1,0 +1,45 @@
+"""A finished (or running) run, loaded back from its workdir for inference or a next phase."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from jaxllm import config as config_lib
+from jaxllm import parallel
+from jaxllm.nn import Transformer
+from jaxllm.train.checkpoint import Checkpointer
+from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.state import TrainState, init_state
+
+
+def read_config(workdir: str | Path) -> config_lib.Config:
+    """The resolved config a run saved in `workdir/config.json`."""
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
+    return config_lib.from_dict(json.loads(path.read_text()))
+
+
+def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Config) -> TrainState:
+    """`state` filled from the latest checkpoint in `workdir`, resharded onto its layout."""
+    checkpoints = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint)
+    try:
+        step = checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint")
+        return checkpoints.restore(step, state, config)[0]
+    finally:
+        checkpoints.close()
+
+
+def load_run(workdir: str | Path) -> tuple[config_lib.Config, Transformer, TrainState]:
+    """(config, model, state) of the latest checkpoint in `workdir`, on one device whatever
+    mesh the run trained on."""
+    config = read_config(workdir)
+    config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    model = Transformer(config.model)
+    state, _ = init_state(model, make_optimizer(config.train), 8, mesh, jax.random.key(0))
+    return config, model, restore_latest(workdir, state, config)

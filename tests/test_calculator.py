@@ -1,0 +1,155 @@
+"""The calculator against published counts, explicit formulas and a real sharded state."""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxllm import Config, MeshConfig, TrainConfig, calculator, cli, presets
+from jaxllm.config import load_experiment, validate_for_devices
+from jaxllm.nn.transformer import Transformer
+from jaxllm.parallel import make_mesh
+from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.state import init_state
+
+EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+
+
+def test_llama3_8b_counts_exactly():
+    total, active = calculator.param_counts(presets.llama3_8b())
+    assert sum(total.values()) == sum(active.values()) == 8_030_261_248
+
+
+@pytest.mark.parametrize("preset, total, active", [
+    (presets.mixtral_8x7b, 46.7e9, 12.9e9),
+    (presets.mixtral_8x22b, 141e9, 39e9),
+])
+def test_mixtral_matches_published_totals(preset, total, active):
+    before = len(jax.live_arrays())
+    counts, used = calculator.param_counts(preset())  # 562 GB in float32 for 8x22B
+    assert len(jax.live_arrays()) == before
+    assert sum(counts.values()) == pytest.approx(total, rel=0.01)
+    assert sum(used.values()) == pytest.approx(active, rel=0.01)
+
+
+def test_categories_follow_the_worked_mixtral_formula():
+    """REFERENCES.md: V h + V h + h + L [attention + 2h + h E + E 3 h I]."""
+    cfg = presets.mixtral_8x7b()
+    V, h, L = cfg.vocab_size, cfg.embed_dim, cfg.num_layers  # noqa: N806
+    E, I = cfg.moe.num_experts, cfg.moe.expert_dim  # noqa: E741,N806
+    d, nq, nkv = cfg.resolved_head_dim, cfg.num_heads, cfg.num_kv_heads
+    counts, active = calculator.param_counts(cfg)
+    assert counts == {
+        "embedding": V * h,
+        "attention": L * (h * nq * d + 2 * h * nkv * d + nq * d * h),
+        "experts": L * E * 3 * h * I,
+        "router": L * h * E,
+        "norms": L * 2 * h + h,
+        "head": V * h,
+    }
+    assert active["experts"] == L * 2 * 3 * h * I
+
+
+def test_kv_cache_is_two_by_layers_kv_heads_head_dim():
+    for cfg in (presets.llama3_8b(), presets.tiny_mixtral()):
+        bytes_per_value = np.dtype(cfg.dtype).itemsize
+        expected = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * bytes_per_value
+        assert calculator.kv_cache_bytes_per_token(cfg) == expected
+
+
+def _memory(model, **mesh):
+    config = Config(model=model, mesh=MeshConfig(**mesh), train=TrainConfig(batch_size=8))
+    return calculator.memory(config, dict(MeshConfig(**mesh).shape))
+
+
+def test_fsdp_divides_exactly_the_tensors_with_an_embed_axis():
+    """RULES put `embed` on fsdp: those tensors shrink by the fsdp size, the rest (norms)
+    stay whole. AdamW keeps two float32 moments per parameter plus two int32 step counts."""
+    cfg = presets.tiny_dense()
+    boxes = jax.tree.leaves(calculator.boxed_params(cfg),
+                            is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    params = []
+    for fsdp in (1, 2, 4, 8):
+        expected = 4 * sum(math.prod(b.value.shape) // (fsdp if "embed" in b.names else 1)
+                           for b in boxes)
+        mem = _memory(cfg, data=8 // fsdp, fsdp=fsdp)
+        assert mem.params == mem.grads == expected
+        assert mem.optimizer == 2 * expected + 2 * 4
+        params.append(mem.params)
+    assert params == sorted(params, reverse=True) and len(set(params)) == 4
+    assert _memory(cfg, data=4, tensor=2).params < params[0]
+
+
+def test_per_device_bytes_equal_the_real_sharded_state():
+    """Every device of a real 8-device sharded init holds exactly the calculated bytes."""
+    config = Config(model=presets.tiny_mixtral(),
+                    mesh=MeshConfig(data=1, fsdp=2, tensor=2, expert=2),
+                    train=TrainConfig(batch_size=8))
+    mem = calculator.memory(config, dict(config.mesh.shape))
+    state, _ = init_state(Transformer(config.model), make_optimizer(config.train), 8,
+                          make_mesh(config), jax.random.key(0))
+    for tree, expected in ((state.params, mem.params), (state.opt_state, mem.optimizer)):
+        per_device = {}
+        for leaf in jax.tree.leaves(tree):
+            for shard in leaf.addressable_shards:
+                per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+        assert len(per_device) == 8
+        assert set(per_device.values()) == {expected}
+
+
+def test_activations_shrink_with_remat_and_grow_with_batch():
+    model = presets.tiny_dense()
+
+    def activations(remat, batch):
+        config = Config(model=dataclasses.replace(model, remat=remat),
+                        train=TrainConfig(batch_size=batch))
+        return calculator.activation_bytes(config, MeshConfig(data=8).shape)
+
+    assert activations("none", 16) > activations("save_dots", 16) > activations("full", 16)
+    assert activations("full", 32) == 2 * activations("full", 16)
+
+
+def test_chinchilla_and_planner():
+    report = calculator.calculate(Config(model=presets.tiny_dense()), 1)
+    assert report.chinchilla_tokens == 20 * report.total_params
+    assert report.chinchilla_flops == 6 * report.active_params * report.chinchilla_tokens
+    plan = calculator.compute_optimal(5.76e23)  # Chinchilla's own budget: 70B on 1.4T tokens
+    assert plan["tokens"] == pytest.approx(20 * plan["params"])
+    assert 6 * plan["params"] * plan["tokens"] == pytest.approx(5.76e23)
+    assert plan["params"] == pytest.approx(69.3e9, rel=0.01)
+    with pytest.raises(ValueError, match="budget_flops"):
+        calculator.compute_optimal(0)
+
+
+@pytest.mark.parametrize("name, chip, devices", [
+    ("tpu_v5e_8", "v5e", 8),
+    ("tpu_v5p_128", "v5p", 64),
+    ("tpu_v5e_256x2", "v5e", 512),
+])
+def test_tpu_experiments_fit_their_chips(name, chip, devices):
+    config = load_experiment(EXPERIMENTS / f"{name}.py")
+    mem = calculator.memory(config, validate_for_devices(config, devices))
+    assert 0 < mem.params and mem.total < calculator.HBM_BYTES[chip]
+
+
+def test_cli_prints_a_table_and_json(capsys):
+    assert cli.main(["params", "tiny_mixtral", "mesh.fsdp=2", "--devices", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "experts" in table and "per device: params" in table and "fsdp=2" in table
+    assert cli.main(["params", "tiny_mixtral", "mesh.fsdp=2", "--devices", "8", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    expected = calculator.calculate(
+        Config(model=presets.tiny_mixtral(), mesh=MeshConfig(fsdp=2)), 8
+    )
+    assert figures["total_params"] == expected.total_params
+    assert figures["memory"]["total"] == expected.memory.total
+    assert figures["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1, "expert": 1, "context": 1}
+    assert cli.main(["params", "--budget", "1e21", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == 1e21
+    assert cli.main(["params", "no_such_model"]) == 2
+    assert "no_such_model" in capsys.readouterr().err

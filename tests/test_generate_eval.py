@@ -1,0 +1,48 @@
+"""`jaxllm generate` and `jaxllm eval` on the checkpoint of a tiny pretraining run."""
+
+import json
+
+import pytest
+
+from helpers import tiny_model
+from jaxllm import config as config_lib
+from jaxllm.cli import main
+from jaxllm.train.loop import pretrain
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = config_lib.Config(
+        model=tiny_model(),
+        mesh=config_lib.MeshConfig(data=2, fsdp=4),
+        data=config_lib.DataConfig(train_size=200, validation_size=20, test_size=20),
+        train=config_lib.TrainConfig(steps=3, batch_size=8, seq_len=64, warmup_steps=1,
+                                     eval_every=0),
+        workdir=str(workdir),
+    )
+    pretrain(config, log=lambda _: None)
+    return workdir
+
+
+def test_generate_streams_a_completion_with_a_forced_instant_thought(trained, capsys):
+    assert main(["generate", str(trained), "--prompt", "12+7=?", "--effort", "instant",
+                 "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Q: 12+7=?\n<think></think>")
+
+
+def test_eval_reports_accuracy_and_the_sweep_writes_its_table_and_plot(trained, capsys):
+    assert main(["eval", str(trained), "--problems", "4", "--max-new-tokens", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["accuracy"] <= 1 and result["completion_tokens"] <= 6
+    assert main(["eval", str(trained), "--sweep", "--problems", "2", "--budgets", "0,2",
+                 "--votes-list", "1,2", "--max-new-tokens", "6"]) == 0
+    rows = json.loads((trained / "sweep" / "sweep.json").read_text())
+    assert [(r["budget"], r["votes"]) for r in rows] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    assert all(r["thinking_tokens"] <= r["budget"] for r in rows)
+    assert (trained / "sweep" / "sweep.png").stat().st_size > 0
+
+
+def test_eval_of_a_directory_without_a_run_fails_clearly(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "config.json does not exist" in capsys.readouterr().err

@@ -75,6 +75,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; params stay float32
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = True
+    # With mesh.context > 1: "ring" attention or the "all_gather" K/V baseline.
+    context_parallel: Literal["ring", "all_gather"] = "ring"
     moe: MoEConfig | None = None  # None: every layer is a dense SwiGLU
 
     @property

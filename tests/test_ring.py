@@ -181,12 +181,13 @@ def test_ring_memory_stays_per_step_under_a_layer_scan():
     assert temp_bytes(layers) < 1.5 * temp_bytes(one)
 
 
-def test_model_under_context_parallelism_matches_one_device():
+@pytest.mark.parametrize("kernel", ["ring", "all_gather"])
+def test_model_under_context_parallelism_matches_one_device(kernel):
     """data=2 x context=4 in zigzag order, through the loop's data path: the tiny model's mean
     token loss and its gradients equal those of full attention on the original order. The
     order is only right if attention masks by true positions, so the test also fails if the
     model does not route to ring attention."""
-    model = Transformer(tiny_model())
+    model = Transformer(tiny_model(context_parallel=kernel))
     params = init_params(model)
     batch = next(ArithmeticSource(0).batches(2, 32))  # packed documents
 

@@ -58,6 +58,13 @@ def test_setup_multislice_visits_every_slice_and_counts_all_devices():
     assert "assert n == 512" in lines[-1]
 
 
+def test_a_single_queued_slice_is_reached_by_its_own_name():
+    lines = [line for line in dry_run("setup.sh", "--type", "v5p-128", "--queued")
+             if "tpu-vm" in line]
+    assert lines and all("llm-0" not in line and re.search(r"\bllm(?![-\w])", line)
+                         for line in lines)
+
+
 def test_launch_runs_the_same_command_on_all_workers_with_a_bucket_workdir():
     lines = dry_run(
         "launch.sh", "--bucket", "gs://bkt", "--experiment", "experiments/tiny_dense.py",

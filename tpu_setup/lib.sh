@@ -104,9 +104,10 @@ devices_per_slice() {
 
 multislice() { [[ "$NODES" -gt 1 || "$QUEUED" == true ]]; }
 
-# The TPU VM names: one, or NAME-0 .. NAME-(N-1) for queued resources.
+# The TPU VM names: NAME-0 .. NAME-(N-1) for N > 1 slices; one slice is NAME, queued or not
+# (create.sh gives a single queued node --node-id=NAME).
 node_names() {
-  if multislice; then
+  if [[ "$NODES" -gt 1 ]]; then
     local i
     for ((i = 0; i < NODES; i++)); do echo "$NAME-$i"; done
   else

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.positions import apply_rope
-from jaxllm.nn.ring import context_shards, ring_attention
+from jaxllm.nn.ring import all_gather_attention, context_shards, ring_attention
+
+# How attention runs when the mesh splits sequences over `context` (ModelConfig field).
+CONTEXT_PARALLEL = {"ring": ring_attention, "all_gather": all_gather_attention}
 
 
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -106,6 +109,8 @@ class Attention(nn.Module):
       decode: attend over a KV cache, the "cache" collection: `cached_key`, `cached_value`
         [B, L, K, D] and the next free slot `cache_index`. `init` sizes L to the input length;
         each call writes its T tokens at slots index .. index + T - 1.
+      context_parallel: with a mesh `context` axis > 1, "ring" passes K/V around the ring;
+        "all_gather" gathers every K/V block (the simple baseline).
     """
 
     num_heads: int
@@ -114,6 +119,7 @@ class Attention(nn.Module):
     rope_theta: float = 10_000.0
     dtype: jnp.dtype = jnp.float32
     decode: bool = False
+    context_parallel: str = "ring"
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -136,12 +142,12 @@ class Attention(nn.Module):
         v = project(self.num_kv_heads, "kv_heads", "value")
         if self.decode:
             k, v, mask = self._update_cache(k, v, positions)
-        else:
-            mask = causal_segment_mask(segment_ids)
-        if self.decode or context_shards() == 1:
             out = dot_product_attention(q, k, v, mask)
-        else:  # the sequence is split over the mesh's context axis, in context order
-            out = ring_attention(q, k, v, positions, segment_ids)
+        elif context_shards() > 1:  # the sequence is split over the mesh's context axis
+            kernel = CONTEXT_PARALLEL[self.context_parallel]
+            out = kernel(q, k, v, positions, segment_ids)
+        else:
+            out = dot_product_attention(q, k, v, causal_segment_mask(segment_ids))
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Einsum(
             (self.num_heads, self.head_dim, x.shape[-1]), ("heads", "head_dim", "embed"),

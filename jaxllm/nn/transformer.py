@@ -77,7 +77,7 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
         h = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta, dtype,
-            self.decode, name="attn",
+            self.decode, cfg.context_parallel, name="attn",
         )(h, positions, segment_ids)
         x = x + h
         h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)

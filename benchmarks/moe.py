@@ -1,0 +1,253 @@
+"""MoE benchmark: fwd+bwd of one MoE layer and the tiny_deepseek train step, each against a
+dense SwiGLU with the same active parameters, in one run.
+
+    python benchmarks/moe.py                                        # full run, ~5 min on 2 cores
+    python benchmarks/moe.py --tokens 512 --reps 1 --train-steps 1  # smoke run
+
+1. One layer, T tokens of width d, float32: the gradient of sum(layer(x)) for x and every
+   parameter, at (E=8, k=2, expert width 2d) and (E=64, k=6, fine-grained width d/2), for
+   - the MoE layer (`jaxllm.nn.moe.MoE`, router included) with each kernel and dispatch:
+     ragged_dot dropless, sorted_einsum dropless (C = T) and sorted_einsum with capacity;
+   - the naive layer: every token through every expert, combined by the one-hot gates;
+   - dense-active: one SwiGLU of width k x expert width, the active parameters of a token.
+   Median times, ratios to dense-active, XLA cost_analysis FLOPs of each compiled step.
+   The goals of the MoE design are MoE / dense-active <= 1.3 at E=8 (<= 1.5 at E=64); the
+   physical limit is 1.0.
+2. The train step of `presets.tiny_deepseek` (as `benchmarks/train_step.py` builds it, one
+   device) with each kernel and dispatch, against a dense model whose uniform mlp_dim gives
+   the same active parameter count: tokens/s and XLA FLOPs (layers unrolled for the count).
+
+Other processes on the same cores skew every number: the load average before and after the
+run and the CPU cores busy while timing are printed.
+"""
+
+import argparse
+import dataclasses
+import functools
+import os
+import shlex
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from train_step import build, compile_step, cost_flops
+
+from jaxllm import config as config_lib
+from jaxllm import parallel, presets
+from jaxllm.config import MoEConfig
+from jaxllm.nn import router
+from jaxllm.nn.mlp import SwiGLU
+from jaxllm.nn.moe import MoE
+from jaxllm.train.state import count_params
+
+# (label, dispatch, kernel) of each MoE variant.
+VARIANTS = (
+    ("ragged_dot dropless", "dropless", "ragged_dot"),
+    ("sorted_einsum dropless", "dropless", "sorted_einsum"),
+    ("sorted_einsum capacity 1.25", "capacity", "sorted_einsum"),
+)
+
+
+def naive_moe(variables, x: jax.Array, cfg: MoEConfig) -> jax.Array:
+    """The MoE layer's output computed by every expert on every token: x [B, S, D] -> [B, S, D],
+    the unchosen experts masked by zero gates. E/k times the routed FLOPs."""
+    params = variables["params"]
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ params["router"]["kernel"]
+    weights, experts, _ = router.route(logits, None, cfg)
+    gates = jnp.einsum("tk,tke->te", weights, jax.nn.one_hot(experts, cfg.num_experts))
+    gate_up = jnp.einsum("td,edgf->tegf", flat, params["wi"])
+    hidden = jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :] * gates[..., None]
+    return jnp.einsum("tef,efd->td", hidden, params["wo"]).reshape(x.shape)
+
+
+def fwd_bwd(apply):
+    """The jitted gradient of sum(apply(variables, x)) for the variables and x."""
+    return jax.jit(jax.grad(lambda variables, x: jnp.sum(apply(variables, x)), argnums=(0, 1)))
+
+
+def time_calls(fn, *args, reps: int) -> tuple[float, float]:
+    """(median seconds of `reps` calls after one warm-up call, CPU cores busy meanwhile)."""
+    jax.block_until_ready(fn(*args))
+    times, cpu_start = [], time.process_time()
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), (time.process_time() - cpu_start) / sum(times)
+
+
+def bench_layer(apply, variables, x, reps: int) -> dict:
+    """Median fwd+bwd seconds, cores busy, and XLA FLOPs of the compiled step."""
+    compiled = fwd_bwd(apply).lower(variables, x).compile()
+    seconds, cores = time_calls(compiled, variables, x, reps=reps)
+    return dict(seconds=seconds, cores=cores, flops=cost_flops(compiled))
+
+
+def dropped_fraction(moe: MoE, variables, x) -> float:
+    """The fraction of token-choices `moe` drops on x, from its sown metrics."""
+    _, sown = moe.apply(variables, x, mutable=["moe_metrics"])
+    return float(sown["moe_metrics"]["dropped_fraction"])
+
+
+def layer_results(moe_cfg: MoEConfig, args) -> dict[str, tuple[dict, float | None]]:
+    """Layer name -> (`bench_layer` result, dropped fraction or None) at one MoE shape."""
+    key_x, key_moe, key_dense = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(key_x, (args.tokens // args.seq_len, args.seq_len, args.embed))
+    dense = SwiGLU(moe_cfg.experts_per_token * moe_cfg.expert_dim + moe_cfg.resolved_shared_dim)
+    dense_vars = nn.unbox(dense.init(key_dense, x))
+    results = {"dense-active": (bench_layer(dense.apply, dense_vars, x, args.reps), None)}
+    moe_vars = nn.unbox(MoE(moe_cfg).init(key_moe, x))
+    for label, dispatch, kernel in VARIANTS:
+        moe = MoE(dataclasses.replace(moe_cfg, dispatch=dispatch, kernel=kernel))
+        results[f"MoE {label}"] = (bench_layer(moe.apply, moe_vars, x, args.reps),
+                                   dropped_fraction(moe, moe_vars, x))
+    naive = functools.partial(naive_moe, cfg=moe_cfg)
+    results["naive (every expert)"] = (bench_layer(naive, moe_vars, x, args.reps), None)
+    return results
+
+
+def layer_rows(name: str, moe_cfg: MoEConfig, args) -> list[tuple]:
+    """Table rows of the layers at one shape: times and XLA FLOPs, each also over dense-active's;
+    the dropped fraction of the MoE variants; CPU cores busy while timing."""
+    results = layer_results(moe_cfg, args)
+    base = results["dense-active"][0]
+    rows = []
+    for layer, (r, dropped) in results.items():
+        rows.append((
+            name, layer, f"{r['seconds'] * 1e3:.0f}", f"{r['seconds'] / base['seconds']:.2f}",
+            f"{r['flops'] / 1e9:.1f}", f"{r['flops'] / base['flops']:.2f}",
+            "-" if dropped is None else f"{dropped:.1%}", f"{r['cores']:.2f}",
+        ))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def active_params(model: config_lib.ModelConfig, total: int) -> int:
+    """Parameters a token uses: the total less the unchosen routed experts of each MoE layer."""
+    moe = model.moe
+    if moe is None:
+        return total
+    moe_layers = (model.num_layers - moe.first_dense_layers) // moe.moe_every
+    idle = moe.num_experts - moe.experts_per_token
+    return total - moe_layers * idle * 3 * model.embed_dim * moe.expert_dim
+
+
+def dense_active(model: config_lib.ModelConfig, active: int, total: int) -> config_lib.ModelConfig:
+    """`model` without MoE, its uniform mlp_dim sized so that its parameters match `active`."""
+    dense = dataclasses.replace(model, moe=None)
+    ffn = active - (total - feed_forward_params(model))
+    return dataclasses.replace(dense, mlp_dim=round(ffn / (3 * model.embed_dim * model.num_layers)))
+
+
+def feed_forward_params(model: config_lib.ModelConfig) -> int:
+    """Parameters of all feed-forward layers: dense SwiGLUs, or routers, experts and shared."""
+    d, moe = model.embed_dim, model.moe
+    if moe is None:
+        return model.num_layers * 3 * d * model.mlp_dim
+    moe_layers = (model.num_layers - moe.first_dense_layers) // moe.moe_every
+    dense_layers = model.num_layers - moe_layers
+    per_moe = d * moe.num_experts + 3 * d * (moe.num_experts * moe.expert_dim
+                                             + moe.resolved_shared_dim)
+    return dense_layers * 3 * d * model.mlp_dim + moe_layers * per_moe
+
+
+def bench_train(model: config_lib.ModelConfig, args) -> dict:
+    """tokens/s of the train step, its parameter counts and XLA FLOPs (layers unrolled)."""
+    train = config_lib.TrainConfig(steps=1000, batch_size=args.batch, seq_len=args.train_seq_len,
+                                   warmup_steps=10)
+    config = config_lib.Config(model=model, train=train)
+    mesh, state, batch, step = build(config)
+    total = count_params(state.params)
+    compiled, _ = compile_step(mesh, state, batch, step)
+    with parallel.use_mesh(mesh):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times, cpu_start = [], time.process_time()
+        for _ in range(args.train_steps):
+            start = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        cores = (time.process_time() - cpu_start) / sum(times)
+    unrolled = dataclasses.replace(config, model=dataclasses.replace(model, scan_layers=False))
+    mesh_u, state_u, batch_u, step_u = build(unrolled)
+    with parallel.use_mesh(mesh_u):
+        xla = cost_flops(step_u.lower(state_u, batch_u))
+    step_s = statistics.median(times)
+    return dict(total=total, active=active_params(model, total), step_s=step_s, cores=cores,
+                tokens_per_s=args.batch * args.train_seq_len / step_s, flops=xla)
+
+
+def train_rows(args) -> list[tuple]:
+    """Table rows of each tiny_deepseek variant and the dense-active model: parameters, step
+    time, tokens/s and XLA FLOPs, each also over dense-active's; CPU cores busy."""
+    deepseek = presets.tiny_deepseek()
+    results = {}
+    for label, dispatch, kernel in VARIANTS:
+        moe = dataclasses.replace(deepseek.moe, dispatch=dispatch, kernel=kernel)
+        results[f"tiny_deepseek, {label}"] = bench_train(
+            dataclasses.replace(deepseek, moe=moe), args
+        )
+    first = next(iter(results.values()))
+    dense = dense_active(deepseek, first["active"], first["total"])
+    results[f"dense-active (mlp_dim {dense.mlp_dim})"] = bench_train(dense, args)
+    base = results[next(reversed(results))]
+    rows = []
+    for name, r in results.items():
+        rows.append((name, f"{r['total']:,}", f"{r['active']:,}", f"{r['step_s'] * 1e3:.0f}",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}",
+                     f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / base['flops']:.2f}",
+                     f"{r['cores']:.2f}"))
+        print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = [header, ("---",) * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per layer call")
+    parser.add_argument("--seq-len", type=int, default=512, help="layer input: tokens/seq x seq")
+    parser.add_argument("--embed", type=int, default=256, help="layer width d")
+    parser.add_argument("--reps", type=int, default=3, help="timed fwd+bwd calls per layer")
+    parser.add_argument("--batch", type=int, default=16, help="train step: sequences")
+    parser.add_argument("--train-seq-len", type=int, default=128)
+    parser.add_argument("--train-steps", type=int, default=5, help="timed train steps")
+    args = parser.parse_args()
+    command = shlex.join(["python", *sys.argv])
+    device = jax.devices()[0]
+    load_before = os.getloadavg()[0]
+    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
+          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before the run")
+
+    d = args.embed
+    shapes = (
+        ("E=8, k=2", MoEConfig(num_experts=8, experts_per_token=2, expert_dim=2 * d)),
+        ("E=64, k=6", MoEConfig(num_experts=64, experts_per_token=6, expert_dim=d // 2)),
+    )
+    print(f"\n== one layer, fwd+bwd, {args.tokens} tokens, d={d}, float32, softmax top-k")
+    layers = [row for name, cfg in shapes for row in layer_rows(name, cfg, args)]
+    print("\n== train step: tiny_deepseek against dense-active, "
+          f"batch {args.batch} x seq {args.train_seq_len}, float32")
+    steps = train_rows(args)
+
+    print(f"\n`{command}`\n\nload average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after the run; {os.cpu_count()} CPUs\n")
+    print(table(("shape", "layer", "fwd+bwd ms", "time / dense-active", "XLA GFLOP",
+                 "FLOPs / dense-active", "dropped", "cores busy"), layers))
+    print()
+    print(table(("model", "params", "active params", "step ms", "tokens/s",
+                 "tokens/s / dense-active", "XLA GFLOP (unrolled)", "FLOPs / dense-active",
+                 "cores busy"), steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 clear errors for corrupt or incompatible checkpoints."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -104,6 +105,15 @@ def test_checkpoint_of_another_model_names_the_fields(stopped, tmp_path):
     with pytest.raises(CheckpointError, match=f"step {STOP} .* holds another model: "
                                               "model.mlp_dim: 128 in the checkpoint, 96 now"):
         pretrain(config, log=quiet)
+
+
+def test_a_model_field_added_since_the_save_takes_its_default(stopped, tmp_path):
+    workdir = copy_of(stopped[0], tmp_path)
+    for metadata in (workdir / "checkpoints").glob("*/run/metadata"):
+        run = json.loads(metadata.read_text())
+        del run["config"]["model"]["remat"]  # as if saved before `remat` existed
+        metadata.write_text(json.dumps(run))
+    assert pretrain(run_config(workdir, steps=STOP + 1), log=quiet)[0]["step"] == STOP + 1
 
 
 def test_resume_step_without_a_checkpoint_lists_the_saved_steps(stopped, tmp_path):

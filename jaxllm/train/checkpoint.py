@@ -102,6 +102,13 @@ class Checkpointer:
     def check_model(self, step: int, config: config_lib.Config) -> None:
         """Raises CheckpointError, naming the fields, if `step` holds another model."""
         saved = self._restore_item(step, run=ocp.args.JsonRestore()).run["config"]["model"]
+        try:  # fields added since the save take their defaults
+            saved = config_lib.to_dict(config_lib.from_dict({"model": saved}))["model"]
+        except (TypeError, config_lib.ConfigError) as error:
+            raise CheckpointError(
+                f"the checkpoint at step {step} in {self.directory} holds a model config this "
+                f"version cannot read: {error}"
+            ) from None
         differences = _model_differences(saved, config_lib.to_dict(config)["model"])
         if differences:
             raise CheckpointError(

@@ -184,7 +184,7 @@ def print_tables(args, config, throughput, latency, memory, command) -> None:
     print("|---|---|---|---|")
     for r in latency:
         print(f"| {r['position']} | {r['cached_s'] * 1e3:.2f} ms | {r['full_s'] * 1e3:.1f} ms | "
-              f"{r['full_s'] / r['cached_s']:.0f} x |")
+              f"{r['full_s'] / r['cached_s']:.1f} x |")
     cached = [r["cached_s"] for r in latency]
     print(f"\nCached step, slowest / fastest over p: {max(cached) / min(cached):.2f}")
     print(f"\nKV-cache bytes, {config.num_layers} layers, head_dim "
@@ -208,11 +208,11 @@ def main() -> None:
     parser.add_argument("--cache-len", type=int, default=2048)
     parser.add_argument("--context", type=int, default=None,
                         help="context length of the cache-bytes table (default --cache-len)")
-    parser.add_argument("--recompute-steps", type=int, default=16,
+    parser.add_argument("--recompute-steps", type=int, default=4,
                         help="recompute steps timed per output length, at most")
     parser.add_argument("--step-repeats", type=int, default=16,
                         help="cached decode steps timed per context length")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=1,
                         help="timed runs (median) of each generate and recompute forward")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--embed", type=int, default=256)

@@ -18,8 +18,9 @@ greedy, a batch of equal-length random prompts:
    in the loop) on a cache of `--cache-len` slots holding p tokens, against one full forward
    pass over the p-token prefix. The cached step attends over every slot, masked, so its
    cost depends on the cache size, not on p; the recompute grows with p.
-3. KV-cache bytes per sequence for MHA, GQA and MQA variants of the model, read off the
-   shapes of the model's own "cache" collection (`jax.eval_shape` of `init_cache`).
+3. KV-cache bytes per sequence for MHA, GQA, MQA, MLA and sliding-window variants of the
+   model, read off the shapes of the model's own "cache" collection (`jax.eval_shape` of
+   `init_cache`), against each layout's formula.
 
 Other processes on the same cores skew every time: the load averages before and after the
 run are printed so that a noisy run can be spotted and rerun.
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.config import ModelConfig
+from jaxllm.config import AttentionConfig, MLAConfig, ModelConfig
 from jaxllm.infer import decode_step, generate, init_cache
 from jaxllm.nn import Transformer
 
@@ -144,21 +145,42 @@ def bench_latency(args, model, params, prompts) -> list[dict]:
 
 
 def cache_bytes(config: ModelConfig, context: int) -> list[dict]:
-    """Bytes of the "cache" collection for one sequence of `context` tokens, per kv-head count
-    (MHA, GQA, MQA), without allocating it; `cache_index` (one int per layer) is excluded."""
-    variants = {"MHA": config.num_heads, "GQA": config.num_kv_heads, "MQA": 1}
+    """Bytes of the "cache" collection for one sequence of `context` tokens (MHA, GQA, MQA,
+    MLA, and GQA with sliding-window layers), without allocating it, against each layout's
+    formula; `cache_index` (one int per layer) is excluded."""
+    layers, head_dim = config.num_layers, config.resolved_head_dim
+    itemsize = jnp.dtype(config.dtype).itemsize
+    mla = MLAConfig(kv_lora_rank=64, qk_nope_head_dim=head_dim, qk_rope_head_dim=16,
+                    v_head_dim=head_dim)
+    window = 256
+
+    def gqa(kv_heads):
+        return 2 * layers * kv_heads * head_dim * itemsize * context
+
+    variants = {  # name: (config, formula)
+        "MHA": (dataclasses.replace(config, num_kv_heads=config.num_heads),
+                gqa(config.num_heads)),
+        "GQA": (config, gqa(config.num_kv_heads)),
+        "MQA": (dataclasses.replace(config, num_kv_heads=1), gqa(1)),
+        "MLA (latent 64 + rope 16)": (
+            dataclasses.replace(config, num_kv_heads=config.num_heads,
+                                attention=AttentionConfig(mla=mla)),
+            layers * (64 + 16) * itemsize * context),
+        f"GQA, sliding window {window}": (  # the ring: key, value and a position per slot
+            dataclasses.replace(config, attention=AttentionConfig(pattern="sliding",
+                                                                  window=window)),
+            gqa(config.num_kv_heads) * min(window, context) // context
+            + layers * 4 * min(window, context)),
+    }
     rows = []
-    for name, kv_heads in variants.items():
-        cfg = dataclasses.replace(config, num_kv_heads=kv_heads)
+    for name, (cfg, formula) in variants.items():
         shapes = jax.eval_shape(lambda cfg=cfg: init_cache(Transformer(cfg), 1, context))
         leaves = jax.tree_util.tree_flatten_with_path(shapes)[0]
         total = sum(
             x.size * x.dtype.itemsize for path, x in leaves if path[-1].key != "cache_index"
         )
-        formula = (2 * cfg.num_layers * kv_heads * cfg.resolved_head_dim
-                   * jnp.dtype(cfg.dtype).itemsize * context)
         rows.append(dict(
-            name=name, heads=f"{cfg.num_heads}/{kv_heads}", total=total,
+            name=name, heads=f"{cfg.num_heads}/{cfg.num_kv_heads}", total=total,
             per_token_layer=total / context / cfg.num_layers, formula=formula,
         ))
     return rows
@@ -190,7 +212,7 @@ def print_tables(args, config, throughput, latency, memory, command) -> None:
     print(f"\nKV-cache bytes, {config.num_layers} layers, head_dim "
           f"{config.resolved_head_dim}, {config.dtype}, context {args.context}\n")
     print("| attention | heads q/kv | per sequence | per token per layer | "
-          "= 2·layers·kv·head_dim·bytes·context |")
+          "= the layout's formula |")
     print("|---|---|---|---|---|")
     for r in memory:
         print(f"| {r['name']} | {r['heads']} | {r['total'] / 2**20:.2f} MiB | "

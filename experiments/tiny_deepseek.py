@@ -1,5 +1,6 @@
-"""The tiny DeepSeek-V3-style MoE (first layer dense, fine-grained and shared experts, sigmoid
-group-limited routing, aux-loss-free bias balancing) on the offline reasoning corpus.
+"""The tiny DeepSeek-V3-style MoE (MLA with YaRN, first layer dense, fine-grained and shared
+experts, sigmoid group-limited routing, aux-loss-free bias balancing) on the offline reasoning
+corpus.
 
     jaxllm pretrain experiments/tiny_deepseek.py train.steps=50 workdir=runs/a
 """

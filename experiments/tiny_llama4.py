@@ -1,5 +1,5 @@
 """The tiny Llama-4-style MoE (dense and MoE layers alternating, sigmoid top-1 plus a shared
-expert) on the offline reasoning corpus.
+expert; three chunked RoPE layers, then a global NoPE layer) on the offline reasoning corpus.
 
     jaxllm pretrain experiments/tiny_llama4.py train.steps=50 workdir=runs/a
 """

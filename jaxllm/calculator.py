@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from jaxllm import config as config_lib
-from jaxllm import parallel
+from jaxllm import parallel, presets
 from jaxllm.nn.transformer import Transformer, moe_layers
 from jaxllm.train import flops
 from jaxllm.train.optimizer import make_optimizer
@@ -109,13 +109,19 @@ def param_counts(cfg: config_lib.ModelConfig) -> tuple[dict[str, int], dict[str,
     return {c: total[c] for c in order}, {c: active[c] for c in order}
 
 
-def kv_cache_bytes_per_token(cfg: config_lib.ModelConfig) -> int:
-    """Bytes the decoding model's "cache" collection holds per cached token (all layers)."""
-    cache = _model_init_shapes(cfg, decode=True, length=1)["cache"]
+def kv_cache_bytes(cfg: config_lib.ModelConfig, context_len: int) -> int:
+    """Bytes of the decoding model's "cache" collection for one sequence of `context_len`
+    tokens (all layers): a sliding-window layer's ring stays `window` slots long."""
+    cache = _model_init_shapes(cfg, decode=True, length=context_len)["cache"]
     leaves = jax.tree_util.tree_flatten_with_path(cache)[0]
     return sum(
         x.size * x.dtype.itemsize for keys, x in leaves if keys[-1].key != "cache_index"
     )
+
+
+def kv_cache_bytes_per_token(cfg: config_lib.ModelConfig) -> int:
+    """Bytes the cache grows by per cached token (all layers; sliding rings do not grow)."""
+    return kv_cache_bytes(cfg, 2) - kv_cache_bytes(cfg, 1)
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
@@ -214,7 +220,7 @@ def calculate(config: config_lib.Config, devices: int, context_len: int | None =
         ),
         kv_cache_bytes_per_token=per_token,
         context_len=context_len,
-        kv_cache_bytes=per_token * context_len,
+        kv_cache_bytes=kv_cache_bytes(config.model, context_len),
         mesh=mesh,
         memory=memory(config, mesh),
         chinchilla_tokens=tokens,
@@ -229,6 +235,57 @@ def compute_optimal(budget_flops: float) -> dict[str, float]:
         raise ValueError(f"budget_flops: must be positive, got {budget_flops}")
     params = math.sqrt(budget_flops / (6 * TOKENS_PER_PARAM))
     return {"flops": budget_flops, "params": params, "tokens": TOKENS_PER_PARAM * params}
+
+
+def suggested_config(model: config_lib.ModelConfig, chips: int = 256) -> config_lib.Config:
+    """A training config for `model` on `chips` chips: FSDP over all of them, or for MoE
+    `expert` = the largest power of two up to 16 dividing the experts and FSDP over the
+    rest; one 4096-token sequence per batch shard (data x fsdp), full remat, bfloat16."""
+    expert = 1
+    if model.moe is not None:
+        expert = math.gcd(model.moe.num_experts, chips, 16)
+    model = dataclasses.replace(model, remat="full", dtype="bfloat16")
+    return config_lib.Config(
+        model=model,
+        mesh=config_lib.MeshConfig(data=1, fsdp=chips // expert, expert=expert),
+        train=config_lib.TrainConfig(batch_size=chips // expert, seq_len=4096),
+    )
+
+
+def preset_rows(names: list[str], chips: int = 256) -> list[dict]:
+    """Per preset: total and active parameters, training FLOPs per token, KV-cache bytes
+    per token, the suggested mesh and GiB per chip, and whether that fits each chip's HBM."""
+    rows = []
+    for name in names:
+        config = suggested_config(presets.PRESETS[name](), chips)
+        report = calculate(config, chips)
+        row = {
+            "preset": name,
+            "total": report.total_params,
+            "active": report.active_params,
+            "flops_per_token": report.train_flops_per_token,
+            "kv_bytes_per_token": report.kv_cache_bytes_per_token,
+            "mesh": f"fsdp={report.mesh['fsdp']}, expert={report.mesh['expert']}",
+            "gib_per_chip": report.memory.total / 2**30,
+        }
+        for chip, hbm in HBM_BYTES.items():
+            row[f"fits_{chip}"] = report.memory.total <= hbm
+        rows.append(row)
+    return rows
+
+
+def format_presets(rows: list[dict], chips: int = 256) -> str:
+    """`preset_rows` as a markdown table."""
+    chips_cols = [f"{chip}-{chips}" for chip in HBM_BYTES]
+    header = ["preset", "total", "active", "train FLOPs/token", "KV cache/token", "mesh",
+              "GiB/chip", *chips_cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        fits = ["yes" if r[f"fits_{chip}"] else "no" for chip in HBM_BYTES]
+        cells = [r["preset"], _si(r["total"]), _si(r["active"]), _si(r["flops_per_token"]),
+                 _bytes(r["kv_bytes_per_token"]), r["mesh"], f"{r['gib_per_chip']:.1f}", *fits]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------

@@ -61,13 +61,13 @@ def _generate(args) -> None:
 
 def _eval(args) -> None:
     import json
-    from pathlib import Path
 
     import jax
 
     from jaxllm.data.readers import reasoning_problems
     from jaxllm.rl import sweep
     from jaxllm.rl.evaluate import evaluate
+    from jaxllm.train import workdir as workdir_lib
 
     config, sampler = _sampler(args.workdir)
     problems = reasoning_problems(config.data, args.split)[: args.problems]
@@ -80,10 +80,9 @@ def _eval(args) -> None:
         return
     rows = sweep.sweep(sampler, problems, efforts=sweep.budgets(args.budgets), votes=args.votes_list,
                        rng=rng, **options)
-    out = Path(args.workdir) / "sweep"
-    out.mkdir(exist_ok=True)
-    (out / "sweep.md").write_text(sweep.table(rows) + "\n")
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    out = workdir_lib.path(args.workdir, "sweep")  # a local or a gs:// workdir
+    workdir_lib.write_text(out / "sweep.md", sweep.table(rows) + "\n")
+    workdir_lib.write_text(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
     print(sweep.table(rows))
     print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png')}")
 
@@ -108,6 +107,11 @@ def _params(args) -> None:
 
     from jaxllm import calculator, presets
 
+    if args.presets:
+        names = [n for n in presets.PRESETS if not n.startswith(("tiny", "small"))]
+        rows = calculator.preset_rows(names)
+        print(json.dumps(rows, indent=2) if args.json else calculator.format_presets(rows))
+        return
     if args.budget is not None:
         plan = calculator.compute_optimal(args.budget)
         print(json.dumps(plan, indent=2) if args.json else calculator.format_plan(plan))
@@ -208,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--budget", type=float,
                         help="FLOPs: print the compute-optimal parameters and tokens instead")
     params.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    params.add_argument("--presets", action="store_true",
+                        help="one row per published preset, with its fit on 256 v5p / v5e chips")
     params.set_defaults(run=_params)
     return parser
 

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from etils import epath
+
 
 class ConfigError(ValueError):
     """A config field holds a value that cannot work. The message names the field."""
@@ -58,6 +60,76 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
 
 
+ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse")
+POSITION_KINDS = ("rope", "alibi", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2/V3): K and V come from a shared latent.
+
+    The KV cache holds only the kv_lora_rank latent and the qk_rope_head_dim rotary key per
+    token. `../shared/REFERENCES.md`, "Multi-head Latent Attention".
+    """
+
+    q_lora_rank: int | None = None  # None: queries straight from the hidden state
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    absorb: bool = True  # decode with W_uk folded into the query and W_uv into the output
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """DeepSeek Sparse Attention (V3.2): a lightning indexer picks `top_k` keys per query.
+
+    stage "dense": attention stays dense and only the indexer learns (the warm-up);
+    "sparse": each query attends to its top-k keys. The indexer's KL loss, times
+    `loss_weight`, joins the training loss; its input is detached from the LM loss.
+    """
+
+    top_k: int = 64
+    indexer_heads: int = 4
+    indexer_head_dim: int = 32
+    stage: Literal["dense", "sparse"] = "sparse"
+    loss_weight: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """How each layer attends. `pattern` and `positions` are comma-separated lists that
+    cycle over the layers: layer i uses entry i mod len.
+
+    pattern entries: global (causal), sliding (the last `window` keys), chunked (Llama 4:
+    causal within blocks of `chunk` tokens), strided (the last `window` keys plus every
+    `stride`-th key), sparse (DeepSeek sparse attention, `sparse`).
+    positions entries: rope, alibi, none (NoPE). Llama 4: pattern
+    "chunked,chunked,chunked,global" and positions "rope,rope,rope,none".
+    """
+
+    pattern: str = "global"
+    positions: str = "rope"
+    window: int = 64
+    chunk: int = 128
+    stride: int = 16
+    # naive: the whole score matrix; blockwise: flash-style blocks, O(S * block_size) memory,
+    # skipping the blocks a mask leaves empty; backend: jax.nn.dot_product_attention.
+    kernel: Literal["naive", "blockwise", "backend"] = "naive"
+    block_size: int = 128
+    rope_scaling: Literal["none", "linear", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_len: int = 4096  # the pretraining context YaRN extends
+    qk_norm: Literal["none", "rms", "l2"] = "none"  # per-head q/k norm (Qwen3: rms, Llama 4: l2)
+    mla: MLAConfig | None = None
+    sparse: SparseConfig | None = None
+
+    def layer(self, index: int) -> tuple[str, str]:
+        """(attention kind, position kind) of layer `index`."""
+        kinds, positions = self.pattern.split(","), self.positions.split(",")
+        return kinds[index % len(kinds)], positions[index % len(positions)]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer."""
@@ -78,6 +150,7 @@ class ModelConfig:
     # With mesh.context > 1: "ring" attention or the "all_gather" K/V baseline.
     context_parallel: Literal["ring", "all_gather"] = "ring"
     moe: MoEConfig | None = None  # None: every layer is a dense SwiGLU
+    attention: AttentionConfig = AttentionConfig()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -276,6 +349,41 @@ def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
     )
 
 
+def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
+    """Checks the `model.attention` section."""
+    for field, text, choices in (("pattern", a.pattern, ATTENTION_KINDS),
+                                 ("positions", a.positions, POSITION_KINDS)):
+        for kind in text.split(","):
+            _require(kind in choices, f"model.attention.{field}",
+                     f"{kind!r} in {text!r} is not one of {list(choices)}")
+    for name in ("window", "chunk", "stride", "block_size", "rope_original_len"):
+        value = getattr(a, name)
+        _require(value > 0, f"model.attention.{name}", f"must be positive, got {value}")
+    _require(a.rope_factor >= 1, "model.attention.rope_factor",
+             f"extends the context, so must be >= 1, got {a.rope_factor}")
+    _require("sparse" not in a.pattern or a.sparse is not None, "model.attention.sparse",
+             "the pattern has sparse layers; set the indexer, "
+             "e.g. model.attention.sparse.top_k=64")
+    if a.sparse is not None:
+        for name in ("top_k", "indexer_heads", "indexer_head_dim"):
+            value = getattr(a.sparse, name)
+            _require(value > 0, f"model.attention.sparse.{name}", f"must be positive, got {value}")
+        _require(a.sparse.loss_weight >= 0, "model.attention.sparse.loss_weight", "must be >= 0")
+    if a.mla is not None:
+        mla = a.mla
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            value = getattr(mla, name)
+            _require(value > 0, f"model.attention.mla.{name}", f"must be positive, got {value}")
+        _require(mla.q_lora_rank is None or mla.q_lora_rank > 0,
+                 "model.attention.mla.q_lora_rank", "must be positive or None")
+        _require(mla.qk_rope_head_dim % 2 == 0, "model.attention.mla.qk_rope_head_dim",
+                 "RoPE needs an even dimension")
+        _require(model.num_kv_heads == model.num_heads, "model.num_kv_heads",
+                 "MLA gives every head its own key and value; set num_kv_heads=num_heads")
+        _require(a.qk_norm == "none", "model.attention.qk_norm",
+                 "MLA normalises its latents instead; set qk_norm=none")
+
+
 def _validate_grpo(g: GRPOConfig) -> None:
     """Checks the `grpo` section."""
     _require(
@@ -318,6 +426,7 @@ def validate(config: Config) -> Config:
     _require(m.resolved_head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
     if m.moe is not None:
         _validate_moe(m.moe, m.num_layers)
+    _validate_attention(m.attention, m)
     sizes = config.mesh.shape
     _require(
         list(sizes.values()).count(-1) <= 1,
@@ -333,6 +442,13 @@ def validate(config: Config) -> Config:
         t.batch_size % t.grad_accum == 0,
         "train.grad_accum",
         f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}",
+    )
+    a = m.attention
+    _require(
+        a.kernel != "blockwise" or t.seq_len % min(a.block_size, t.seq_len) == 0,
+        "train.seq_len",
+        f"{t.seq_len} must be a multiple of model.attention.block_size={a.block_size} for "
+        "the blockwise kernel",
     )
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
@@ -524,22 +640,26 @@ def to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    """The dataclass `cls` from a dict, building its nested sections (and `Section | None`)
+    from their dicts. Fields the dict lacks keep their defaults: configs saved before a field
+    existed still load."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        options = [a for a in (hints[key], *typing.get_args(hints[key]))
+                   if dataclasses.is_dataclass(a)]
+        kwargs[key] = _build(options[0], value) if options and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Inverse of `to_dict`, for configs read back from a workdir."""
-    sections = {
-        "model": ModelConfig,
-        "mesh": MeshConfig,
-        "data": DataConfig,
-        "train": TrainConfig,
-        "checkpoint": CheckpointConfig,
-        "grpo": GRPOConfig,
-    }
-    kwargs = {k: sections[k](**v) if k in sections and v is not None else v
-              for k, v in data.items()}
-    if kwargs.get("model") and isinstance(kwargs["model"].moe, dict):
-        kwargs["model"] = dataclasses.replace(kwargs["model"], moe=MoEConfig(**kwargs["model"].moe))
-    return validate(Config(**kwargs))
+    return validate(_build(Config, data))
 
 
 def save(config: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    """Writes `config` as JSON to `path`, a local path or a gs:// URL."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(config), indent=2) + "\n")

@@ -7,14 +7,14 @@
 5. sweep thinking budgets and self-consistency votes on the final model.
 
 Everything lands in the workdir: `pretrain/` and `grpo/` runs (checkpoints, TensorBoard,
-JSONL, plots), `sweep/`, `accuracy.png` and `demo.md` with the before/after table.
+JSONL, plots), `sweep/`, `accuracy.png` and `demo.md` with the before/after table. The
+workdir may be local or gs://.
 """
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
 import jax
+from etils import epath
 
 from jaxllm import config as config_lib
 from jaxllm.data.readers import reasoning_problems
@@ -24,6 +24,7 @@ from jaxllm.plot import plot_run
 from jaxllm.rl import sweep
 from jaxllm.rl.evaluate import evaluate
 from jaxllm.rl.loop import grpo
+from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.loop import pretrain
 from jaxllm.train.run import load_run
 
@@ -46,7 +47,7 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
             log_every=50, eval_every=100,
         ),
         checkpoint=config_lib.CheckpointConfig(every=200),
-        workdir=str(Path(workdir) / "pretrain"),
+        workdir=str(workdir_lib.path(workdir, "pretrain")),
     )
     rl = config_lib.Config(
         model=model,
@@ -57,7 +58,7 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
         ),
         grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=48, eval_every=20),
         checkpoint=config_lib.CheckpointConfig(every=30),
-        workdir=str(Path(workdir) / "grpo"),
+        workdir=str(workdir_lib.path(workdir, "grpo")),
         init_from=pre.workdir,
     )
     return pre, rl
@@ -85,7 +86,7 @@ def accuracy(workdir: str, problems, temperature: float, max_new_tokens: int) ->
                     max_new_tokens=max_new_tokens)
 
 
-def accuracy_plot(before: dict, after: dict, path: Path) -> Path:
+def accuracy_plot(before: dict, after: dict, path: epath.Path) -> epath.Path:
     """Bars of held-out accuracy per task family, before and after GRPO."""
     from matplotlib.figure import Figure
 
@@ -98,8 +99,7 @@ def accuracy_plot(before: dict, after: dict, path: Path) -> Path:
     axes.set_xticks(list(xs), [k.removeprefix("accuracy/") or k for k in keys])
     axes.set(ylabel="held-out accuracy (test split)", title="Accuracy before and after GRPO")
     axes.legend()
-    figure.savefig(path, dpi=100)
-    return path
+    return workdir_lib.save_figure(figure, path)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -119,8 +119,7 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
     pre, rl = configs(workdir)
     pre = config_lib.apply_overrides(pre, pre_overrides)
     rl = config_lib.apply_overrides(rl, rl_overrides)
-    out = Path(workdir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = workdir_lib.path(workdir)
 
     log("== 1/5 pretraining on the offline reasoning corpus")
     pretrain(pre, log=log)
@@ -143,7 +142,6 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
     sampler = Sampler(model, state.params, load_tokenizer(config.data.tokenizer))
     rows = sweep.sweep(sampler, problems[:SWEEP_PROBLEMS], efforts=sweep.budgets(SWEEP_BUDGETS),
                        votes=(1, 4, 16), max_new_tokens=length, rng=jax.random.key(2), log=log)
-    (out / "sweep").mkdir(exist_ok=True)
     sweep.plot(rows, out / "sweep" / "sweep.png")
     plot_run(rl.workdir)
     accuracy_plot(results["pretrained, sampled (T=1)"], results["after GRPO, sampled (T=1)"],
@@ -155,8 +153,9 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
         f"Thinking budget x votes on {len(problems[:SWEEP_PROBLEMS])} test problems:",
         sweep.table(rows),
     ])
-    (out / "demo.md").write_text(summary + "\n")
-    (out / "demo.json").write_text(json.dumps({"accuracy": results, "sweep": rows}, indent=2))
+    workdir_lib.write_text(out / "demo.md", summary + "\n")
+    workdir_lib.write_text(out / "demo.json",
+                           json.dumps({"accuracy": results, "sweep": rows}, indent=2))
     log(summary)
     before = results["pretrained, sampled (T=1)"]["accuracy"]
     after = results["after GRPO, sampled (T=1)"]["accuracy"]

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+from etils import epath
 from matplotlib.figure import Figure
 
+from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.metrics import read_jsonl
 
 # file name -> (title, y label, [(metric, legend label)], log scale)
@@ -22,18 +24,17 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
-def plot_run(workdir: str | Path) -> list[Path]:
+def plot_run(workdir: str | Path) -> list[epath.Path]:
     """Writes `workdir/plots/{loss,learning_rate,throughput,reward}.png`, those the run has
-    metrics for; returns their paths.
+    metrics for; returns their paths. The workdir may be local or gs://.
 
     Uses matplotlib's Agg canvas directly, so no display and no pyplot state are involved.
     """
-    path = Path(workdir) / "metrics.jsonl"
+    path = workdir_lib.path(workdir, "metrics.jsonl")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
     records = read_jsonl(path)
-    out = Path(workdir) / "plots"
-    out.mkdir(exist_ok=True)
+    out = workdir_lib.path(workdir, "plots")
     written = []
     for name, (title, ylabel, curves, log_scale) in PLOTS.items():
         if not any(key in r for r in records for key, _ in curves):
@@ -51,6 +52,5 @@ def plot_run(workdir: str | Path) -> list[Path]:
         axes.grid(alpha=0.3)
         if len(curves) > 1:
             axes.legend()
-        figure.savefig(out / name, dpi=100)
-        written.append(out / name)
+        written.append(workdir_lib.save_figure(figure, out / name))
     return written

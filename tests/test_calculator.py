@@ -37,6 +37,27 @@ def test_mixtral_matches_published_totals(preset, total, active):
     assert sum(used.values()) == pytest.approx(active, rel=0.01)
 
 
+@pytest.mark.parametrize("preset, total, active, embedding_active", [
+    (presets.deepseek_v3, 671e9, 36.6e9, False),  # DeepSeek counts leave out the embedding
+    (presets.kimi_k2, 1026.4e9, 31.7e9, False),
+    (presets.llama4_scout, 107.77e9, 17.17e9, True),  # text-only
+    (presets.llama4_maverick, 400e9, 17.19e9, True),
+    (presets.qwen3_235b_a22b, 235e9, 22.19e9, True),
+    (presets.qwen3_30b_a3b, 30.53e9, 3.35e9, True),
+])
+def test_published_totals_and_active_counts(preset, total, active, embedding_active):
+    counts, used = calculator.param_counts(preset())
+    assert sum(counts.values()) == pytest.approx(total, rel=0.01)
+    active_count = sum(used.values()) - (0 if embedding_active else used["embedding"])
+    assert active_count == pytest.approx(active, rel=0.01)
+
+
+def test_mla_presets_cache_the_latent_and_rope_key_only():
+    """576 bf16 values per token per layer for DeepSeek-V3; 2 x 8 x 128 for Llama-3-8B."""
+    assert calculator.kv_cache_bytes_per_token(presets.deepseek_v3()) == 61 * 576 * 2
+    assert calculator.kv_cache_bytes_per_token(presets.llama3_8b()) == 32 * 2048 * 2
+
+
 def test_categories_follow_the_worked_mixtral_formula():
     """REFERENCES.md: V h + V h + h + L [attention + 2h + h E + E 3 h I]."""
     cfg = presets.mixtral_8x7b()
@@ -153,3 +174,14 @@ def test_cli_prints_a_table_and_json(capsys):
     assert json.loads(capsys.readouterr().out)["flops"] == 1e21
     assert cli.main(["params", "no_such_model"]) == 2
     assert "no_such_model" in capsys.readouterr().err
+
+
+def test_preset_table_rows_and_fit():
+    rows = calculator.preset_rows(["llama3_8b", "mixtral_8x22b"])
+    assert [r["preset"] for r in rows] == ["llama3_8b", "mixtral_8x22b"]
+    llama, mixtral = rows
+    assert llama["total"] == 8_030_261_248 and llama["mesh"] == "fsdp=256, expert=1"
+    assert llama["fits_v5e"] and llama["fits_v5p"]
+    assert mixtral["mesh"] == "fsdp=32, expert=8"
+    assert not mixtral["fits_v5e"] and mixtral["fits_v5p"]  # 18 GiB per chip
+    assert "| llama3_8b | 8.03B |" in calculator.format_presets(rows)

@@ -76,19 +76,24 @@ def cached_and_full_logits(model, variables, prompts, lengths, continuation, ful
     return cached, model.apply(variables, full_tokens)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_cached_decode_logits_match_full_recompute_at_every_step(name):
-    model = Transformer(CONFIGS[name])
-    variables = random_variables(model)
-    steps = 5
+def cached_and_recomputed(model, variables, steps: int = 5):
+    """Teacher-forced decoding of PROMPTS plus `steps` random tokens: the cached logits
+    before each continuation token and the full forward pass's at the same places, both
+    [steps, B, V]."""
     continuation = np.asarray(jax.random.randint(jax.random.key(2), (len(PROMPTS), steps), 0, 256))
     rows = [p + list(c) for p, c in zip(PROMPTS, continuation)]
     tokens, lengths = left_pad(PROMPTS, pad_id=0)
     cached, full = cached_and_full_logits(
         model, variables, tokens, lengths, continuation, right_padded(rows, max(map(len, rows)))
     )
-    for i in range(steps):
-        np.testing.assert_allclose(cached[i], full[np.arange(len(rows)), lengths + i - 1], atol=1e-5)
+    expected = np.stack([full[np.arange(len(rows)), lengths + i - 1] for i in range(steps)])
+    return np.asarray(cached), expected
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cached_decode_logits_match_full_recompute_at_every_step(name):
+    model = Transformer(CONFIGS[name])
+    np.testing.assert_allclose(*cached_and_recomputed(model, random_variables(model)), atol=1e-5)
 
 
 def greedy_reference(model, variables, prompts, steps):

@@ -209,7 +209,8 @@ def test_matmul_params_count_only_the_chosen_experts():
     assert matmul_params(cfg, count) == want
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v32", "llama4", "kimi",
+                                    "qwen3"])
 def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     assert config.model.moe is not None
@@ -218,7 +219,8 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v32", "llama4", "kimi",
+                                    "qwen3"])
 def test_each_tiny_moe_experiment_learns(family):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     config = config_lib.apply_overrides(config, [
@@ -230,3 +232,5 @@ def test_each_tiny_moe_experiment_learns(family):
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last < 0.6 * first, (first, last)
     assert history[-1]["moe/aux_loss"] >= 0 and history[-1]["moe/layer_1/dropped_fraction"] == 0
+    if config.model.attention.sparse is not None:  # the indexer learns to follow attention
+        assert history[-1]["indexer_loss"] < history[0]["indexer_loss"]

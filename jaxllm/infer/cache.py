@@ -3,8 +3,12 @@
 Prompts are left-padded into slots 0 .. P-1 of the cache, so every row writes its next
 token to the same slot; each row's positions start at 0 on its first real token. The cache
 itself is the model's "cache" collection: each attention layer owns the variables of its
-own layout (MHA/GQA/MQA: `cached_key`, `cached_value` [B, L, K, D] and `cache_index`),
-stacked over a leading layers axis where the decoder is scanned.
+own layout, stacked over a leading layers axis where the decoder is scanned:
+
+- MHA/GQA/MQA: `cached_key`, `cached_value` [B, L, K, D] and `cache_index`;
+- sliding-window layers: a ring of `window` slots, plus `cached_positions`;
+- MLA: the latent `cached_latent` [B, L, kv_lora_rank] and `cached_rope_key`;
+- DeepSeek sparse attention: the indexer's own `cached_key` besides the layer's.
 """
 
 from collections.abc import Sequence

@@ -1,25 +1,43 @@
 """Flax Linen modules. Each is pure: init + apply over a params pytree, no I/O."""
 
-from jaxllm.nn.attention import Attention, cache_mask, causal_segment_mask, dot_product_attention
+from jaxllm.nn.attention import (
+    Attention,
+    attend,
+    cache_positions,
+    causal_segment_mask,
+    dot_product_attention,
+)
+from jaxllm.nn.blockwise import blockwise_attention
+from jaxllm.nn.masks import Mask
+from jaxllm.nn.mla import MLAttention
 from jaxllm.nn.mlp import SwiGLU
 from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
-from jaxllm.nn.positions import apply_rope
+from jaxllm.nn.positions import RopeScaling, alibi_slopes, apply_rope
 from jaxllm.nn.ring import all_gather_attention, ring_attention
+from jaxllm.nn.sparse import Indexer, sparse_attention
 from jaxllm.nn.transformer import Block, Decoder, Transformer
 
 __all__ = [
     "Attention",
     "Block",
     "Decoder",
+    "Indexer",
+    "MLAttention",
+    "Mask",
     "MoE",
     "RMSNorm",
+    "RopeScaling",
     "SwiGLU",
     "Transformer",
+    "alibi_slopes",
     "all_gather_attention",
     "apply_rope",
-    "cache_mask",
+    "attend",
+    "blockwise_attention",
+    "cache_positions",
     "causal_segment_mask",
     "dot_product_attention",
     "ring_attention",
+    "sparse_attention",
 ]

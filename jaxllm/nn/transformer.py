@@ -1,5 +1,7 @@
 """The decoder-only transformer: pre-norm blocks, scanned over layers."""
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,9 +9,12 @@ import jax.numpy as jnp
 from jaxllm.config import ModelConfig
 from jaxllm.nn.attention import Attention
 from jaxllm.nn.linear import Einsum
+from jaxllm.nn.masks import Mask
+from jaxllm.nn.mla import MLAttention
 from jaxllm.nn.mlp import SwiGLU
 from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
+from jaxllm.nn.positions import RopeScaling
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -31,16 +36,41 @@ def moe_layers(config: ModelConfig) -> tuple[bool, ...]:
     return tuple(i >= first and (i - first + 1) % every == 0 for i in range(config.num_layers))
 
 
-def layer_segments(config: ModelConfig) -> list[tuple[str, tuple[bool, ...], int]]:
-    """The stack as scanned segments: (name, the MoE pattern of one layer group, repeats)."""
-    moe = config.moe
-    if moe is None:
-        return [("layers", (False,), config.num_layers)]
-    first, every = moe.first_dense_layers, moe.moe_every
-    segments = [("dense_layers", (False,), first)] if first else []
-    if config.num_layers > first:
-        group = (False,) * (every - 1) + (True,)
-        segments.append(("layers", group, (config.num_layers - first) // every))
+class LayerKind(NamedTuple):
+    """What one layer is: MoE or dense feed-forward, its attention pattern and positions."""
+
+    moe: bool
+    attention: str = "global"
+    position: str = "rope"
+
+
+def layer_kinds(config: ModelConfig) -> tuple[LayerKind, ...]:
+    """Each layer's kind, from the MoE placement and the attention patterns."""
+    return tuple(LayerKind(moe, *config.attention.layer(i))
+                 for i, moe in enumerate(moe_layers(config)))
+
+
+def _period(kinds: tuple[LayerKind, ...]) -> int:
+    """The shortest group of layers that repeats exactly over `kinds`."""
+    n = len(kinds)
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))
+
+
+def layer_segments(config: ModelConfig) -> list[tuple[str, tuple[LayerKind, ...], int]]:
+    """The stack as scanned segments: (name, the kinds of one layer group, repeats).
+
+    The first dense layers of a DeepSeek-style stack form `dense_layers`, the rest `layers`;
+    each is scanned over its shortest repeating group, e.g. 4 layers for Llama 4's three
+    chunked RoPE layers and one global NoPE layer.
+    """
+    kinds = layer_kinds(config)
+    first = config.moe.first_dense_layers if config.moe else 0
+    segments = []
+    for name, part in (("dense_layers", kinds[:first]), ("layers", kinds[first:])):
+        if part:
+            period = _period(part)
+            segments.append((name, part[:period], len(part) // period))
     return segments
 
 
@@ -61,6 +91,25 @@ def layer_number(config: ModelConfig, path: tuple[str, ...], index: int) -> int:
     raise KeyError(f"no layer segment {path[0]!r}")
 
 
+def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Module:
+    """The attention module of a layer of `kind`."""
+    a = config.attention
+    mask = Mask(kind.attention, a.window, a.chunk, a.stride)
+    scaling = None if a.rope_scaling == "none" else RopeScaling(
+        a.rope_scaling, a.rope_factor, a.rope_original_len)
+    if a.mla is not None:
+        return MLAttention(
+            config.num_heads, a.mla, config.rope_theta, compute_dtype(config), decode,
+            config.context_parallel, mask, kind.position, scaling, a.kernel, a.block_size,
+            config.norm_eps, a.sparse, name="attn",
+        )
+    return Attention(
+        config.num_heads, config.num_kv_heads, config.resolved_head_dim, config.rope_theta,
+        compute_dtype(config), decode, config.context_parallel, mask, kind.position, scaling,
+        a.kernel, a.block_size, a.qk_norm, a.sparse, name="attn",
+    )
+
+
 class Block(nn.Module):
     """x + Attention(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)), or h + MoE(RMSNorm(h)).
 
@@ -68,20 +117,17 @@ class Block(nn.Module):
     """
 
     config: ModelConfig
-    use_moe: bool = False
+    kind: LayerKind = LayerKind(moe=False)
     decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
         cfg, dtype = self.config, compute_dtype(self.config)
         h = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x)
-        h = Attention(
-            cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.rope_theta, dtype,
-            self.decode, cfg.context_parallel, name="attn",
-        )(h, positions, segment_ids)
+        h = attention_layer(cfg, self.kind, self.decode)(h, positions, segment_ids)
         x = x + h
         h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
-        if self.use_moe:
+        if self.kind.moe:
             h = MoE(cfg.moe, dtype, name="moe")(h)
         else:
             h = SwiGLU(cfg.mlp_dim, dtype, name="mlp")(h)
@@ -90,17 +136,17 @@ class Block(nn.Module):
 
 
 class LayerGroup(nn.Module):
-    """Consecutive blocks `block_0 ...`, MoE where `pattern` is True: the unit a scan repeats
-    when dense and MoE layers alternate."""
+    """Consecutive blocks `block_0 ...` of the given kinds: the unit a scan repeats when
+    layers differ, e.g. dense and MoE layers alternating."""
 
     config: ModelConfig
-    pattern: tuple[bool, ...]
+    kinds: tuple[LayerKind, ...]
     decode: bool = False
 
     @nn.compact
     def __call__(self, x, positions, segment_ids):
-        for i, use_moe in enumerate(self.pattern):
-            block = Block(self.config, use_moe, self.decode, name=f"block_{i}")
+        for i, kind in enumerate(self.kinds):
+            block = Block(self.config, kind, self.decode, name=f"block_{i}")
             x, _ = block(x, positions, segment_ids)
         return x, None
 
@@ -127,18 +173,19 @@ class Decoder(nn.Module):
     def __call__(self, x, positions, segment_ids):
         cfg = self.config
         if not cfg.scan_layers:
-            for i, use_moe in enumerate(moe_layers(cfg)):
-                block = self._remat(Block)(cfg, use_moe, self.decode, name=f"layers_{i}")
+            for i, kind in enumerate(layer_kinds(cfg)):
+                block = self._remat(Block)(cfg, kind, self.decode, name=f"layers_{i}")
                 x, _ = block(x, positions, segment_ids)
             return x
-        for name, pattern, repeats in layer_segments(cfg):
-            if len(pattern) == 1:
-                unit, args = Block, (cfg, pattern[0], self.decode)
+        for name, kinds, repeats in layer_segments(cfg):
+            if len(kinds) == 1:
+                unit, args = Block, (cfg, kinds[0], self.decode)
             else:
-                unit, args = LayerGroup, (cfg, pattern, self.decode)
+                unit, args = LayerGroup, (cfg, kinds, self.decode)
             stack = nn.scan(
                 self._remat(unit),
-                variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0, "cache": 0},
+                variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0,
+                               "attention_metrics": 0, "cache": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=repeats,

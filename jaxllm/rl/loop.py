@@ -26,6 +26,7 @@ from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
 from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout
 from jaxllm.rl.step import batch_shardings, jit_grpo_step, jit_logprobs
+from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import checkpointer
 from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
@@ -140,8 +141,7 @@ def grpo(
         state = load_pretrained(config.init_from, state, config, tx)
         log(f"starting from the weights in {config.init_from}")
     if config.workdir:
-        Path(config.workdir).mkdir(parents=True, exist_ok=True)
-        config_lib.save(config, Path(config.workdir) / "config.json")
+        workdir_lib.save_config(config, config.workdir)
 
     with parallel.use_mesh(mesh):
         step_fn = jit_grpo_step(model, tx, rl, learning_rate_schedule(cfg), mesh, shardings)
@@ -155,7 +155,9 @@ def grpo(
     prompts_per_step = cfg.batch_size // rl.group_size
     writer = MetricsWriter(config.workdir, start)
     progress = Progress(cfg.steps, start, log)
-    samples_log = Path(config.workdir) / "samples.txt" if config.workdir else None
+    samples_log = None
+    if config.workdir and jax.process_index() == 0:  # a remote run's earlier samples first
+        samples_log = workdir_lib.pull(config.workdir, "samples.txt")
     history = []
     with parallel.use_mesh(mesh), stop_on_sigterm() as sigterm:
         try:
@@ -205,7 +207,7 @@ def grpo(
                                         max_new_tokens=rl.max_completion_len)
                     record.update({f"eval/{k}": v for k, v in accuracy.items()})
                     _write_samples(samples_log, step, ro)
-                writer.write(record)
+                writer.write(record)  # also copies the samples log to a remote workdir
                 history.append(record)
                 if step == start + 1 or step % cfg.log_every == 0 or final:
                     progress.write(format_line(record, cfg.steps))
@@ -235,7 +237,8 @@ def _columns(problems: list[tasks.Problem], group_size: int) -> dict[str, list]:
 
 
 def _write_samples(path: Path | None, step: int, ro: Rollout, count: int = 4) -> None:
-    """Appends a few prompts and their completions to the run's samples log."""
+    """Appends a few prompts and their completions to the run's samples log (in the local
+    mirror of a remote workdir, which the next `MetricsWriter.write` copies)."""
     if path is None or jax.process_index() != 0:
         return
     with open(path, "a") as f:

@@ -4,11 +4,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+from etils import epath
 
 from jaxllm.data import tasks
 from jaxllm.infer import Sampler
 from jaxllm.infer import effort as effort_lib
 from jaxllm.rl.evaluate import evaluate
+from jaxllm.train import workdir as workdir_lib
 
 
 def budgets(spec: str) -> dict[str, effort_lib.Effort]:
@@ -60,7 +62,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str | Path) -> Path:
+def plot(rows: list[dict], path: str | Path | epath.Path) -> epath.Path:
     """Accuracy against mean thinking tokens (one line per vote count) and against votes
     (one line per effort level), side by side in one PNG."""
     from matplotlib.figure import Figure
@@ -83,7 +85,4 @@ def plot(rows: list[dict], path: str | Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return workdir_lib.save_figure(figure, path)  # a local or a gs:// path

@@ -5,7 +5,6 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -17,6 +16,7 @@ from jaxllm.data import make_source
 from jaxllm.nn import Transformer
 from jaxllm.nn.context_order import permutation, to_context_order
 from jaxllm.train import flops
+from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import checkpointer
 from jaxllm.train.evaluate import evaluate, jit_eval_step
 from jaxllm.train.metrics import MetricsWriter, format_eval_line
@@ -49,11 +49,13 @@ def context_ordered(batches: Iterator[dict], mesh: Mesh, order: str) -> Iterator
 
 
 class _Trace:
-    """A `jax.profiler` trace of steps profile_start .. profile_start + profile_steps - 1."""
+    """A `jax.profiler` trace of steps profile_start .. profile_start + profile_steps - 1,
+    in `workdir/profile` (traced into the local mirror of a remote workdir, then copied)."""
 
     def __init__(self, cfg: config_lib.TrainConfig, workdir: str | None):
         self.first, self.last = cfg.profile_start, cfg.profile_start + cfg.profile_steps - 1
-        self.directory = str(Path(workdir) / "profile") if workdir else None
+        self.workdir = workdir
+        self.directory = str(workdir_lib.local_dir(workdir) / "profile") if workdir else None
         self.enabled, self.active = cfg.profile_steps > 0, False
 
     def before(self, step: int) -> None:
@@ -70,6 +72,7 @@ class _Trace:
             jax.block_until_ready(outputs)
             jax.profiler.stop_trace()
             self.active = False
+            workdir_lib.sync(self.workdir)
 
     def __enter__(self) -> "_Trace":
         return self
@@ -153,8 +156,7 @@ def pretrain(
         if start:
             log(f"resumed from the checkpoint at step {start} in {checkpoints.directory}")
         if config.workdir:
-            Path(config.workdir).mkdir(parents=True, exist_ok=True)
-            config_lib.save(config, Path(config.workdir) / "config.json")
+            workdir_lib.save_config(config, config.workdir)
         if start >= cfg.steps:
             log(f"nothing to do: the run already reached train.steps={cfg.steps}")
             return []

@@ -1,14 +1,18 @@
 """Run logs: a line per log step, JSONL and TensorBoard events in the workdir.
 
 Only process 0 writes, so a multi-host run logs once. A resumed run first drops what the
-previous run logged past the resumed step, so the logs read as one uninterrupted run.
+previous run logged past the resumed step, so the logs read as one uninterrupted run. A
+remote (gs://) workdir gets both logs through a local mirror, copied after each flush.
 """
 
 import json
 from pathlib import Path
 
 import jax
+from etils import epath
 from tensorboardX import SummaryWriter
+
+from jaxllm.train import workdir as workdir_lib
 
 
 def format_line(metrics: dict, total_steps: int) -> str:
@@ -31,7 +35,7 @@ def format_eval_line(metrics: dict) -> str:
     )
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path | epath.Path) -> list[dict]:
     """The records of a metrics.jsonl file, in order.
 
     A last line without its newline, cut short by a killed process, is left out.
@@ -49,7 +53,8 @@ def _truncate(path: Path, last_step: int) -> None:
 
 
 class MetricsWriter:
-    """Writes metrics to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`.
+    """Writes metrics to `workdir/metrics.jsonl` and TensorBoard events in `workdir/tb`,
+    through `workdir_lib.local_dir` and `sync` for a remote workdir.
 
     `start_step` is the step a run starts after (0, or the resumed checkpoint's step):
     records past it are dropped from the JSONL, and TensorBoard is told to purge them.
@@ -59,10 +64,12 @@ class MetricsWriter:
         self.enabled = workdir is not None and jax.process_index() == 0
         if not self.enabled:
             return
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        _truncate(Path(workdir) / "metrics.jsonl", start_step)
-        self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")
-        self.tensorboard = SummaryWriter(str(Path(workdir) / "tb"), purge_step=start_step + 1)
+        self.workdir = workdir
+        jsonl = workdir_lib.pull(workdir, "metrics.jsonl")  # a remote run's earlier lines
+        _truncate(jsonl, start_step)
+        self.jsonl = open(jsonl, "a")
+        local = workdir_lib.local_dir(workdir)
+        self.tensorboard = SummaryWriter(str(local / "tb"), purge_step=start_step + 1)
 
     def write(self, metrics: dict) -> None:
         if not self.enabled:
@@ -73,8 +80,10 @@ class MetricsWriter:
             if key != "step":
                 self.tensorboard.add_scalar(key, value, metrics["step"])
         self.tensorboard.flush()
+        workdir_lib.sync(self.workdir)
 
     def close(self) -> None:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+            workdir_lib.sync(self.workdir)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+from etils import epath
 
 from jaxllm import config as config_lib
 from jaxllm import parallel
@@ -15,8 +16,8 @@ from jaxllm.train.state import TrainState, init_state
 
 
 def read_config(workdir: str | Path) -> config_lib.Config:
-    """The resolved config a run saved in `workdir/config.json`."""
-    path = Path(workdir) / "config.json"
+    """The resolved config a run saved in `workdir/config.json`, local or gs://."""
+    path = epath.Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; is {workdir} the workdir of a run?")
     return config_lib.from_dict(json.loads(path.read_text()))
@@ -24,7 +25,7 @@ def read_config(workdir: str | Path) -> config_lib.Config:
 
 def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Config) -> TrainState:
     """`state` filled from the latest checkpoint in `workdir`, resharded onto its layout."""
-    checkpoints = Checkpointer(Path(workdir) / "checkpoints", config.checkpoint)
+    checkpoints = Checkpointer(epath.Path(workdir) / "checkpoints", config.checkpoint)
     try:
         step = checkpoints.latest_step()
         if step is None:

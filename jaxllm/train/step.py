@@ -28,25 +28,35 @@ def cross_entropy(logits, targets, loss_mask, z_loss: float = 0.0):
     return nll.sum(), z_term.sum(), loss_mask.sum()
 
 
-def _moe_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
-    """(summed loss, (summed nll, tokens, moe_metrics)) of one micro-batch.
+def indexer_loss(attention_metrics) -> jnp.ndarray:
+    """The sparse-attention indexers' KL losses summed over layers (0 without any)."""
+    leaves = jax.tree.leaves(attention_metrics)
+    return sum((x.sum() for x in leaves), jnp.zeros((), jnp.float32))
 
-    The loss is the summed cross-entropy and z-loss plus the MoE layers' aux losses times
-    the token count, so that dividing by the batch's tokens leaves their token-weighted mean.
+
+def _moe_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
+    """(summed loss, (summed nll, tokens, moe_metrics, indexer loss)) of one micro-batch.
+
+    The loss is the summed cross-entropy and z-loss, plus the MoE layers' aux losses and the
+    weighted sparse-attention indexer losses times the token count, so that dividing by the
+    batch's tokens leaves their token-weighted mean.
     """
     logits, sown = model.apply(
         {"params": params, "moe_bias": moe_bias},
         batch["inputs"], batch["positions"], batch["segment_ids"],
-        mutable=["moe_metrics"],
+        mutable=["moe_metrics", "attention_metrics"],
     )
     moe_metrics = sown.get("moe_metrics", {})
+    indexer = indexer_loss(sown.get("attention_metrics", {}))
+    sparse = model.config.attention.sparse
+    aux = moe.aux_loss(moe_metrics) + (sparse.loss_weight * indexer if sparse else 0.0)
     nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
-    return nll + z_term + moe.aux_loss(moe_metrics) * tokens, (nll, tokens, moe_metrics)
+    return nll + z_term + aux * tokens, (nll, tokens, moe_metrics, indexer)
 
 
 def _sums(params, batch, model: nn.Module, z_loss: float):
     """(summed loss, (summed nll, tokens)) of a model without MoE selection biases."""
-    loss, (nll, tokens, _) = _moe_sums(params, {}, batch, model, z_loss)
+    loss, (nll, tokens, *_) = _moe_sums(params, {}, batch, model, z_loss)
     return loss, (nll, tokens)
 
 
@@ -65,27 +75,30 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
     """One optimizer step over `cfg.grad_accum` micro-batches.
 
     The loss is the mean over all masked-in tokens of the whole batch, whatever the number
-    of micro-batches, so accumulation is exact. MoE aux losses join the loss; after the
+    of micro-batches, so accumulation is exact. MoE aux losses and sparse-attention indexer
+    losses join the loss; after the
     update, the MoE selection biases take one aux-loss-free step on the whole batch's load.
     """
     grad_fn = jax.grad(functools.partial(_moe_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
 
     def accumulate(carry, micro_batch):
-        grads, nll, tokens, moe_metrics = carry
-        g, (n, t, m) = grad_fn(state.params, state.moe_bias, micro_batch)
+        grads, nll, tokens, moe_metrics, indexer = carry
+        g, (n, t, m, i) = grad_fn(state.params, state.moe_bias, micro_batch)
         add = functools.partial(jax.tree.map, jnp.add)
-        return (add(grads, g), nll + n, tokens + t, add(moe_metrics, m)), None
+        return (add(grads, g), nll + n, tokens + t, add(moe_metrics, m), indexer + i), None
 
     micro_batches = batch if cfg.grad_accum == 1 else _split_micro_batches(batch, cfg.grad_accum)
     first = batch if cfg.grad_accum == 1 else jax.tree.map(lambda x: x[0], micro_batches)
     moe_shapes = jax.eval_shape(grad_fn, state.params, state.moe_bias, first)[1][2]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     scalar = jnp.zeros((), jnp.float32)
-    init = (zeros, scalar, scalar, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes))
+    moe_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
+    init = (zeros, scalar, scalar, moe_zeros, scalar)
     if cfg.grad_accum == 1:
-        (grads, nll, tokens, moe_metrics), _ = accumulate(init, batch)
+        (grads, nll, tokens, moe_metrics, indexer), _ = accumulate(init, batch)
     else:
-        (grads, nll, tokens, moe_metrics), _ = jax.lax.scan(accumulate, init, micro_batches)
+        (grads, nll, tokens, moe_metrics, indexer), _ = jax.lax.scan(
+            accumulate, init, micro_batches)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     metrics = {
@@ -95,6 +108,8 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
         "tokens": tokens,
         **moe.step_metrics(model.config, moe_metrics, cfg.grad_accum),
     }
+    if model.config.attention.sparse is not None:
+        metrics["indexer_loss"] = indexer / cfg.grad_accum
     return apply_gradients(state, grads, moe_metrics, model=model, tx=tx), metrics
 
 

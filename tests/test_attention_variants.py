@@ -13,7 +13,7 @@ import pytest
 from helpers import tiny_model
 from jaxllm import config as config_lib
 from jaxllm.config import AttentionConfig, ConfigError
-from jaxllm.nn import Mask, Transformer, alibi_slopes, attend, blockwise_attention
+from jaxllm.nn import Mask, Transformer, alibi_slopes, attend
 from jaxllm.nn.attention import row_indices
 from jaxllm import MeshConfig, calculator, presets
 from jaxllm.infer import init_cache
@@ -62,9 +62,12 @@ def qkv(seed=0):
     return tuple(jax.random.normal(key, (B, S, h, D)) for key, h in zip(keys, (H, K, K)))
 
 
-@pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
-@pytest.mark.parametrize("kernel", ["naive", "blockwise", "backend"])
-@pytest.mark.parametrize("kind", list(MASKS))
+CASES = [(kind, kernel, False) for kind in MASKS for kernel in ("naive", "blockwise")] + [
+    ("global", "naive", True), ("sliding", "blockwise", True), ("strided", "blockwise", True),
+    ("global", "backend", True), ("chunked", "backend", False)]
+
+
+@pytest.mark.parametrize("kind, kernel, alibi", CASES)
 def test_kernels_equal_the_hand_built_mask_on_values_and_gradients(kind, kernel, alibi):
     slopes = alibi_slopes(H) if alibi else None
     seg = jnp.asarray(SEGMENTS)
@@ -91,18 +94,6 @@ def test_kernels_equal_the_hand_built_mask_on_values_and_gradients(kind, kernel,
     got, want = outputs_and_grads(q, k, v)
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
         np.testing.assert_allclose(x, y, atol=2e-5, err_msg=name)
-
-
-def test_blockwise_skips_nothing_the_mask_allows_at_the_block_edges():
-    """Windows and chunks that are not multiples of the block, and one that is."""
-    seg = jnp.ones((B, S), jnp.int32)
-    idx = row_indices(seg)
-    q, k, v = qkv(1)
-    for mask in (Mask("sliding", window=9), Mask("chunked", chunk=16), Mask("chunked", chunk=5),
-                 Mask("strided", window=3, stride=16)):
-        naive = attend(q, k, v, idx, seg, idx, seg, mask=mask)
-        blockwise = blockwise_attention(q, k, v, seg, mask=mask, block_size=8)
-        np.testing.assert_allclose(blockwise, naive, atol=2e-6, err_msg=str(mask))
 
 
 def _compiled(kernel, length, mask=Mask()):
@@ -235,20 +226,9 @@ def test_bad_attention_config_names_the_field():
 
 
 @pytest.mark.slow
-def test_local_attention_experiment_learns():
-    config = config_lib.load_experiment(ROOT / "experiments" / "tiny_local.py")
-    config = config_lib.apply_overrides(config, [
-        "train.steps=30", "train.warmup_steps=5", "train.batch_size=8", "train.seq_len=64",
-        "train.log_every=10", "workdir=none"])
-    history = pretrain(config, log=lambda line: None)
-    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [  # the others train in their experiments' tests
-    n for n in presets.PRESETS
-    if n.startswith("tiny") and not (ROOT / "experiments" / f"{n}.py").exists()])
-def test_tiny_presets_without_an_experiment_take_a_sharded_train_step(name):
+@pytest.mark.parametrize("name", [  # the other tiny presets train in test_moe_model
+    "tiny_local", "tiny_deepseek_v32", "tiny_qwen3", "tiny_llama4_scout"])
+def test_tiny_presets_take_a_sharded_train_step(name):
     model = presets.PRESETS[name]()
     mesh = MeshConfig(data=2, expert=4) if model.moe else MeshConfig(data=4, fsdp=2)
     config = config_lib.Config(

@@ -219,8 +219,7 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v32", "llama4", "kimi",
-                                    "qwen3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
 def test_each_tiny_moe_experiment_learns(family):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     config = config_lib.apply_overrides(config, [
@@ -232,5 +231,3 @@ def test_each_tiny_moe_experiment_learns(family):
     first, last = history[0]["loss"], history[-1]["loss"]
     assert last < 0.6 * first, (first, last)
     assert history[-1]["moe/aux_loss"] >= 0 and history[-1]["moe/layer_1/dropped_fraction"] == 0
-    if config.model.attention.sparse is not None:  # the indexer learns to follow attention
-        assert history[-1]["indexer_loss"] < history[0]["indexer_loss"]

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from helpers import tiny_model
@@ -137,6 +138,28 @@ def test_the_indexer_is_detached_from_the_lm_and_trains_only_itself(stage):
     for name in ("query", "key", "value", "out"):
         assert np.all(loss_params[name]["kernel"] == 0)
     assert all(np.any(g != 0) for g in jax.tree.leaves(loss_params["indexer"]))
+
+
+def test_gradient_steps_on_the_indexer_loss_lower_it():
+    params, x, _ = inputs()
+    model = layer("dense")
+
+    def loss(indexer):
+        _, sown = model.apply({"params": {**params, "indexer": indexer}}, x, POSITIONS, SEGMENTS,
+                              mutable=["attention_metrics"])
+        return sown["attention_metrics"]["indexer_loss"]
+
+    tx = optax.adam(1e-2)
+
+    def descend(carry, _):
+        indexer, opt_state = carry
+        value, grad = jax.value_and_grad(loss)(indexer)
+        updates, opt_state = tx.update(grad, opt_state)
+        return (optax.apply_updates(indexer, updates), opt_state), value
+
+    start = (params["indexer"], tx.init(params["indexer"]))
+    _, losses = jax.jit(lambda c: jax.lax.scan(descend, c, length=30))(start)
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_select_marks_the_slots_past_a_querys_visible_keys_invalid():

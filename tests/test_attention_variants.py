@@ -63,8 +63,7 @@ def qkv(seed=0):
 
 
 CASES = [(kind, kernel, False) for kind in MASKS for kernel in ("naive", "blockwise")] + [
-    ("global", "naive", True), ("sliding", "blockwise", True), ("strided", "blockwise", True),
-    ("global", "backend", True), ("chunked", "backend", False)]
+    ("sliding", "blockwise", True), ("strided", "naive", True), ("global", "backend", True)]
 
 
 @pytest.mark.parametrize("kind, kernel, alibi", CASES)
@@ -225,11 +224,15 @@ def test_bad_attention_config_names_the_field():
     assert config_lib.from_dict(config_lib.to_dict(config)) == config
 
 
+SPARSE = AttentionConfig(pattern="global,sparse", sparse=config_lib.SparseConfig(
+    top_k=8, indexer_heads=2, indexer_head_dim=8))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [  # the other tiny presets train in test_moe_model
-    "tiny_local", "tiny_deepseek_v32", "tiny_qwen3", "tiny_llama4_scout"])
+@pytest.mark.parametrize("name", [  # tiny_mixtral, deepseek, llama4 and kimi learn in
+    "tiny_local", "tiny_qwen3", "sparse"])  # test_moe_model; "sparse": a DSA layer
 def test_tiny_presets_take_a_sharded_train_step(name):
-    model = presets.PRESETS[name]()
+    model = tiny_model(attention=SPARSE) if name == "sparse" else presets.PRESETS[name]()
     mesh = MeshConfig(data=2, expert=4) if model.moe else MeshConfig(data=4, fsdp=2)
     config = config_lib.Config(
         model=model, mesh=mesh, data=config_lib.DataConfig(source="arithmetic"),
@@ -237,3 +240,5 @@ def test_tiny_presets_take_a_sharded_train_step(name):
                                      eval_every=0, log_every=1))
     (metrics,) = pretrain(config, log=lambda line: None)
     assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    if model.attention.sparse is not None:  # the indexer's loss joins the training loss
+        assert metrics["indexer_loss"] > 0

@@ -133,10 +133,6 @@ def test_strided_flops_scale_like_s_times_window_plus_s_over_stride():
     assert flops("naive", 2048) / flops("naive", 1024) > 3.8
 
 
-def test_alibi_slopes_for_eight_heads_are_halvings():
-    np.testing.assert_array_equal(alibi_slopes(8), [2.0**-k for k in range(1, 9)])
-
-
 LLAMA4 = AttentionConfig(pattern="chunked,chunked,chunked,global", positions="rope,rope,rope,none",
                          chunk=6)
 

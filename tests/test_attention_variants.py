@@ -220,15 +220,11 @@ def test_bad_attention_config_names_the_field():
     assert config_lib.from_dict(config_lib.to_dict(config)) == config
 
 
-SPARSE = AttentionConfig(pattern="global,sparse", sparse=config_lib.SparseConfig(
-    top_k=8, indexer_heads=2, indexer_head_dim=8))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [  # tiny_mixtral, deepseek, llama4 and kimi learn in
-    "tiny_local", "tiny_qwen3", "sparse"])  # test_moe_model; "sparse": a DSA layer
+    "tiny_local", "tiny_qwen3", "tiny_llama4_scout", "tiny_deepseek_v32"])  # test_moe_model
 def test_tiny_presets_take_a_sharded_train_step(name):
-    model = tiny_model(attention=SPARSE) if name == "sparse" else presets.PRESETS[name]()
+    model = presets.PRESETS[name]()
     mesh = MeshConfig(data=2, expert=4) if model.moe else MeshConfig(data=4, fsdp=2)
     config = config_lib.Config(
         model=model, mesh=mesh, data=config_lib.DataConfig(source="arithmetic"),

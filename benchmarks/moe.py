@@ -7,7 +7,7 @@ dense SwiGLU with the same active parameters, in one run.
 1. One layer, T tokens of width d, float32: the gradient of sum(layer(x)) for x and every
    parameter, at (E=8, k=2, expert width 2d) and (E=64, k=6, fine-grained width d/2), for
    - the MoE layer (`jaxllm.nn.moe.MoE`, router included) with each kernel and dispatch:
-     ragged_dot dropless, sorted_einsum dropless (C = T) and sorted_einsum with capacity;
+     ragged_dot dropless, block_sparse dropless and sorted_einsum with capacity;
    - the naive layer: every token through every expert, combined by the one-hot gates;
    - dense-active: one SwiGLU of width k x expert width, the active parameters of a token.
    Median times, ratios to dense-active, XLA cost_analysis FLOPs of each compiled step.
@@ -47,7 +47,7 @@ from jaxllm.train.state import count_params
 # (label, dispatch, kernel) of each MoE variant.
 VARIANTS = (
     ("ragged_dot dropless", "dropless", "ragged_dot"),
-    ("sorted_einsum dropless", "dropless", "sorted_einsum"),
+    ("block_sparse dropless", "dropless", "block_sparse"),
     ("sorted_einsum capacity 1.25", "capacity", "sorted_einsum"),
 )
 

@@ -87,7 +87,7 @@ def value_and_grads(fn, params, x, cotangent):
     )
 
 
-@pytest.mark.parametrize("kernel", ["ragged_dot", "sorted_einsum"])
+@pytest.mark.parametrize("kernel", ["ragged_dot", "block_sparse"])  # sorted_einsum: below
 @pytest.mark.parametrize("name", ROUTINGS)
 def test_dropless_moe_matches_a_loop_over_experts(name, kernel):
     cfg = dataclasses.replace(ROUTINGS[name], kernel=kernel)
@@ -173,11 +173,15 @@ def expert_kernels(num_experts=4, embed=8, hidden=6):
     return wi, wo
 
 
-def test_ragged_dot_and_sorted_einsum_kernels_agree_on_values_and_gradients():
+@pytest.mark.parametrize("routing", ["random", "all_to_one_expert"])
+def test_the_grouped_matmul_kernels_agree_on_values_and_gradients(routing):
+    """block_sparse's worst case is every choice on one expert: the most padding blocks."""
     wi, wo = expert_kernels()
     x = jax.random.normal(jax.random.key(0), (12, 8))
     weights = jax.random.uniform(jax.random.key(1), (12, 2))
     experts = jax.random.randint(jax.random.key(2), (12, 2), 0, 4)
+    if routing == "all_to_one_expert":
+        experts = jnp.stack([jnp.full(12, 3), jnp.where(jnp.arange(12) < 11, 3, 0)], axis=1)
 
     def run(kernel, capacity):
         def loss(x, weights, wi, wo):
@@ -188,11 +192,12 @@ def test_ragged_dot_and_sorted_einsum_kernels_agree_on_values_and_gradients():
 
     for capacity in (12, 3):  # dropless, and dropping
         want = run("ragged_dot", capacity)
-        got = run("sorted_einsum", capacity)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+        for kernel in ("block_sparse", "sorted_einsum"):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         run(kernel, capacity), want)
 
 
-@pytest.mark.parametrize("kernel", ["ragged_dot", "sorted_einsum"])
+@pytest.mark.parametrize("kernel", ["ragged_dot", "block_sparse", "sorted_einsum"])
 def test_capacity_drops_the_choices_past_each_experts_slots(kernel):
     """Six tokens all choose expert 0 first; tokens 0-2 also choose expert 1, tokens 3-5
     expert 2. With 2 slots per expert, expert 0 keeps tokens 0 and 1 and expert 1 tokens

@@ -1,8 +1,11 @@
 """Routed SwiGLU experts: sort token-choices by expert, one grouped matmul, unsort, combine.
 
-Two kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
+Three kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
 matmul" and the CPU measurement below it):
 - "ragged_dot": `jax.lax.ragged_dot` over the sorted rows; for TPU and GPU.
+- "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
+  matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
+  Dropless at most E*B rows of padding; the fast dropless kernel on CPU.
 - "sorted_einsum": the sorted rows scattered into padded [E, C, D] blocks and a batched
   einsum; dense speed on CPU. Dropless when C covers the largest group (C = T always does).
 """
@@ -24,6 +27,35 @@ def ragged_swiglu(x_sorted, group_sizes, wi, wo):
     num_experts, embed, _, hidden = wi.shape
     gate_up = jax.lax.ragged_dot(x_sorted, wi.reshape(num_experts, embed, 2 * hidden), group_sizes)
     return jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, hidden)), wo, group_sizes)
+
+
+def block_size(rows: int, num_experts: int) -> int:
+    """Rows per block: a power of two up to 128, at most rows / E, so padding adds <= 1x."""
+    return max(8, min(128, 1 << max(0, (rows // num_experts).bit_length() - 1)))
+
+
+def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo):
+    """Like `ragged_swiglu`, through blocks of B rows that each belong to one expert.
+
+    The static block count M // B + E covers every routing: sum_e ceil(g_e / B) < M / B + E.
+    Blocks past the last expert's hold zeros and give zeros.
+    """
+    rows, embed = x_sorted.shape
+    num_experts = wi.shape[0]
+    block = block_size(rows, num_experts)
+    num_blocks = rows // block + num_experts
+    blocks = (group_sizes + block - 1) // block
+    block_ends = jnp.cumsum(blocks)
+    group_starts = jnp.cumsum(group_sizes) - group_sizes
+    rank = jnp.arange(rows) - group_starts[sorted_experts]
+    dest = (block_ends - blocks)[sorted_experts] * block + rank  # each row's padded row
+    padded = jnp.zeros((num_blocks * block, embed), x_sorted.dtype)
+    padded = padded.at[dest].set(x_sorted, unique_indices=True).reshape(num_blocks, block, embed)
+    owner = jnp.searchsorted(block_ends, jnp.arange(num_blocks), side="right")
+    owner = jnp.minimum(owner, num_experts - 1)  # [num_blocks] expert of each block
+    hidden = _swiglu(jnp.einsum("bnd,bdgf->bngf", padded, wi[owner]))
+    out = jnp.einsum("bnf,bfd->bnd", hidden, wo[owner])
+    return out.reshape(-1, embed)[dest]
 
 
 def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int):
@@ -49,7 +81,7 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
       weights, experts: [T, K] combine weights and expert ids.
       wi, wo: [E, D, 2, F] and [E, F, D] expert kernels, in the compute dtype.
       capacity: slots per expert; choices past it are dropped. T drops nothing.
-      kernel: "ragged_dot" or "sorted_einsum".
+      kernel: "ragged_dot", "block_sparse" or "sorted_einsum".
 
     Returns:
       ([T, D] output, the fraction of token-choices dropped).
@@ -68,6 +100,8 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     x_sorted = x[order % tokens]  # [K*T, D]
     if kernel == "ragged_dot":
         out = ragged_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
+    elif kernel == "block_sparse":
+        out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
     else:
         out = padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity)
     out = out[jnp.argsort(order)].reshape(k, tokens, -1)  # unsort: [K, T, D]

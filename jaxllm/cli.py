@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--workdir", default="runs/demo")
     demo.add_argument("overrides", nargs="*",
-                      help="pretrain.* / grpo.* overrides, e.g. pretrain.train.steps=100")
+                      help="pretrain.* / rl.* overrides, e.g. pretrain.train.steps=100")
     demo.set_defaults(run=_demo)
 
     plot = commands.add_parser("plot", help="write PNG curves of a run into WORKDIR/plots")

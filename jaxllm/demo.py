@@ -28,7 +28,7 @@ from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.loop import pretrain
 from jaxllm.train.run import load_run
 
-TEST_PROBLEMS = 256  # held-out test problems per accuracy measurement
+TEST_PROBLEMS = 512  # held-out test problems per accuracy measurement
 SWEEP_PROBLEMS = 128
 SWEEP_BUDGETS = "0,4,8,16,32"
 
@@ -43,21 +43,21 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
         model=model,
         data=data,
         train=config_lib.TrainConfig(
-            steps=400, batch_size=32, seq_len=128, learning_rate=3e-3, warmup_steps=40,
+            steps=200, batch_size=32, seq_len=128, learning_rate=3e-3, warmup_steps=40,
             log_every=50, eval_every=100,
         ),
-        checkpoint=config_lib.CheckpointConfig(every=200),
+        checkpoint=config_lib.CheckpointConfig(every=100),
         workdir=str(workdir_lib.path(workdir, "pretrain")),
     )
     rl = config_lib.Config(
         model=model,
         data=data,
         train=config_lib.TrainConfig(
-            steps=60, batch_size=128, seq_len=128, learning_rate=2e-4, warmup_steps=0,
+            steps=120, batch_size=128, seq_len=128, learning_rate=1e-4, warmup_steps=0,
             weight_decay=0.0, log_every=10,
         ),
-        grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=48, eval_every=20),
-        checkpoint=config_lib.CheckpointConfig(every=30),
+        grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=48, eval_every=40),
+        checkpoint=config_lib.CheckpointConfig(every=60),
         workdir=str(workdir_lib.path(workdir, "grpo")),
         init_from=pre.workdir,
     )

@@ -121,6 +121,7 @@ class AttentionConfig:
     rope_factor: float = 1.0
     rope_original_len: int = 4096  # the pretraining context YaRN extends
     qk_norm: Literal["none", "rms", "l2"] = "none"  # per-head q/k norm (Qwen3: rms, Llama 4: l2)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     mla: MLAConfig | None = None
     sparse: SparseConfig | None = None
 
@@ -382,6 +383,8 @@ def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
                  "MLA gives every head its own key and value; set num_kv_heads=num_heads")
         _require(a.qk_norm == "none", "model.attention.qk_norm",
                  "MLA normalises its latents instead; set qk_norm=none")
+        _require(not a.qkv_bias, "model.attention.qkv_bias",
+                 "MLA projections have no biases; set qkv_bias=false")
 
 
 def _validate_grpo(g: GRPOConfig) -> None:

@@ -106,7 +106,7 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
     return Attention(
         config.num_heads, config.num_kv_heads, config.resolved_head_dim, config.rope_theta,
         compute_dtype(config), decode, config.context_parallel, mask, kind.position, scaling,
-        a.kernel, a.block_size, a.qk_norm, a.sparse, name="attn",
+        a.kernel, a.block_size, a.qk_norm, a.sparse, a.qkv_bias, config.norm_eps, name="attn",
     )
 
 

@@ -37,10 +37,23 @@ def hf_config_json(model: config_lib.ModelConfig, kind: str, imported: dict | No
     return {**base, **hf_config.to_hf(model, kind), "dtype": "float32"}
 
 
+def write_hf(variables: dict, model: config_lib.ModelConfig, kind: str, out: str | Path,
+             imported: dict | None = None) -> Path:
+    """Writes our "params" (and "moe_bias") as an HF checkpoint of family `kind` in `out`;
+    `imported` is the config.json the model came from, if any."""
+    hf_config.check_exportable(model, kind)
+    out = Path(out)
+    write_shards(export_variables(variables, model, kind), out)
+    hf = hf_config_json(model, kind, imported)
+    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return out
+
+
 def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
               log: Callable[[str], None] = print) -> Path:
     """Writes the latest checkpoint of `workdir` as an HF checkpoint of family `kind`
-    (default: the family it was imported from) into `out`."""
+    (default: the family it was imported from) into `out`, with the imported tokenizer
+    and chat-template files."""
     workdir, out = Path(workdir), Path(out)
     side = workdir / "hf"
     imported = read_json(side / "config.json") if (side / "config.json").is_file() else None
@@ -50,13 +63,10 @@ def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
             f"{workdir} was not imported from HF; name the family with --family, one of "
             f"{sorted(hf_config.FAMILIES)}")
     config, _, state = load_run(workdir)
-    hf_config.check_exportable(config.model, kind)
-    variables = {"params": state.params, "moe_bias": state.moe_bias}
-    if not variables["moe_bias"]:
-        del variables["moe_bias"]
-    write_shards(export_variables(variables, config.model, kind), out)
-    hf = hf_config_json(config.model, kind, imported)
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    variables = {"params": state.params}
+    if state.moe_bias:
+        variables["moe_bias"] = state.moe_bias
+    write_hf(variables, config.model, kind, out, imported)
     for name in SIDE_FILES:
         if name != "config.json" and (side / name).is_file():
             shutil.copyfile(side / name, out / name)

@@ -62,15 +62,20 @@ class SafetensorsReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """The tensor's shape, read from the file header only."""
-        with safe_open(self._file(name), framework="flax") as f:
+        with safe_open(self._file(name), framework="numpy") as f:
             return tuple(f.get_slice(name).get_shape())
 
-    def get(self, name: str):
-        """The tensor `name` as a float32 jax array (bfloat16 files included)."""
-        with safe_open(self._file(name), framework="flax") as f:
-            tensor = f.get_tensor(name).astype("float32")
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` in float32; bfloat16 goes through JAX, which numpy lacks."""
+        file = self._file(name)
+        with safe_open(file, framework="numpy") as f:
+            bf16 = f.get_slice(name).get_dtype() == "BF16"
+            tensor = None if bf16 else f.get_tensor(name)
+        if bf16:
+            with safe_open(file, framework="flax") as f:
+                tensor = f.get_tensor(name).astype("float32")
         self.read.add(name)
-        return tensor
+        return np.asarray(tensor, np.float32)
 
 
 def write_shards(tensors: Iterable[tuple[str, np.ndarray]], directory: str | Path,

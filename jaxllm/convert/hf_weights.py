@@ -61,7 +61,7 @@ def _heads_out(path: str, name: str, heads: int) -> Rule:
 def _swiglu(prefix: str, gate: str, up: str, down: str, expert=False) -> list[Rule]:
     """SwiGLU: gate and up [F, E] <-> wi [E, 2, F]; down [E, F] <-> wo [F, E]."""
     wi = Rule((f"{prefix}wi{'' if expert else '/kernel'}",), (gate, up),
-              lambda g, u: (jnp.stack([g.T, u.T], axis=1),),
+              lambda g, u: (np.stack([g.T, u.T], axis=1),),
               lambda k: (k[:, 0].T, k[:, 1].T), expert)
     wo = _one(f"{prefix}wo{'' if expert else '/kernel'}", down, lambda w: w.T, lambda k: k.T,
               expert)
@@ -109,7 +109,7 @@ def _mla_rules(cfg: ModelConfig, interleaved: bool) -> list[Rule]:
         _one("params/attn/kv_norm/scale", "self_attn.kv_a_layernorm.weight"),
         Rule(("params/attn/key_up/kernel", "params/attn/value_up/kernel"),
              ("self_attn.kv_b_proj.weight",),
-             lambda w: tuple(jnp.split(w.T.reshape(rank, h, -1), [m.qk_nope_head_dim], -1)),
+             lambda w: tuple(np.split(w.T.reshape(rank, h, -1), [m.qk_nope_head_dim], -1)),
              lambda ku, vu: (jnp.concatenate([ku, vu], -1).reshape(rank, -1).T,)),
         _heads_out("params/attn/out/kernel", "self_attn.o_proj.weight", h),
     ]
@@ -209,12 +209,16 @@ def _hf_names(leaf: Leaf, index: tuple[int, ...]) -> list[str]:
     return [leaf.prefix(layer) + name.format(x=expert) for name in leaf.rule.hf]
 
 
-def _read_piece(reader, leaf: Leaf, index: tuple[int, ...], shape: tuple[int, ...]):
-    """Our piece at `index` of the grid, read and converted from its HF tensors, with every
-    tensor's shape checked first."""
+def _hf_shapes(leaf: Leaf, piece_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes the HF tensors of one piece must have."""
+    ours = [jax.ShapeDtypeStruct(piece_shape, jnp.float32)] * len(leaf.rule.ours)
+    return [x.shape for x in jax.eval_shape(leaf.rule.to_hf, *ours)]
+
+
+def _read_piece(reader, leaf: Leaf, index: tuple[int, ...], expected: list) -> np.ndarray:
+    """Our piece at `index` of the grid, from its HF tensors, whose shapes are checked
+    against `expected` first."""
     names = _hf_names(leaf, index)
-    ours = [jax.ShapeDtypeStruct(shape, jnp.float32)] * len(leaf.rule.ours)
-    expected = [x.shape for x in jax.eval_shape(leaf.rule.to_hf, *ours)]
     for name, want in zip(names, expected):
         got = reader.shape(name)
         if got != want:
@@ -228,6 +232,7 @@ def load_leaf(reader, leaf: Leaf, shape: tuple[int, ...], sharding) -> jax.Array
     assembled from the HF tensors of the pieces it covers, one tensor at a time."""
     grid = _pieces(leaf, shape)
     piece_shape = shape[len(grid):]
+    expected = _hf_shapes(leaf, piece_shape)
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         ranges = [range(*s.indices(n)) for s, n in zip(index, grid)]
@@ -236,8 +241,7 @@ def load_leaf(reader, leaf: Leaf, shape: tuple[int, ...], sharding) -> jax.Array
                        for s, n in zip(rest, piece_shape)], np.float32)
         for at in np.ndindex(*out.shape[: len(grid)]):
             where = tuple(r[i] for r, i in zip(ranges, at))
-            with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                out[at] = np.asarray(_read_piece(reader, leaf, where, piece_shape))[rest]
+            out[at] = _read_piece(reader, leaf, where, expected)[rest]
         return out
 
     return jax.make_array_from_callback(shape, sharding, shard)
@@ -259,18 +263,19 @@ def _sibling(path: tuple[str, ...], ours: str) -> tuple[str, ...]:
 
 def hf_tensors(variables: dict, cfg: ModelConfig, layers: dict, top: dict
                ) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) of every HF tensor our `variables` make, one piece at a time."""
+    """(HF name, array) of every HF tensor our `variables` make. One variable (and the
+    others its rule needs) is on the host at a time."""
     flat = {tuple(k.key for k in path): x
             for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
     done = set()
     for path, value in flat.items():
         leaf = leaf_of(path, cfg, layers, top)
-        siblings = [_sibling(path, ours) for ours in leaf.rule.ours]
-        for index in np.ndindex(*_pieces(leaf, value.shape)):
+        grid = _pieces(leaf, value.shape)
+        if set(_hf_names(leaf, (0,) * len(grid))) <= done:
+            continue
+        host = [np.asarray(flat[_sibling(path, ours)]) for ours in leaf.rule.ours]
+        for index in np.ndindex(*grid):
             names = _hf_names(leaf, index)
-            if names[0] in done:
-                continue
             done.update(names)
-            pieces = [np.asarray(flat[s][index]) for s in siblings]
-            for name, array in zip(names, leaf.rule.to_hf(*pieces)):
+            for name, array in zip(names, leaf.rule.to_hf(*(x[index] for x in host))):
                 yield name, np.asarray(array, np.float32)

@@ -41,15 +41,19 @@ def _generate(args) -> None:
     import jax
 
     from jaxllm.data import tasks
+    from jaxllm.data.tokenizer import chat_prompt
     from jaxllm.infer.stream import stream
 
     _, sampler = _sampler(args.workdir)
     tokenizer = sampler.tokenizer
     text = args.prompt if args.raw else tasks.prompt(tasks.Problem("", args.prompt, ""))
-    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
+    prompt = chat_prompt(tokenizer, text)
     if args.effort is not None:
+        if sampler.think is None:
+            raise config_lib.ConfigError("--effort: the vocabulary has no <think> and </think>")
         prompt.append(sampler.think.open)
-    print(tokenizer.decode(prompt[1:]), end="", flush=True)
+    echo = prompt if getattr(tokenizer, "chat_template", None) else prompt[1:]  # no <bos>
+    print(tokenizer.decode(echo), end="", flush=True)
     generated = []
     for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
                         rng=jax.random.key(args.seed), temperature=args.temperature,

@@ -102,3 +102,81 @@ def test_import_matches_transformers_and_exports_back(kind, tmp_path):
     for key, value in back.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), expected[key].numpy(), err_msg=key)
     np.testing.assert_array_equal(hf_logits(back, tokens), hf_logits(hf, tokens))
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXT = "the cat sat on the mat and the dog sat on the log"
+
+
+def save_tiny_tokenizer(directory) -> None:
+    """A word-piece BPE of under 128 tokens with a chat template, saved as transformers does."""
+    import tokenizers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.BPEDecoder()
+    special = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=100, special_tokens=special,
+                                             end_of_word_suffix="</w>")
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(directory)
+
+
+def test_cli_round_trip_with_tokenizer_and_chat_template(tmp_path, capsys):
+    """`jaxllm convert hf-import` then `hf-export` through the orbax checkpoint: the same
+    tensors come back; the tokenizer and its chat template agree with transformers'."""
+    from jaxllm.data.tokenizer import chat_prompt, load_tokenizer
+    from jaxllm.train.run import read_config
+
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    save_tiny_tokenizer(tmp_path / "hf")
+    work, out = tmp_path / "work", tmp_path / "out"
+    assert main(["convert", "hf-import", str(tmp_path / "hf"), "--out", str(work)]) == 0
+    assert main(["convert", "hf-export", str(work), "--out", str(out)]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    expected = hf.state_dict()
+    for key, value in back.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), expected[key].numpy(), err_msg=key)
+
+    ours = load_tokenizer(read_config(work).data.tokenizer)
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    ids = ours.encode(TEXT)
+    assert ids == theirs.encode(TEXT, add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids) == TEXT
+    chat = theirs.apply_chat_template([{"role": "user", "content": "the cat"}],
+                                      add_generation_prompt=True, tokenize=True)
+    chat = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    assert chat_prompt(ours, "the cat") == list(chat)
+    assert chat_prompt(ours, "the cat")[0] == ours.bos_id == theirs.bos_token_id
+
+
+def test_pickled_weights_are_refused_unread(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (hf_dir / "pytorch_model.bin").write_bytes(b"not a pickle; never opened")
+    assert main(["convert", "hf-import", str(hf_dir), "--out", str(tmp_path / "w")]) == 2
+    error = capsys.readouterr().err
+    assert "pytorch_model.bin" in error and "save_pretrained" in error
+
+
+def test_unsupported_architecture_and_mismatched_tensors_are_named(tmp_path):
+    with pytest.raises(ConversionError, match="model_type 'gpt2' is not supported"):
+        from_hf({"model_type": "gpt2"})
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    model_cfg = from_hf({**config, "intermediate_size": 48})
+    mesh = parallel.make_mesh(config_lib.Config(model=model_cfg, mesh=config_lib.MeshConfig(data=1)),
+                              jax.devices()[:1])
+    with pytest.raises(ConversionError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
+                                              r"\[64, 32\]; the model config needs \[48, 32\]"):
+        load_variables(tmp_path, model_cfg, mesh)
+    reader = SafetensorsReader(tmp_path)
+    with pytest.raises(ConversionError, match="'lm_head.bias' is missing"):
+        reader.get("lm_head.bias")

@@ -20,6 +20,10 @@ FAMILIES = {
 }
 
 
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+
+
 class ConversionError(ValueError):
     """A checkpoint cannot be converted. The message names the setting or tensor."""
 
@@ -120,6 +124,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     scales its logits, HF's does not.
     """
     kind = family(hf)
+    missing = [key for key in REQUIRED if key not in hf]
+    _require(not missing, f"config.json: missing {', '.join(missing)}")
     _require(hf.get("hidden_act", "silu") == "silu",
              f"config.json: hidden_act {hf.get('hidden_act')!r} is not supported (only silu)")
     _require(not hf.get("mlp_bias"), "config.json: mlp_bias=true is not supported")

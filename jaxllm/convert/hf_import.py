@@ -95,6 +95,7 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] 
     model too large for one device.
     """
     hf_dir, workdir = Path(hf_dir), Path(workdir).absolute()
+    SafetensorsReader(hf_dir)  # refuses a directory of pickled weights before anything else
     model = hf_config.from_hf(read_json(hf_dir / "config.json"))
     side = _copy_side_files(hf_dir, workdir)
     tokenizer = tokenizer_spec(side)

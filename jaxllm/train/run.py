@@ -12,7 +12,7 @@ from jaxllm import parallel
 from jaxllm.nn import Transformer
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.optimizer import make_optimizer
-from jaxllm.train.state import TrainState, init_state
+from jaxllm.train.state import TrainState, abstract_state
 
 
 def read_config(workdir: str | Path) -> config_lib.Config:
@@ -24,7 +24,8 @@ def read_config(workdir: str | Path) -> config_lib.Config:
 
 
 def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Config) -> TrainState:
-    """`state` filled from the latest checkpoint in `workdir`, resharded onto its layout."""
+    """`state` (arrays, or an `abstract_state`) filled from the latest checkpoint in
+    `workdir`, resharded onto its layout."""
     checkpoints = Checkpointer(epath.Path(workdir) / "checkpoints", config.checkpoint)
     try:
         step = checkpoints.latest_step()
@@ -42,5 +43,5 @@ def load_run(workdir: str | Path) -> tuple[config_lib.Config, Transformer, Train
     config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
     mesh = parallel.make_mesh(config, jax.devices()[:1])
     model = Transformer(config.model)
-    state, _ = init_state(model, make_optimizer(config.train), 8, mesh, jax.random.key(0))
-    return config, model, restore_latest(workdir, state, config)
+    target = abstract_state(model, make_optimizer(config.train), 8, mesh)
+    return config, model, restore_latest(workdir, target, config)

@@ -88,7 +88,7 @@ def test_import_matches_transformers_and_exports_back(kind, tmp_path):
     tokens = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (2, 16))
 
     model = Transformer(model_cfg)
-    logits = model.apply(variables, jnp.asarray(tokens))
+    logits = jax.jit(model.apply)(variables, jnp.asarray(tokens))
     np.testing.assert_allclose(logits, hf_logits(hf, tokens), atol=1e-4, rtol=0)
     ours = generate(model, variables["params"], tokens[:, :PROMPT].tolist(),
                     max_new_tokens=NEW_TOKENS, temperature=0.0, moe_bias=variables.get("moe_bias"))

@@ -26,7 +26,9 @@ COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_l
               num_attention_heads=4, num_key_value_heads=2, head_dim=8)
 MOE = dict(num_experts_per_tok=2, moe_intermediate_size=16)
 FAMILIES = {
-    "llama": ("Llama", {}),
+    "llama": ("Llama", dict(rope_parameters=dict(  # Llama 3.1 scaling
+        rope_type="llama3", rope_theta=10_000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=64))),
     "mistral": ("Mistral", dict(sliding_window=6)),
     "qwen2": ("Qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3", {}),

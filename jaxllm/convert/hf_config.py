@@ -56,6 +56,11 @@ def _attention(hf: dict[str, Any], kind: str) -> AttentionConfig:
     scaling = {}
     if rope["rope_type"] == "linear":
         scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"]))
+    elif rope["rope_type"] == "llama3":
+        scaling = dict(rope_scaling="llama3", rope_factor=float(rope["factor"]),
+                       rope_original_len=int(rope["original_max_position_embeddings"]),
+                       rope_low_freq_factor=float(rope["low_freq_factor"]),
+                       rope_high_freq_factor=float(rope["high_freq_factor"]))
     elif rope["rope_type"] == "yarn":
         for name, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
             _require(rope.get(name) in (None, default),
@@ -152,6 +157,10 @@ def _rope_to_hf(m: ModelConfig) -> dict[str, Any]:
     rope: dict[str, Any] = {"rope_theta": m.rope_theta, "rope_type": "default"}
     if a.rope_scaling == "linear":
         rope.update(rope_type="linear", factor=a.rope_factor)
+    elif a.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=a.rope_factor,
+                    original_max_position_embeddings=a.rope_original_len,
+                    low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
     elif a.rope_scaling == "yarn":
         rope.update(rope_type="yarn", factor=a.rope_factor,
                     original_max_position_embeddings=a.rope_original_len)

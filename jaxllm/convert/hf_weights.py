@@ -171,12 +171,12 @@ def top_rules(tied: bool) -> dict[str, tuple[Rule, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """Where one of our variables comes from: its rule, and for a layer's variable the
-    function from its scan index to the HF layer (None for an unstacked leaf)."""
+    """Where one of our variables comes from: its rule and its place in `rule.ours`, the
+    HF name prefix of each layer, and whether it is stacked over a scan axis."""
 
     rule: Rule
     position: int
-    prefix: Callable[[int | None], str]  # scan index -> "model.layers.{i}." (or "")
+    prefix: Callable[[int | None], str]  # scan index (None: unscanned) -> "model.layers.{i}."
     scanned: bool
 
 

@@ -227,7 +227,7 @@ class Attention(nn.Module):
       mask: which earlier keys a query sees (global, sliding, chunked, strided), or "sparse":
         DeepSeek sparse attention under a global causal mask, configured by `sparse`.
       position: "rope", "alibi" (a per-head linear score bias) or "none" (NoPE).
-      rope_scaling: linear or YaRN RoPE scaling; YaRN also scales the softmax.
+      rope_scaling: linear, YaRN or llama3 RoPE scaling; YaRN also scales the softmax.
       kernel, block_size: see `attend`.
       qk_norm: "rms" normalises each query and key head with a learned scale before RoPE
         (Qwen3), with epsilon `norm_eps`; "l2" without one, after RoPE, in RoPE layers only

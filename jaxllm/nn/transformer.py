@@ -96,7 +96,8 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
     a = config.attention
     mask = Mask(kind.attention, a.window, a.chunk, a.stride)
     scaling = None if a.rope_scaling == "none" else RopeScaling(
-        a.rope_scaling, a.rope_factor, a.rope_original_len)
+        a.rope_scaling, a.rope_factor, a.rope_original_len,
+        low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
     if a.mla is not None:
         return MLAttention(
             config.num_heads, a.mla, config.rope_theta, compute_dtype(config), decode,

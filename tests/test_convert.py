@@ -35,7 +35,7 @@ FAMILIES = {
     "mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, **MOE)),
     "deepseek_v3": ("DeepseekV3", dict(
-        num_hidden_layers=3, num_key_value_heads=4, n_routed_experts=8, n_group=2,
+        num_key_value_heads=4, n_routed_experts=8, n_group=2,
         topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_shared_experts=1,
         rope_parameters=dict(rope_type="yarn", rope_theta=10_000.0, factor=4.0,
@@ -152,7 +152,7 @@ def test_cli_round_trip_with_tokenizer_and_chat_template(tmp_path, capsys):
     assert ours.decode(ids) == theirs.decode(ids) == TEXT
     chat = theirs.apply_chat_template([{"role": "user", "content": "the cat"}],
                                       add_generation_prompt=True, tokenize=True)
-    chat = chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "keys") else chat
+    chat = chat["input_ids"] if hasattr(chat, "keys") else chat  # a BatchEncoding or ids
     assert chat_prompt(ours, "the cat") == list(chat)
     assert chat_prompt(ours, "the cat")[0] == ours.bos_id == theirs.bos_token_id
 
@@ -179,6 +179,22 @@ def test_unsupported_architecture_and_mismatched_tensors_are_named(tmp_path):
     with pytest.raises(ConversionError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
                                               r"\[64, 32\]; the model config needs \[48, 32\]"):
         load_variables(tmp_path, model_cfg, mesh)
-    reader = SafetensorsReader(tmp_path)
     with pytest.raises(ConversionError, match="'lm_head.bias' is missing"):
-        reader.get("lm_head.bias")
+        SafetensorsReader(tmp_path).get("lm_head.bias")
+
+
+def test_layers_past_the_stack_are_skipped_with_a_warning(tmp_path):
+    """DeepSeek-V3 checkpoints carry the multi-token-prediction module as extra layers."""
+    from safetensors.numpy import save_file
+
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    save_file({"model.layers.2.eh_proj.weight": np.zeros((4, 4), np.float32)},
+              tmp_path / "mtp.safetensors")
+    model_cfg = from_hf(json.loads((tmp_path / "config.json").read_text()))
+    mesh = parallel.make_mesh(config_lib.Config(model=model_cfg, mesh=config_lib.MeshConfig(data=1)),
+                              jax.devices()[:1])
+    logs = []
+    load_variables(tmp_path, model_cfg, mesh, log=logs.append)
+    assert logs == ["warning: skipped 1 tensors of layers >= num_hidden_layers=2 (the "
+                    "multi-token-prediction module), which the model does not use"]

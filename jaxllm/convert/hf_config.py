@@ -8,7 +8,7 @@ from typing import Any
 
 from jaxllm.config import AttentionConfig, MLAConfig, ModelConfig, MoEConfig
 
-# model_type -> (our family, the HF architecture class name export writes)
+# model_type -> the HF architecture that export names
 FAMILIES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -77,7 +77,7 @@ def _attention(hf: dict[str, Any], kind: str) -> AttentionConfig:
         _require(rope["rope_type"] == "default",
                  f"config.json: rope_type {rope['rope_type']!r} is not supported")
     window = hf.get("sliding_window")
-    if kind == "qwen2" or kind == "qwen3" or kind == "qwen3_moe":
+    if kind in ("qwen2", "qwen3", "qwen3_moe"):
         window = window if hf.get("use_sliding_window") else None
     mla = None
     if kind == "deepseek_v3":
@@ -179,7 +179,7 @@ def to_hf(m: ModelConfig, kind: str) -> dict[str, Any]:
         "num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
         "head_dim": m.resolved_head_dim, "intermediate_size": m.mlp_dim,
         "rms_norm_eps": m.norm_eps, "hidden_act": "silu", "tie_word_embeddings": False,
-        "rope_parameters": _rope_to_hf(m), "torch_dtype": "float32",
+        "rope_parameters": _rope_to_hf(m), "dtype": "float32", "torch_dtype": "float32",
         "sliding_window": a.window if a.pattern == "sliding" else None,
     }
     if kind in ("qwen2", "qwen3", "qwen3_moe"):

@@ -34,7 +34,7 @@ def hf_config_json(model: config_lib.ModelConfig, kind: str, imported: dict | No
     """The exported config.json: the imported one (token ids, context length, ...) with our
     model's settings over it."""
     base = {k: v for k, v in (imported or {}).items() if k not in _REPLACED}
-    return {**base, **hf_config.to_hf(model, kind), "dtype": "float32"}
+    return {**base, **hf_config.to_hf(model, kind)}
 
 
 def write_hf(variables: dict, model: config_lib.ModelConfig, kind: str, out: str | Path,

@@ -95,6 +95,8 @@ class HuggingFaceTokenizer:
             self.special.setdefault("<bos>", self.special["<eos>"])
         self.pad_id, self.bos_id, self.eos_id = _control_ids(self.special, path)
         self.chat_template = settings.get("chat_template")
+        self.chat_tokens = {f"{name}_token": _token_text(settings.get(f"{name}_token"))
+                            for name in ("bos", "eos", "pad", "unk")}  # as the template sees them
 
     @property
     def vocab_size(self) -> int:
@@ -185,9 +187,8 @@ def chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     template = getattr(tokenizer, "chat_template", None)
     if template is None:
         return [tokenizer.bos_id, *tokenizer.encode(text)]
-    tokens = {f"{name[1:-1]}_token": tokenizer.decode([tokenizer.special[name]])
-              for name in ("<bos>", "<eos>", "<pad>") if name in tokenizer.special}
-    return tokenizer.encode(_render_chat(template, [{"role": "user", "content": text}], **tokens))
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.encode(_render_chat(template, messages, **tokenizer.chat_tokens))
 
 
 def _find_special(token_to_id) -> dict[str, int]:

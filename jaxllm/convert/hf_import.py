@@ -23,7 +23,7 @@ from jaxllm.nn import Transformer
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.optimizer import make_optimizer
-from jaxllm.train.state import TrainState
+from jaxllm.train.state import TrainState, abstract_state
 
 # Files copied into WORKDIR/hf: what export and the tokenizer need besides the weights.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
@@ -110,8 +110,9 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] 
     mesh = parallel.make_mesh(config)
     variables = load_variables(hf_dir, config.model, mesh, log)
     tx = make_optimizer(config.train)
-    with parallel.use_mesh(mesh):
-        opt_state = jax.jit(tx.init)(variables["params"])
+    target = abstract_state(Transformer(config.model), tx, 8, mesh)  # the optimizer's layout
+    shardings = jax.tree.map(lambda x: x.sharding, target.opt_state)
+    opt_state = jax.jit(tx.init, out_shardings=shardings)(variables["params"])
     rng = jax.random.split(jax.random.key(config.train.seed))[1]
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"], opt_state, rng,
                        variables.get("moe_bias", {}))

@@ -146,7 +146,7 @@ def _convert(args) -> None:
     if args.direction == "hf-import":
         import_hf(args.source, args.out, args.overrides)
     else:
-        export_hf(args.source, args.out, args.family)
+        export_hf(args.source, args.out, args.family, args.overrides)
 
 
 def _add_experiment_command(commands, name: str, help: str, run) -> None:
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--family", choices=sorted(FAMILIES),
                          help="hf-export: the HF model family (default: the imported one)")
     convert.add_argument("overrides", nargs="*",
-                         help="hf-import: key.sub=value for the run, e.g. mesh.fsdp=8")
+                         help="key.sub=value, e.g. mesh.fsdp=8: hf-import's run, or the mesh "
+                         "hf-export restores onto (default one device)")
     convert.set_defaults(run=_convert)
 
     plot = commands.add_parser("plot", help="write PNG curves of a run into WORKDIR/plots")

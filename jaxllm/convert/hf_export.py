@@ -3,7 +3,7 @@
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxllm import config as config_lib
@@ -50,10 +50,11 @@ def write_hf(variables: dict, model: config_lib.ModelConfig, kind: str, out: str
 
 
 def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
-              log: Callable[[str], None] = print) -> Path:
+              overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> Path:
     """Writes the latest checkpoint of `workdir` as an HF checkpoint of family `kind`
     (default: the family it was imported from) into `out`, with the imported tokenizer
-    and chat-template files."""
+    and chat-template files. The checkpoint is restored on one device, or on the mesh that
+    `overrides` set (`load_run`); one layer (or expert) at a time comes to the host."""
     workdir, out = Path(workdir), Path(out)
     side = workdir / "hf"
     imported = read_json(side / "config.json") if (side / "config.json").is_file() else None
@@ -62,7 +63,7 @@ def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
         raise hf_config.ConversionError(
             f"{workdir} was not imported from HF; name the family with --family, one of "
             f"{sorted(hf_config.FAMILIES)}")
-    config, _, state = load_run(workdir)
+    config, _, state = load_run(workdir, overrides)
     variables = {"params": state.params}
     if state.moe_bias:
         variables["moe_bias"] = state.moe_bias

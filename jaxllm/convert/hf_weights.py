@@ -261,10 +261,16 @@ def _sibling(path: tuple[str, ...], ours: str) -> tuple[str, ...]:
     return (collection, *_block(path), *inner)
 
 
+@jax.jit
+def _piece(x: jax.Array, index: tuple) -> jax.Array:
+    """x[index], with the index traced: one compilation per variable shape."""
+    return x[index]
+
+
 def hf_tensors(variables: dict, cfg: ModelConfig, layers: dict, top: dict
                ) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, array) of every HF tensor our `variables` make. One variable (and the
-    others its rule needs) is on the host at a time."""
+    """(HF name, array) of every HF tensor our `variables` make. Only the pieces (one
+    layer, one expert) of one rule are on the host at a time."""
     flat = {tuple(k.key for k in path): x
             for path, x in jax.tree_util.tree_flatten_with_path(variables)[0]}
     done = set()
@@ -273,9 +279,10 @@ def hf_tensors(variables: dict, cfg: ModelConfig, layers: dict, top: dict
         grid = _pieces(leaf, value.shape)
         if set(_hf_names(leaf, (0,) * len(grid))) <= done:
             continue
-        host = [np.asarray(flat[_sibling(path, ours)]) for ours in leaf.rule.ours]
+        arrays = [flat[_sibling(path, ours)] for ours in leaf.rule.ours]
         for index in np.ndindex(*grid):
             names = _hf_names(leaf, index)
             done.update(names)
-            for name, array in zip(names, leaf.rule.to_hf(*(x[index] for x in host))):
+            pieces = [np.asarray(_piece(x, index)) for x in arrays]
+            for name, array in zip(names, leaf.rule.to_hf(*pieces)):
                 yield name, np.asarray(array, np.float32)

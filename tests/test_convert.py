@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxllm import config as config_lib
+from jaxllm import parallel
+from jaxllm.cli import main
+from jaxllm.convert import ConversionError
+from jaxllm.convert.hf_config import from_hf
+from jaxllm.convert.hf_export import write_hf
+from jaxllm.convert.hf_files import SafetensorsReader
+from jaxllm.convert.hf_import import load_variables
+from jaxllm.infer.sampler import generate
+from jaxllm.nn import Transformer
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-from jaxllm import config as config_lib  # noqa: E402
-from jaxllm import parallel  # noqa: E402
-from jaxllm.cli import main  # noqa: E402
-from jaxllm.convert import ConversionError  # noqa: E402
-from jaxllm.convert.hf_config import from_hf  # noqa: E402
-from jaxllm.convert.hf_export import write_hf  # noqa: E402
-from jaxllm.convert.hf_files import SafetensorsReader  # noqa: E402
-from jaxllm.convert.hf_import import load_variables  # noqa: E402
-from jaxllm.infer.sampler import generate  # noqa: E402
-from jaxllm.nn import Transformer  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8)
@@ -61,11 +61,17 @@ def tiny_hf_model(kind: str):
     return model
 
 
+def one_device_mesh(model_cfg):
+    config = config_lib.Config(model=model_cfg, mesh=config_lib.MeshConfig(data=1))
+    return parallel.make_mesh(config, jax.devices()[:1])
+
+
 def hf_greedy(model, tokens: np.ndarray) -> np.ndarray:
     model.generation_config.eos_token_id = None  # our sampler runs all NEW_TOKENS too
+    ids = torch.tensor(tokens)
     with torch.no_grad():
-        out = model.generate(torch.tensor(tokens), attention_mask=torch.ones(tokens.shape, dtype=int),
-                             max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                             do_sample=False, pad_token_id=0)
     return out[:, tokens.shape[1]:].numpy()
 
 
@@ -175,8 +181,7 @@ def test_unsupported_architecture_and_mismatched_tensors_are_named(tmp_path):
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     model_cfg = from_hf({**config, "intermediate_size": 48})
-    mesh = parallel.make_mesh(config_lib.Config(model=model_cfg, mesh=config_lib.MeshConfig(data=1)),
-                              jax.devices()[:1])
+    mesh = one_device_mesh(model_cfg)
     with pytest.raises(ConversionError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
                                               r"\[64, 32\]; the model config needs \[48, 32\]"):
         load_variables(tmp_path, model_cfg, mesh)
@@ -193,9 +198,8 @@ def test_layers_past_the_stack_are_skipped_with_a_warning(tmp_path):
     save_file({"model.layers.2.eh_proj.weight": np.zeros((4, 4), np.float32)},
               tmp_path / "mtp.safetensors")
     model_cfg = from_hf(json.loads((tmp_path / "config.json").read_text()))
-    mesh = parallel.make_mesh(config_lib.Config(model=model_cfg, mesh=config_lib.MeshConfig(data=1)),
-                              jax.devices()[:1])
+    mesh = one_device_mesh(model_cfg)
     logs = []
     load_variables(tmp_path, model_cfg, mesh, log=logs.append)
-    assert logs == ["warning: skipped 1 tensors of layers >= num_hidden_layers=2 (the "
-                    "multi-token-prediction module), which the model does not use"]
+    assert logs == [("warning: skipped 1 tensors of layers >= num_hidden_layers=2 (the "
+                     "multi-token-prediction module), which the model does not use")]

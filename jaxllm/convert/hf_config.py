@@ -108,12 +108,14 @@ def _moe(hf: dict[str, Any], kind: str) -> MoEConfig | None:
                          expert_dim=hf["moe_intermediate_size"], router="softmax",
                          norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
     if kind == "deepseek_v3":
-        _require(hf.get("moe_layer_freq", 1) == 1, "config.json: moe_layer_freq > 1 is not supported")
+        _require(hf.get("moe_layer_freq", 1) == 1,
+                 "config.json: moe_layer_freq > 1 is not supported")
         _require(hf.get("scoring_func", "sigmoid") == "sigmoid",
                  "config.json: DeepSeek scoring_func other than sigmoid is not supported")
         return MoEConfig(
             num_experts=hf["n_routed_experts"], experts_per_token=hf["num_experts_per_tok"],
-            expert_dim=hf["moe_intermediate_size"], num_shared_experts=hf.get("n_shared_experts") or 0,
+            expert_dim=hf["moe_intermediate_size"],
+            num_shared_experts=hf.get("n_shared_experts") or 0,
             router="sigmoid", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
@@ -160,7 +162,8 @@ def _rope_to_hf(m: ModelConfig) -> dict[str, Any]:
     elif a.rope_scaling == "llama3":
         rope.update(rope_type="llama3", factor=a.rope_factor,
                     original_max_position_embeddings=a.rope_original_len,
-                    low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
+                    low_freq_factor=a.rope_low_freq_factor,
+                    high_freq_factor=a.rope_high_freq_factor)
     elif a.rope_scaling == "yarn":
         rope.update(rope_type="yarn", factor=a.rope_factor,
                     original_max_position_embeddings=a.rope_original_len)
@@ -215,7 +218,8 @@ def check_exportable(m: ModelConfig, kind: str) -> None:
         (a.qkv_bias == (kind == "qwen2"), f"model.attention.qkv_bias must be {kind == 'qwen2'}"),
         (a.qk_norm == ("rms" if kind in ("qwen3", "qwen3_moe") else "none"),
          f"model.attention.qk_norm does not match {kind}"),
-        ((a.mla is not None) == (kind == "deepseek_v3"), f"model.attention.mla does not match {kind}"),
+        ((a.mla is not None) == (kind == "deepseek_v3"),
+         f"model.attention.mla does not match {kind}"),
         ((moe is not None) == (kind in ("mixtral", "qwen3_moe", "deepseek_v3")),
          f"model.moe does not match {kind}"),
         (moe is None or moe.moe_every == 1, "model.moe.moe_every must be 1"),

@@ -137,7 +137,8 @@ def _moe_rules(kind: str) -> list[Rule]:
     if kind == "deepseek_v3":
         shared = [f"mlp.shared_experts.{n}.weight" for n in names]
         rules += _swiglu("params/moe/shared/", *shared)
-        rules.append(_one("moe_bias/moe/e_score_correction_bias", "mlp.gate.e_score_correction_bias"))
+        rules.append(_one("moe_bias/moe/e_score_correction_bias",
+                          "mlp.gate.e_score_correction_bias"))
     return rules
 
 

@@ -37,9 +37,7 @@ class Einsum(nn.Module):
         y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if not self.use_bias:
             return y
-        bias = self.param(
-            "bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.axes[i] for i in fan_out)),
-            tuple(self.shape[i] for i in fan_out),
-        )
+        axes = tuple(self.axes[i] for i in fan_out)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                          tuple(self.shape[i] for i in fan_out))
         return y + bias.astype(self.dtype)

@@ -55,7 +55,7 @@ def abstract_state(model, tx, seq_len: int, mesh: Mesh) -> TrainState:
     with parallel.use_mesh(mesh):
         boxed = jax.eval_shape(create, jax.random.key(0))
         state_shardings = parallel.shardings(boxed, mesh)
-    return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.meta.unbox(boxed), state_shardings)
 
 

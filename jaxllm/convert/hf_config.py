@@ -77,8 +77,10 @@ def _attention(hf: dict[str, Any], kind: str) -> AttentionConfig:
         _require(rope["rope_type"] == "default",
                  f"config.json: rope_type {rope['rope_type']!r} is not supported")
     window = hf.get("sliding_window")
-    if kind in ("qwen2", "qwen3", "qwen3_moe"):
-        window = window if hf.get("use_sliding_window") else None
+    if kind in ("qwen2", "qwen3", "qwen3_moe"):  # Qwen slides only above max_window_layers
+        _require(not hf.get("use_sliding_window"),
+                 "config.json: use_sliding_window=true is not supported for Qwen models")
+        window = None
     mla = None
     if kind == "deepseek_v3":
         mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank"), kv_lora_rank=hf["kv_lora_rank"],
@@ -186,7 +188,7 @@ def to_hf(m: ModelConfig, kind: str) -> dict[str, Any]:
         "sliding_window": a.window if a.pattern == "sliding" else None,
     }
     if kind in ("qwen2", "qwen3", "qwen3_moe"):
-        hf["use_sliding_window"] = a.pattern == "sliding"
+        hf["use_sliding_window"] = False
     if kind == "mixtral":
         hf.update(num_local_experts=moe.num_experts, num_experts_per_tok=moe.experts_per_token,
                   intermediate_size=moe.expert_dim)
@@ -213,8 +215,9 @@ def check_exportable(m: ModelConfig, kind: str) -> None:
     """Raises ConversionError if family `kind` cannot hold our model `m`."""
     a, moe = m.attention, m.moe
     checks = [
-        (a.pattern in ("global", "sliding") and a.positions == "rope",
-         "model.attention: only global or sliding RoPE layers exist in HF families"),
+        (a.pattern == "global" or (a.pattern == "sliding" and kind in ("mistral", "mixtral")),
+         "model.attention.pattern: only Mistral and Mixtral have sliding layers"),
+        (a.positions == "rope", "model.attention.positions: HF families use RoPE"),
         (a.qkv_bias == (kind == "qwen2"), f"model.attention.qkv_bias must be {kind == 'qwen2'}"),
         (a.qk_norm == ("rms" if kind in ("qwen3", "qwen3_moe") else "none"),
          f"model.attention.qk_norm does not match {kind}"),

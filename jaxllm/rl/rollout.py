@@ -25,7 +25,8 @@ def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
     """A completion ends with `</answer>` (where it is one token), or with `<eos>`."""
-    return tuple(tokenizer.special[n] for n in ("</answer>", "<eos>") if n in tokenizer.special)
+    answer = tokenizer.special.get("</answer>")
+    return (tokenizer.eos_id,) if answer is None else (answer, tokenizer.eos_id)
 
 
 @dataclasses.dataclass(frozen=True)

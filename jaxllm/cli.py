@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from jaxllm import config as config_lib
+from jaxllm.convert.hf_config import FAMILIES, ConversionError
 
 
 def _experiment_config(args) -> config_lib.Config:
@@ -40,15 +41,19 @@ def _generate(args) -> None:
     import jax
 
     from jaxllm.data import tasks
+    from jaxllm.data.tokenizer import chat_prompt
     from jaxllm.infer.stream import stream
 
     _, sampler = _sampler(args.workdir)
     tokenizer = sampler.tokenizer
     text = args.prompt if args.raw else tasks.prompt(tasks.Problem("", args.prompt, ""))
-    prompt = [tokenizer.bos_id, *tokenizer.encode(text)]
+    prompt = chat_prompt(tokenizer, text)
     if args.effort is not None:
+        if sampler.think is None:
+            raise config_lib.ConfigError("--effort: the vocabulary has no <think> and </think>")
         prompt.append(sampler.think.open)
-    print(tokenizer.decode(prompt[1:]), end="", flush=True)
+    echo = prompt if getattr(tokenizer, "chat_template", None) else prompt[1:]  # no <bos>
+    print(tokenizer.decode(echo), end="", flush=True)
     generated = []
     for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
                         rng=jax.random.key(args.seed), temperature=args.temperature,
@@ -135,6 +140,15 @@ def _params(args) -> None:
         print(calculator.format_report(report))
 
 
+def _convert(args) -> None:
+    from jaxllm.convert import export_hf, import_hf
+
+    if args.direction == "hf-import":
+        import_hf(args.source, args.out, args.overrides)
+    else:
+        export_hf(args.source, args.out, args.family, args.overrides)
+
+
 def _add_experiment_command(commands, name: str, help: str, run) -> None:
     command = commands.add_parser(name, help=help)
     command.add_argument("experiment", help="path to an experiments/*.py file")
@@ -197,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pretrain.* / rl.* overrides, e.g. pretrain.train.steps=100")
     demo.set_defaults(run=_demo)
 
+    convert = commands.add_parser("convert", help="Hugging Face checkpoints in and out")
+    convert.add_argument("direction", choices=("hf-import", "hf-export"))
+    convert.add_argument("source", help="hf-import: an HF checkpoint directory (safetensors); "
+                         "hf-export: a run's workdir")
+    convert.add_argument("--out", required=True,
+                         help="hf-import: the workdir to write; hf-export: the HF directory")
+    convert.add_argument("--family", choices=sorted(FAMILIES),
+                         help="hf-export: the HF model family (default: the imported one)")
+    convert.add_argument("overrides", nargs="*",
+                         help="key.sub=value, e.g. mesh.fsdp=8: hf-import's run, or the mesh "
+                         "hf-export restores onto (default one device)")
+    convert.set_defaults(run=_convert)
+
     plot = commands.add_parser("plot", help="write PNG curves of a run into WORKDIR/plots")
     plot.add_argument("workdir", help="a run's workdir, holding metrics.jsonl")
     plot.set_defaults(run=_plot)
@@ -224,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except config_lib.ConfigError as error:
         print(f"jaxllm: config error: {error}", file=sys.stderr)
+        return 2
+    except ConversionError as error:
+        print(f"jaxllm: conversion error: {error}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
         print(f"jaxllm: {error}", file=sys.stderr)

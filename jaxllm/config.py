@@ -118,10 +118,13 @@ class AttentionConfig:
     # skipping the blocks a mask leaves empty; backend: jax.nn.dot_product_attention.
     kernel: Literal["naive", "blockwise", "backend"] = "naive"
     block_size: int = 128
-    rope_scaling: Literal["none", "linear", "yarn"] = "none"
+    rope_scaling: Literal["none", "linear", "yarn", "llama3"] = "none"
     rope_factor: float = 1.0
-    rope_original_len: int = 4096  # the pretraining context YaRN extends
+    rope_original_len: int = 4096  # the pretraining context YaRN and llama3 extend
+    rope_low_freq_factor: float = 1.0  # llama3 (Llama 3.1) scaling, see nn/positions.py
+    rope_high_freq_factor: float = 4.0
     qk_norm: Literal["none", "rms", "l2"] = "none"  # per-head q/k norm (Qwen3: rms, Llama 4: l2)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     mla: MLAConfig | None = None
     sparse: SparseConfig | None = None
 
@@ -362,6 +365,8 @@ def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
         _require(value > 0, f"model.attention.{name}", f"must be positive, got {value}")
     _require(a.rope_factor >= 1, "model.attention.rope_factor",
              f"extends the context, so must be >= 1, got {a.rope_factor}")
+    _require(a.rope_high_freq_factor > a.rope_low_freq_factor, "model.attention.rope_high_freq_factor",
+             f"must exceed rope_low_freq_factor={a.rope_low_freq_factor}")
     _require("sparse" not in a.pattern or a.sparse is not None, "model.attention.sparse",
              "the pattern has sparse layers; set the indexer, "
              "e.g. model.attention.sparse.top_k=64")
@@ -383,6 +388,8 @@ def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
                  "MLA gives every head its own key and value; set num_kv_heads=num_heads")
         _require(a.qk_norm == "none", "model.attention.qk_norm",
                  "MLA normalises its latents instead; set qk_norm=none")
+        _require(not a.qkv_bias, "model.attention.qkv_bias",
+                 "MLA projections have no biases; set qkv_bias=false")
 
 
 def _validate_grpo(g: GRPOConfig) -> None:

@@ -3,8 +3,13 @@
 Every tokenizer has `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_size`, `pad_id`,
 `bos_id`, `eos_id`, and `special`: the special-token strings it knows, mapped to their ids.
 Special-token strings in the text, such as "<think>", encode to their single id and decode back.
+
+A Hugging Face tokenizer also reads the `tokenizer_config.json` (or `chat_template.jinja`)
+beside its `tokenizer.json`: its bos/eos/pad tokens and its chat template, which
+`chat_prompt` renders in a sandboxed Jinja environment, as `transformers` does.
 """
 
+import json
 import re
 from pathlib import Path
 from typing import Protocol
@@ -70,14 +75,28 @@ class ByteTokenizer:
 
 
 class HuggingFaceTokenizer:
-    """A `tokenizer.json` file, read by the `tokenizers` package."""
+    """A `tokenizer.json` file, read by the `tokenizers` package, with the control tokens
+    and chat template of the `tokenizer_config.json` beside it, if any.
+
+    A vocabulary without a bos token (Qwen) starts documents with its eos token.
+    """
 
     def __init__(self, path: str | Path):
         import tokenizers
 
         self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        settings = _tokenizer_config(Path(path).parent)
         self.special = _find_special(self._tokenizer.token_to_id)
+        for name in ("bos", "eos", "pad"):
+            token = _token_text(settings.get(f"{name}_token"))
+            if token is not None and self._tokenizer.token_to_id(token) is not None:
+                self.special[f"<{name}>"] = self._tokenizer.token_to_id(token)
+        if "<eos>" in self.special:
+            self.special.setdefault("<bos>", self.special["<eos>"])
         self.pad_id, self.bos_id, self.eos_id = _control_ids(self.special, path)
+        self.chat_template = settings.get("chat_template")
+        self.chat_tokens = {f"{name}_token": _token_text(settings.get(f"{name}_token"))
+                            for name in ("bos", "eos", "pad", "unk")}  # as the template sees them
 
     @property
     def vocab_size(self) -> int:
@@ -125,6 +144,51 @@ class SentencePieceTokenizer:
             else:
                 pending.append(i)
         return "".join(out + [self._model.decode(pending)])
+
+
+def _token_text(token) -> str | None:
+    """A token of tokenizer_config.json: a string, or an AddedToken dict with "content"."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _tokenizer_config(directory: Path) -> dict:
+    """tokenizer_config.json of `directory` ({} if none), its chat template resolved: a
+    `chat_template.jinja` file wins; of a list of named templates, "default" is taken."""
+    path = directory / "tokenizer_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    template = settings.get("chat_template")
+    if isinstance(template, list):
+        named = {t["name"]: t["template"] for t in template}
+        settings["chat_template"] = named.get("default")
+    if (directory / "chat_template.jinja").is_file():
+        settings["chat_template"] = (directory / "chat_template.jinja").read_text()
+    return settings
+
+
+def _render_chat(template: str, messages: list[dict], **tokens) -> str:
+    """The chat template rendered in Jinja's immutable sandbox (no access to Python
+    internals), with a generation prompt, in the conventions of `transformers`."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                            **tokens)
+
+
+def chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of a prompt `text`: one user message through the tokenizer's chat template
+    when it has one, else `<bos>` and the text."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return [tokenizer.bos_id, *tokenizer.encode(text)]
+    messages = [{"role": "user", "content": text}]
+    return tokenizer.encode(_render_chat(template, messages, **tokenizer.chat_tokens))
 
 
 def _find_special(token_to_id) -> dict[str, int]:

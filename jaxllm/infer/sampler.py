@@ -154,7 +154,8 @@ class Sampler:
         self.model, self.params, self.moe_bias = model, params, moe_bias
         self.tokenizer = tokenizer
         self.efforts = efforts
-        self.think = effort_lib.ThinkTokens.from_tokenizer(tokenizer, wait_text)
+        thinks = {"<think>", "</think>"} <= tokenizer.special.keys()
+        self.think = effort_lib.ThinkTokens.from_tokenizer(tokenizer, wait_text) if thinks else None
 
     def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationResult:
         """`generate` with this sampler's model; stops at `<eos>` unless `stop_ids` is given."""
@@ -167,6 +168,8 @@ class Sampler:
         """The decoded completion of each text, up to and including its stop token."""
         prompts = [self.tokenizer.encode(text) for text in texts]
         if effort is not None:
+            if self.think is None:
+                raise ValueError("effort: the vocabulary has no <think> and </think> tokens")
             prompts = [p + [self.think.open] for p in prompts]
             kwargs.update(effort=effort_lib.resolve(effort, self.efforts), think=self.think)
         result = jax.device_get(self.generate(prompts, **kwargs))

@@ -55,7 +55,7 @@ def stream(
         chosen = effort_lib.resolve(effort, sampler.efforts)
         state = effort_lib.init_state(tokens[:, -1], sampler.think)
         limits = (np.int32(chosen.budget), np.int32(chosen.num_waits))
-    stops = {tokenizer.special["</answer>"], tokenizer.eos_id}
+    stops = {tokenizer.special.get("</answer>"), tokenizer.eos_id}
     sampling = SamplingConfig(temperature, top_k, top_p)
     for step in range(max_new_tokens):
         token, logits, cache, state = _next(

@@ -227,10 +227,12 @@ class Attention(nn.Module):
       mask: which earlier keys a query sees (global, sliding, chunked, strided), or "sparse":
         DeepSeek sparse attention under a global causal mask, configured by `sparse`.
       position: "rope", "alibi" (a per-head linear score bias) or "none" (NoPE).
-      rope_scaling: linear or YaRN RoPE scaling; YaRN also scales the softmax.
+      rope_scaling: linear, YaRN or llama3 RoPE scaling; YaRN also scales the softmax.
       kernel, block_size: see `attend`.
       qk_norm: "rms" normalises each query and key head with a learned scale before RoPE
-        (Qwen3); "l2" without one, after RoPE, in RoPE layers only (Llama 4).
+        (Qwen3), with epsilon `norm_eps`; "l2" without one, after RoPE, in RoPE layers only
+        (Llama 4).
+      qkv_bias: the query, key and value projections add a bias (Qwen2).
     """
 
     num_heads: int
@@ -247,6 +249,8 @@ class Attention(nn.Module):
     block_size: int = 128
     qk_norm: str = "none"
     sparse: SparseConfig | None = None
+    qkv_bias: bool = False
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -258,7 +262,7 @@ class Attention(nn.Module):
         def project(heads: int, head_axis: str, name: str) -> jax.Array:
             out = Einsum(
                 (x.shape[-1], heads, self.head_dim), ("embed", head_axis, "head_dim"),
-                "bse,ehd->bshd", dtype=self.dtype, name=name,
+                "bse,ehd->bshd", dtype=self.dtype, use_bias=self.qkv_bias, name=name,
             )(x)
             return nn.with_logical_constraint(
                 out, ("act_batch", "act_length", f"act_{head_axis}", None)
@@ -295,7 +299,7 @@ class Attention(nn.Module):
     def _position(self, x: jax.Array, positions: jax.Array, name: str) -> jax.Array:
         """The query or key heads with qk-norm and RoPE, as this layer uses them."""
         if self.qk_norm == "rms":
-            x = RMSNorm(dtype=self.dtype, name=f"{name}_norm")(x)
+            x = RMSNorm(self.norm_eps, self.dtype, name=f"{name}_norm")(x)
         if self.position != "rope":
             return x
         x = apply_rope(x, positions, self.rope_theta, self.rope_scaling)

@@ -1,5 +1,5 @@
-"""Position encodings: RoPE (Su et al. 2021) in the rotate_half layout of HF Llama, with linear
-and YaRN (Peng et al. 2023) scaling, and ALiBi slopes (Press et al. 2022)."""
+"""Position encodings: RoPE (Su et al. 2021) in the rotate_half layout of HF Llama, with linear,
+YaRN (Peng et al. 2023) and Llama 3.1 scaling, and ALiBi slopes (Press et al. 2022)."""
 
 import dataclasses
 import math
@@ -14,11 +14,13 @@ import numpy as np
 class RopeScaling:
     """RoPE scaling for long context (HF `rope_scaling`)."""
 
-    kind: Literal["linear", "yarn"]
+    kind: Literal["linear", "yarn", "llama3"]
     factor: float  # context extension factor, e.g. 40 for DeepSeek-V3
     original_max_len: int = 4096  # the pretraining context (HF original_max_position_embeddings)
     beta_fast: float = 32.0  # YaRN ramp bounds, in rotations over original_max_len
     beta_slow: float = 1.0
+    low_freq_factor: float = 1.0  # llama3: wavelengths over original_max_len / this are scaled
+    high_freq_factor: float = 4.0  # ... those under original_max_len / this are kept
 
 
 def rope_frequencies(
@@ -26,7 +28,10 @@ def rope_frequencies(
 ) -> jax.Array:
     """theta^(-2i/d) for i = 0 .. d/2 - 1, in float32, optionally scaled.
 
-    linear: every frequency divided by factor. yarn: pair i makes L * f_i / (2 pi) rotations over
+    linear: every frequency divided by factor. llama3 (Llama 3.1): frequencies that make fewer
+    than low_freq_factor rotations over the original context L are divided by factor, those
+    making more than high_freq_factor are kept, and in between the two blend linearly in the
+    rotation count. yarn: pair i makes L * f_i / (2 pi) rotations over
     the original context L. Solving for i at beta_fast and beta_slow rotations and rounding outward
     (floor, ceil; the HF / DeepSeek-V3 correction range) gives [low, high]; pairs below low keep f_i,
     pairs above high get f_i / factor, and a linear ramp in i blends the two in between.
@@ -36,6 +41,12 @@ def rope_frequencies(
         return freqs
     if scaling.kind == "linear":
         return freqs / scaling.factor
+    if scaling.kind == "llama3":  # a blend, linear in original_max_len / wavelength
+        rotations = scaling.original_max_len * freqs / (2 * math.pi)
+        kept = (rotations - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        kept = jnp.clip(kept, 0.0, 1.0)
+        return freqs * kept + freqs / scaling.factor * (1 - kept)
     if scaling.kind != "yarn":
         raise ValueError(f"unknown RoPE scaling kind {scaling.kind!r}")
 

@@ -96,7 +96,8 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
     a = config.attention
     mask = Mask(kind.attention, a.window, a.chunk, a.stride)
     scaling = None if a.rope_scaling == "none" else RopeScaling(
-        a.rope_scaling, a.rope_factor, a.rope_original_len)
+        a.rope_scaling, a.rope_factor, a.rope_original_len,
+        low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
     if a.mla is not None:
         return MLAttention(
             config.num_heads, a.mla, config.rope_theta, compute_dtype(config), decode,
@@ -106,7 +107,7 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
     return Attention(
         config.num_heads, config.num_kv_heads, config.resolved_head_dim, config.rope_theta,
         compute_dtype(config), decode, config.context_parallel, mask, kind.position, scaling,
-        a.kernel, a.block_size, a.qk_norm, a.sparse, name="attn",
+        a.kernel, a.block_size, a.qk_norm, a.sparse, a.qkv_bias, config.norm_eps, name="attn",
     )
 
 

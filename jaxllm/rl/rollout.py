@@ -11,18 +11,22 @@ import jax
 import numpy as np
 
 from jaxllm.data import tasks
+from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
 
 
 def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
-    """`<bos>`, the task's prompt and `<think>`: the model continues with its reasoning."""
-    think = tokenizer.special["<think>"]
-    return [tokenizer.bos_id, *tokenizer.encode(tasks.prompt(problem)), think]
+    """`<bos>` and the task's prompt, or the prompt through the tokenizer's chat template
+    (`chat_prompt`), then `<think>` if the vocabulary has it: the model continues with its
+    reasoning."""
+    think = [tokenizer.special["<think>"]] if "<think>" in tokenizer.special else []
+    return chat_prompt(tokenizer, tasks.prompt(problem)) + think
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
-    """A completion ends with `</answer>`, or with `<eos>`."""
-    return (tokenizer.special["</answer>"], tokenizer.eos_id)
+    """A completion ends with `</answer>` (where it is one token), or with `<eos>`."""
+    answer = tokenizer.special.get("</answer>")
+    return (tokenizer.eos_id,) if answer is None else (answer, tokenizer.eos_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -136,14 +136,15 @@ class Checkpointer:
     def restore(
         self, step: int, state: TrainState, config: config_lib.Config
     ) -> tuple[TrainState, int]:
-        """Restores `step` into the shapes and shardings of `state`, resharding as needed.
+        """Restores `step` into the shapes and shardings of `state` (arrays, or
+        `jax.ShapeDtypeStruct`s with shardings), resharding as needed.
 
         The arrays of `state` are freed first, so that memory never holds two states.
         Returns (the restored state, the data position).
         """
         self.check_model(step, config)
         target = _abstract(state)
-        jax.tree.map(lambda x: x.delete(), state)
+        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, state)
         restored = self._restore_item(
             step, state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()
         )

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -12,7 +13,7 @@ from jaxllm import parallel
 from jaxllm.nn import Transformer
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.optimizer import make_optimizer
-from jaxllm.train.state import TrainState, init_state
+from jaxllm.train.state import TrainState, abstract_state
 
 
 def read_config(workdir: str | Path) -> config_lib.Config:
@@ -24,7 +25,8 @@ def read_config(workdir: str | Path) -> config_lib.Config:
 
 
 def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Config) -> TrainState:
-    """`state` filled from the latest checkpoint in `workdir`, resharded onto its layout."""
+    """`state` (arrays, or an `abstract_state`) filled from the latest checkpoint in
+    `workdir`, resharded onto its layout."""
     checkpoints = Checkpointer(epath.Path(workdir) / "checkpoints", config.checkpoint)
     try:
         step = checkpoints.latest_step()
@@ -35,12 +37,17 @@ def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Co
         checkpoints.close()
 
 
-def load_run(workdir: str | Path) -> tuple[config_lib.Config, Transformer, TrainState]:
-    """(config, model, state) of the latest checkpoint in `workdir`, on one device whatever
-    mesh the run trained on."""
+def load_run(workdir: str | Path, overrides: Sequence[str] = ()
+             ) -> tuple[config_lib.Config, Transformer, TrainState]:
+    """(config, model, state) of the latest checkpoint in `workdir`: on one device whatever
+    mesh the run trained on, or on the mesh that `overrides` set (e.g. "mesh.fsdp=8")."""
     config = read_config(workdir)
-    config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
-    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    if overrides:
+        config = config_lib.apply_overrides(config, list(overrides))
+        mesh = parallel.make_mesh(config)
+    else:
+        config = dataclasses.replace(config, mesh=config_lib.MeshConfig(data=1))
+        mesh = parallel.make_mesh(config, jax.devices()[:1])
     model = Transformer(config.model)
-    state, _ = init_state(model, make_optimizer(config.train), 8, mesh, jax.random.key(0))
-    return config, model, restore_latest(workdir, state, config)
+    target = abstract_state(model, make_optimizer(config.train), 8, mesh)
+    return config, model, restore_latest(workdir, target, config)

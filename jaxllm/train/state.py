@@ -48,6 +48,17 @@ def init_state(model, tx, seq_len: int, mesh: Mesh, rng: jax.Array):
     return state, state_shardings
 
 
+def abstract_state(model, tx, seq_len: int, mesh: Mesh) -> TrainState:
+    """The shapes, dtypes and shardings of the state `init_state` makes, computing nothing:
+    a target to restore a checkpoint into."""
+    create = functools.partial(_create, model=model, tx=tx, seq_len=seq_len)
+    with parallel.use_mesh(mesh):
+        boxed = jax.eval_shape(create, jax.random.key(0))
+        state_shardings = parallel.shardings(boxed, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.meta.unbox(boxed), state_shardings)
+
+
 def abstract_params(model, seq_len: int = 8):
     """Param shapes without allocating anything (through `jax.eval_shape`)."""
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)

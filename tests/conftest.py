@@ -1,7 +1,11 @@
 """Eight simulated CPU devices, set before JAX is imported, so every mesh really shards.
 
 Datasets the tests build (the offline reasoning corpus) go to a temporary TFDS data_dir of
-this session, never into the user's own."""
+this session, never into the user's own.
+
+Compiled executables go to a persistent compilation cache that the pytest-xdist workers of
+one session share (named by xdist's test-run id), so tests that
+compile the same program (the same tiny model's init or train step) compile it once."""
 
 import os
 import tempfile
@@ -11,3 +15,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tfds-")
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())  # same in every worker
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxllm-jit-cache-{_run}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -150,10 +150,10 @@ def test_aux_losses_reach_the_router_gradient():
     on changes the router's gradient."""
     batch = arithmetic_batch(2, 16)
     softmax = MoEConfig(num_experts=4, experts_per_token=2, expert_dim=16)
+    params = init_variables(Transformer(tiny_model(num_layers=1, moe=softmax)))["params"]
     grads = {}
     for name, weight in (("off", 0.0), ("on", 1.0)):
         cfg = tiny_model(num_layers=1, moe=dataclasses.replace(softmax, load_balance_loss=weight))
-        params = init_variables(Transformer(cfg))["params"]
         loss = functools.partial(_sums, batch=batch, model=Transformer(cfg), z_loss=0.0)
         grad = jax.jit(jax.grad(loss, has_aux=True))
         grads[name] = grad(params)[0]["decoder"]["layers"]["moe"]["router"]["kernel"]

@@ -1,5 +1,6 @@
 """FLOP accounting for MFU, and the peak it is measured against."""
 
+import functools
 import time
 
 import jax
@@ -62,8 +63,9 @@ def measure_matmul_peak(size: int = 4096, dtype=jnp.float32, repeats: int = 5) -
     return 2 * size**3 / best
 
 
+@functools.cache
 def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the figure comes from)."""
+    """(peak FLOP/s of one device, where the figure comes from), measured once per process."""
     kind = jax.devices()[0].device_kind
     for name, flops in KNOWN_PEAK_FLOPS.items():
         if kind.startswith(name):

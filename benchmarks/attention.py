@@ -46,6 +46,7 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from train_step import cost_flops
 
 from jaxllm import presets
 from jaxllm.calculator import kv_cache_bytes_per_token
@@ -55,12 +56,6 @@ from jaxllm.nn.masks import Mask
 from jaxllm.nn.sparse import Indexer, select, sparse_attention
 
 MIB = 2**20
-
-
-def cost_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
 
 
 def temp_bytes(compiled) -> int:

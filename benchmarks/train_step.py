@@ -64,8 +64,11 @@ def compile_step(mesh, state, batch, step):
 
 
 def cost_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled (or lowered) computation."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost  # older jax: one dict per module
+    if cost is None:  # GPU: a lowered computation has no analysis until compiled
+        cost = compiled.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
     return float(cost["flops"])
 
 

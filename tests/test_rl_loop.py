@@ -13,7 +13,7 @@ from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.infer import Sampler
 from jaxllm.nn import Transformer
 from jaxllm.rl.loop import grpo
-from jaxllm.rl.rollout import prompt_tokens, rollout
+from jaxllm.rl.rollout import WIDTH_STEP, prompt_tokens, rollout
 
 PROBLEMS = [tasks.Problem("toy", f"{a}+{a}=?", str(2 * a)) for a in range(40)]
 
@@ -44,7 +44,9 @@ def test_rollout_rows_are_prompt_then_completion_with_true_positions():
     problems = [PROBLEMS[3], PROBLEMS[12]]  # prompts of different lengths
     ro = rollout(Sampler(model, params, tokenizer), problems, group_size=2, max_new_tokens=5,
                  temperature=1.0, rng=jax.random.key(1))
-    width = ro.tokens.shape[1] - 5
+    width = max(len(prompt_tokens(p, tokenizer)) for p in problems)
+    used = min(5, -(-ro.lengths.max() // WIDTH_STEP) * WIDTH_STEP)  # the longest, rounded up
+    assert ro.tokens.shape == (4, width + used)
     for row in range(4):
         prompt = prompt_tokens(problems[row // 2], tokenizer)
         first = width - len(prompt)

@@ -305,5 +305,6 @@ class Attention(nn.Module):
         x = apply_rope(x, positions, self.rope_theta, self.rope_scaling)
         if self.qk_norm == "l2":
             x32 = x.astype(jnp.float32)
-            x = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(x.dtype)
+            scale = jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.norm_eps)
+            x = (x32 * scale).astype(x.dtype)
         return x

@@ -2,7 +2,8 @@
 
 Three kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
 matmul" and the CPU measurement below it):
-- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows; for TPU and GPU.
+- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows; for TPU (XLA:CPU and XLA:GPU,
+  measured in jax 0.11, compute it densely per group).
 - "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
   matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
   Dropless at most E*B rows of padding; the fast dropless kernel on CPU.

@@ -7,7 +7,7 @@ Conventions follow `../shared/REFERENCES.md`, "Mixture of experts":
   the chosen experts are the weights. Llama 4 is sigmoid top-1 without normalisation.
 - group-limited selection (DeepSeek-V3): a group's score is the sum of its top-2 selection
   scores; experts outside the best topk_group groups are masked with -inf, as in DeepSeek's
-  reference `inference/model.py` (HF transformers masks with 0.0).
+  reference `inference/model.py` and transformers 5.
 """
 
 import jax

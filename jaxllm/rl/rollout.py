@@ -1,8 +1,10 @@
 """Rollouts: G sampled completions per prompt, laid out as one GRPO update batch.
 
-A row is the left-padded prompt followed by its completion: [B, P + L] tokens, with
+A row is the left-padded prompt followed by its completion: [B, P + W] tokens, with
 positions that start at 0 on the first real token, segment id 1 on real tokens (0 on
-padding), and `completion_mask` 1 on the completion tokens the loss counts.
+padding), and `completion_mask` 1 on the completion tokens the loss counts. W is the
+longest completion rounded up to a multiple of `WIDTH_STEP` (at most the sampling budget),
+so the update computes no columns past it and compiles for only a few widths.
 """
 
 import dataclasses
@@ -13,6 +15,8 @@ import numpy as np
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
+
+WIDTH_STEP = 16
 
 
 def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
@@ -33,10 +37,10 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
 class Rollout:
     """One batch of completions, G consecutive rows per prompt (numpy arrays)."""
 
-    tokens: np.ndarray  # [B, P + L]
-    positions: np.ndarray  # [B, P + L]
-    segment_ids: np.ndarray  # [B, P + L]
-    completion_mask: np.ndarray  # [B, P + L]
+    tokens: np.ndarray  # [B, P + W]
+    positions: np.ndarray  # [B, P + W]
+    segment_ids: np.ndarray  # [B, P + W]
+    completion_mask: np.ndarray  # [B, P + W]
     lengths: np.ndarray  # [B] completion tokens, the stop token included
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
@@ -70,7 +74,8 @@ def rollout(
         stop_ids=stop_ids(tokenizer), prompt_len=prompt_len,
     ))
     prompt_lengths = np.array([len(p) for p in prompts])
-    width = prompt_len + max_new_tokens
+    used = min(max_new_tokens, -(-int(result.lengths.max()) // WIDTH_STEP) * WIDTH_STEP)
+    width = prompt_len + used
     column = np.arange(width)[None]
     first = (prompt_len - prompt_lengths)[:, None]
     end = prompt_len + result.lengths[:, None]
@@ -79,7 +84,7 @@ def rollout(
         padded[row, prompt_len - len(tokens):] = tokens
     real = (column >= first) & (column < end)
     return Rollout(
-        tokens=np.concatenate([padded, result.tokens], axis=1),
+        tokens=np.concatenate([padded, result.tokens[:, :used]], axis=1),
         positions=np.maximum(column - first, 0).astype(np.int32),
         segment_ids=real.astype(np.int32),
         completion_mask=(real & (column >= prompt_len)).astype(np.int32),

@@ -2,12 +2,19 @@
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from helpers import tiny_model
 from jaxllm import config as config_lib
+from jaxllm import parallel
 from jaxllm.cli import main
+from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import pretrain
+from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.run import load_run
+from jaxllm.train.state import abstract_state
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +30,20 @@ def trained(tmp_path_factory):
     )
     pretrain(config, log=lambda _: None)
     return workdir
+
+
+def test_load_run_restores_the_weights_of_a_whole_restore_without_the_optimizer(trained):
+    config, model, state = load_run(trained)
+    assert state.opt_state is None
+    target = abstract_state(model, make_optimizer(config.train), 8,
+                            parallel.make_mesh(config, jax.devices()[:1]))
+    checkpoints = Checkpointer(trained / "checkpoints", config.checkpoint)
+    whole, _ = checkpoints.restore(checkpoints.latest_step(), target, config)
+    checkpoints.close()
+    assert int(state.step) == int(whole.step) == 3
+    jax.tree.map(np.testing.assert_array_equal, state.params, whole.params)
+    jax.tree.map(np.testing.assert_array_equal, jax.random.key_data(state.rng),
+                 jax.random.key_data(whole.rng))
 
 
 def test_generate_streams_a_completion_with_a_forced_instant_thought(trained, capsys):

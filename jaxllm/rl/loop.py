@@ -32,7 +32,7 @@ from jaxllm.train.metrics import MetricsWriter
 from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxllm.train.preemption import stop_on_sigterm
 from jaxllm.train.progress import Progress
-from jaxllm.train.run import restore_latest
+from jaxllm.train.run import restore_weights
 from jaxllm.train.state import TrainState, init_state
 
 
@@ -54,8 +54,8 @@ def problems_of_step(problems: list[tasks.Problem], step: int, count: int) -> li
 def load_pretrained(workdir: str, state: TrainState, config: config_lib.Config, tx) -> TrainState:
     """`state` with the params (and MoE biases) of the latest checkpoint in `workdir`, a fresh
     optimizer state and step 0. The checkpoint's model must equal `config.model`."""
-    restored = restore_latest(workdir, state, config)
-    shardings = jax.tree.map(lambda x: x.sharding, restored.opt_state)
+    restored = restore_weights(workdir, state, config)
+    shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
     opt_state = jax.jit(tx.init, out_shardings=shardings)
     return restored.replace(
         step=jnp.zeros_like(restored.step), opt_state=opt_state(restored.params)

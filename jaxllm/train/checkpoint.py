@@ -5,6 +5,8 @@ complete, so a process killed during a save leaves nothing that `latest_step` wo
 Restoring targets the current mesh's shardings, so a run may resume on other axis sizes.
 """
 
+import dataclasses
+
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -36,8 +38,8 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _abstract(state: TrainState) -> TrainState:
-    """Shapes, dtypes and shardings of `state`: the target layout of a restore."""
+def _abstract(state):
+    """Shapes, dtypes and shardings of `state`'s arrays: the target layout of a restore."""
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
     )
@@ -149,6 +151,22 @@ class Checkpointer:
             step, state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()
         )
         return restored.state, restored.run["data_position"]
+
+    def restore_weights(self, step: int, state: TrainState, config: config_lib.Config
+                        ) -> TrainState:
+        """`state` with the step, params, rng and MoE biases of checkpoint `step`, in the
+        layout of `state`'s; the optimizer state is not read (about a third of the memory and
+        reading of a whole restore) and stays as `state` holds it."""
+        self.check_model(step, config)
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+                  if f.name != "opt_state"}
+        target = _abstract(fields)
+        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, fields)
+        restored = self._restore_item(step, state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ))
+        return state.replace(**restored.state)
 
     def resume(self, state: TrainState, config: config_lib.Config) -> tuple[TrainState, int]:
         """Restores `resume_step(config)`, or returns (state, 0) if there is none.

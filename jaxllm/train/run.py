@@ -24,15 +24,17 @@ def read_config(workdir: str | Path) -> config_lib.Config:
     return config_lib.from_dict(json.loads(path.read_text()))
 
 
-def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Config) -> TrainState:
-    """`state` (arrays, or an `abstract_state`) filled from the latest checkpoint in
-    `workdir`, resharded onto its layout."""
+def restore_weights(workdir: str | Path, state: TrainState, config: config_lib.Config
+                    ) -> TrainState:
+    """`state` (arrays, or an `abstract_state`) with the params, MoE biases, step and rng of
+    the latest checkpoint in `workdir`, resharded onto its layout. The optimizer state is not
+    read: it stays as `state` holds it."""
     checkpoints = Checkpointer(epath.Path(workdir) / "checkpoints", config.checkpoint)
     try:
         step = checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"{workdir} holds no checkpoint")
-        return checkpoints.restore(step, state, config)[0]
+        return checkpoints.restore_weights(step, state, config)
     finally:
         checkpoints.close()
 
@@ -40,7 +42,8 @@ def restore_latest(workdir: str | Path, state: TrainState, config: config_lib.Co
 def load_run(workdir: str | Path, overrides: Sequence[str] = ()
              ) -> tuple[config_lib.Config, Transformer, TrainState]:
     """(config, model, state) of the latest checkpoint in `workdir`: on one device whatever
-    mesh the run trained on, or on the mesh that `overrides` set (e.g. "mesh.fsdp=8")."""
+    mesh the run trained on, or on the mesh that `overrides` set (e.g. "mesh.fsdp=8").
+    The state holds no optimizer state (`opt_state` is None)."""
     config = read_config(workdir)
     if overrides:
         config = config_lib.apply_overrides(config, list(overrides))
@@ -50,4 +53,4 @@ def load_run(workdir: str | Path, overrides: Sequence[str] = ()
         mesh = parallel.make_mesh(config, jax.devices()[:1])
     model = Transformer(config.model)
     target = abstract_state(model, make_optimizer(config.train), 8, mesh)
-    return config, model, restore_latest(workdir, target, config)
+    return config, model, restore_weights(workdir, target, config).replace(opt_state=None)

@@ -13,7 +13,8 @@ from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.infer import Sampler
 from jaxllm.nn import Transformer
 from jaxllm.rl.loop import grpo
-from jaxllm.rl.rollout import WIDTH_STEP, prompt_tokens, rollout
+from jaxllm.rl import rollout as rollout_lib
+from jaxllm.rl.rollout import prompt_tokens, rollout
 
 PROBLEMS = [tasks.Problem("toy", f"{a}+{a}=?", str(2 * a)) for a in range(40)]
 
@@ -37,7 +38,13 @@ def toy_config(workdir, steps: int) -> config_lib.Config:
     )
 
 
-def test_rollout_rows_are_prompt_then_completion_with_true_positions():
+@pytest.mark.parametrize("stop_at_once", [False, True])
+def test_rollout_rows_are_prompt_then_completion_with_true_positions(stop_at_once, monkeypatch):
+    """With every token a stop token, each completion is one token long and the rows end at
+    the next multiple of WIDTH_STEP (here 2) instead of at the 5-token budget."""
+    if stop_at_once:
+        monkeypatch.setattr(rollout_lib, "WIDTH_STEP", 2)
+        monkeypatch.setattr(rollout_lib, "stop_ids", lambda tok: tuple(range(tok.vocab_size)))
     tokenizer = ByteTokenizer()
     model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, embed_dim=32, mlp_dim=64))
     params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
@@ -45,8 +52,9 @@ def test_rollout_rows_are_prompt_then_completion_with_true_positions():
     ro = rollout(Sampler(model, params, tokenizer), problems, group_size=2, max_new_tokens=5,
                  temperature=1.0, rng=jax.random.key(1))
     width = max(len(prompt_tokens(p, tokenizer)) for p in problems)
-    used = min(5, -(-ro.lengths.max() // WIDTH_STEP) * WIDTH_STEP)  # the longest, rounded up
-    assert ro.tokens.shape == (4, width + used)
+    if stop_at_once:
+        assert list(ro.lengths) == [1, 1, 1, 1]
+    assert ro.tokens.shape == (4, width + (2 if stop_at_once else 5))
     for row in range(4):
         prompt = prompt_tokens(problems[row // 2], tokenizer)
         first = width - len(prompt)

@@ -41,10 +41,10 @@ class MoEConfig:
     topk_group: int = 1  # ... of which only the best topk_group are eligible
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25  # dispatch=capacity: slots per expert = factor * T * k / E
-    # The grouped matmul: ragged_dot (TPU, GPU); block_sparse, each expert's rows in blocks of
-    # up to 128 (dropless on CPU); or padded [E, C, D] blocks and an einsum (CPU, with
-    # dispatch=capacity: dropless, the blocks hold C = T rows, E/k times the FLOPs).
-    kernel: Literal["ragged_dot", "block_sparse", "sorted_einsum"] = "ragged_dot"
+    # The grouped matmul (`jaxllm.nn.experts`): auto picks by backend, from benchmarks/moe.py:
+    # ragged_dot on TPU, block_sparse on GPU, tiled elsewhere (CPU). sorted_einsum: padded
+    # [E, C, D] blocks (with dispatch=capacity; dropless holds C = T rows, E/k times the FLOPs).
+    kernel: Literal["auto", "ragged_dot", "block_sparse", "tiled", "sorted_einsum"] = "auto"
     # On a mesh with expert > 1 whose devices split the tokens: shard_map with an all_to_all
     # token exchange (`jaxllm.nn.expert_parallel`). False, or tokens that do not split,
     # leave the expert-sharded matmuls to GSPMD.

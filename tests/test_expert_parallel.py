@@ -48,7 +48,7 @@ def moe_grads(cfg, variables, x, cotangent, mesh=None):
     return y, value, grads, metrics, compiled.as_text()
 
 
-@pytest.mark.parametrize("kernel", ["ragged_dot", "block_sparse"])  # the kernels agree: test_moe
+@pytest.mark.parametrize("kernel", ["ragged_dot", "tiled"])  # the kernels agree: test_moe
 @pytest.mark.parametrize("mesh_name", MESHES)
 def test_expert_parallel_moe_matches_one_device(mesh_name, kernel):
     cfg = dataclasses.replace(DEEPSEEK_LIKE, kernel=kernel)

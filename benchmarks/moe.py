@@ -10,7 +10,8 @@ dense SwiGLU with the same active parameters, in one run.
      ragged_dot, block_sparse and tiled dropless, and sorted_einsum with capacity;
    - the naive layer: every token through every expert, combined by the one-hot gates;
    - dense-active: one SwiGLU of width k x expert width, the active parameters of a token.
-   Median times, ratios to dense-active, XLA cost_analysis FLOPs of each compiled step
+   Median times over rounds that call every layer once (the machine's drift hits all alike),
+   ratios to dense-active, XLA cost_analysis FLOPs of each compiled step
    (none for the tiled kernel: XLA counts the body of its loop once).
    The goals of the MoE design are MoE / dense-active <= 1.3 at E=8 (<= 1.5 at E=64); the
    physical limit is 1.0.
@@ -72,22 +73,19 @@ def fwd_bwd(apply):
     return jax.jit(jax.grad(lambda variables, x: jnp.sum(apply(variables, x)), argnums=(0, 1)))
 
 
-def time_calls(fn, *args, reps: int) -> tuple[float, float]:
-    """(median seconds of `reps` calls after one warm-up call, CPU cores busy meanwhile)."""
-    jax.block_until_ready(fn(*args))
-    times, cpu_start = [], time.process_time()
-    for _ in range(reps):
-        start = time.perf_counter()
+def time_interleaved(calls: dict[str, tuple], reps: int) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds, CPU cores busy) of `reps` rounds that each make every call
+    (fn, args) once, after one warm-up round, so that the machine's drift hits all alike."""
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (time.process_time() - cpu_start) / sum(times)
-
-
-def bench_layer(apply, variables, x, reps: int) -> dict:
-    """Median fwd+bwd seconds, cores busy, and XLA FLOPs of the compiled step."""
-    compiled = fwd_bwd(apply).lower(variables, x).compile()
-    seconds, cores = time_calls(compiled, variables, x, reps=reps)
-    return dict(seconds=seconds, cores=cores, flops=cost_flops(compiled))
+    times, cpu = {name: [] for name in calls}, dict.fromkeys(calls, 0.0)
+    for _ in range(reps):
+        for name, (fn, args) in calls.items():
+            cpu_start, start = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - start)
+            cpu[name] += time.process_time() - cpu_start
+    return {name: (statistics.median(t), cpu[name] / sum(t)) for name, t in times.items()}
 
 
 def dropped_fraction(moe: MoE, variables, x) -> float:
@@ -97,20 +95,28 @@ def dropped_fraction(moe: MoE, variables, x) -> float:
 
 
 def layer_results(moe_cfg: MoEConfig, args) -> dict[str, tuple[dict, float | None]]:
-    """Layer name -> (`bench_layer` result, dropped fraction or None) at one MoE shape."""
+    """Layer name -> (median fwd+bwd seconds, cores busy and XLA FLOPs; dropped fraction or
+    None) at one MoE shape, the layers timed in interleaved rounds."""
     key_x, key_moe, key_dense = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(key_x, (args.tokens // args.seq_len, args.seq_len, args.embed))
     dense = SwiGLU(moe_cfg.experts_per_token * moe_cfg.expert_dim + moe_cfg.resolved_shared_dim)
     dense_vars = nn.unbox(dense.init(key_dense, x))
-    results = {"dense-active": (bench_layer(dense.apply, dense_vars, x, args.reps), None)}
     moe_vars = nn.unbox(MoE(moe_cfg).init(key_moe, x))
+    layers = {"dense-active": (dense.apply, dense_vars, None)}
     for label, dispatch, kernel in VARIANTS:
         moe = MoE(dataclasses.replace(moe_cfg, dispatch=dispatch, kernel=kernel))
-        results[f"MoE {label}"] = (bench_layer(moe.apply, moe_vars, x, args.reps),
-                                   dropped_fraction(moe, moe_vars, x))
-    naive = functools.partial(naive_moe, cfg=moe_cfg)
-    results["naive (every expert)"] = (bench_layer(naive, moe_vars, x, args.reps), None)
-    return results
+        layers[f"MoE {label}"] = (moe.apply, moe_vars, dropped_fraction(moe, moe_vars, x))
+    layers["naive (every expert)"] = (functools.partial(naive_moe, cfg=moe_cfg), moe_vars, None)
+    compiled = {name: fwd_bwd(apply).lower(variables, x).compile()
+                for name, (apply, variables, _) in layers.items()}
+    timed = time_interleaved(
+        {name: (fn, (layers[name][1], x)) for name, fn in compiled.items()}, args.reps
+    )
+    return {
+        name: (dict(seconds=timed[name][0], cores=timed[name][1], flops=cost_flops(fn)),
+               layers[name][2])
+        for name, fn in compiled.items()
+    }
 
 
 def flops_cells(name: str, flops: float, base: float) -> tuple[str, str]:
@@ -226,7 +232,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per layer call")
     parser.add_argument("--seq-len", type=int, default=512, help="layer input: tokens/seq x seq")
     parser.add_argument("--embed", type=int, default=256, help="layer width d")
-    parser.add_argument("--reps", type=int, default=3, help="timed fwd+bwd calls per layer")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed rounds of fwd+bwd calls, each round calling every layer once")
     parser.add_argument("--batch", type=int, default=16, help="train step: sequences")
     parser.add_argument("--train-seq-len", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=5, help="timed train steps")

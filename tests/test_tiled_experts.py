@@ -1,40 +1,46 @@
-"""The tiled grouped SwiGLU against a Python loop over experts, on values and gradients."""
+"""The tiled routed experts against a Python loop over experts, on values and gradients."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllm.nn.tiled_experts import tile_sizes, tiled_swiglu
+from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
 
-def loop_over_experts(x, group_sizes, wi, wo):
-    """Each expert's rows, sliced out in Python, through its own SwiGLU."""
-    outputs, start = [], 0
+def loop_over_experts(x, tokens, weights, group_sizes, wi, wo):
+    """Each expert's rows, sliced out in Python: its SwiGLU of their tokens, weighted and
+    added into those tokens' outputs."""
+    y, start = jnp.zeros_like(x), 0
     for expert, size in enumerate(group_sizes):
-        gate_up = jnp.einsum("td,dgf->tgf", x[start : start + size], wi[expert])
-        outputs.append((jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ wo[expert])
+        rows = slice(start, start + size)
+        gate_up = jnp.einsum("td,dgf->tgf", x[tokens[rows]], wi[expert])
+        out = (jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]) @ wo[expert]
+        y = y.at[tokens[rows]].add(out * weights[rows, None])
         start += size
-    return jnp.concatenate(outputs)
+    return y
 
 
-def test_tiled_swiglu_matches_a_loop_over_experts():
+def test_tiled_moe_matches_a_loop_over_experts():
     """Tiles of 8, 4 and 2 rows. Expert 1's 21 rows take two whole tiles of 8, one of 4 and
     one of 2 that overhangs into expert 4's rows, which must neither change nor feed
     expert 1's gradients; expert 4's last tile would run past the last row. Empty experts
-    come first, between and last (`test_moe` has every row on one expert)."""
+    come first, between and last (`test_moe` has every row on one expert). 40 rows of 20
+    tokens: each token is chosen twice."""
     group_sizes = (0, 21, 0, 0, 19, 0)
-    x = jax.random.normal(jax.random.key(0), (sum(group_sizes), 8))
+    tokens = jax.random.permutation(jax.random.key(4), jnp.arange(40) % 20)
+    x = jax.random.normal(jax.random.key(0), (20, 8))
+    weights = jax.random.uniform(jax.random.key(5), (40,))
     wi = 0.3 * jax.random.normal(jax.random.key(1), (6, 8, 2, 6))
     wo = 0.3 * jax.random.normal(jax.random.key(2), (6, 6, 8))
     cotangent = jax.random.normal(jax.random.key(3), x.shape)
     sizes = jnp.array(group_sizes, jnp.int32)
 
     def grads(fn):
-        loss = lambda x, wi, wo: jnp.sum(fn(x, wi, wo) * cotangent)
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, wi, wo)
+        loss = lambda *args: jnp.sum(fn(*args) * cotangent)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, weights, wi, wo)
 
-    got = grads(lambda x, wi, wo: tiled_swiglu(x, sizes, wi, wo, 8, 2))
-    want = grads(lambda x, wi, wo: loop_over_experts(x, group_sizes, wi, wo))
+    got = grads(lambda x, w, wi, wo: tiled_moe(x, tokens, w, sizes, wi, wo, 8, 2))
+    want = grads(lambda x, w, wi, wo: loop_over_experts(x, tokens, w, group_sizes, wi, wo))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 

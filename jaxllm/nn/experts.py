@@ -7,9 +7,9 @@ matmul"; the README's MoE section has their measured speed):
 - "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
   matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
   Dropless at most E*B rows of padding; the fastest dropless kernel measured on GPU.
-- "tiled": a loop over tiles of each expert's rows, one dense SwiGLU per tile, with a
-  hand-written VJP (`jaxllm.nn.tiled_experts`); the fastest on CPU, where it reaches the
-  dense layer's speed at E=8.
+- "tiled": a loop over tiles of each expert's rows, one dense SwiGLU per tile, that
+  gathers, weights and adds back its rows itself, with a hand-written VJP
+  (`jaxllm.nn.tiled_experts`); the fastest on CPU.
 - "sorted_einsum": the sorted rows scattered into padded [E, C, D] blocks and a batched
   einsum. Dropless when C covers the largest group (C = T always does).
 "auto" picks ragged_dot on TPU, block_sparse on GPU and tiled elsewhere.
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.nn import router
-from jaxllm.nn.tiled_experts import tile_sizes, tiled_swiglu
+from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
 
 def _swiglu(gate_up: jax.Array) -> jax.Array:
@@ -120,12 +120,14 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     starts = jnp.cumsum(group_sizes) - group_sizes
     slots = jnp.arange(k * tokens) - starts[sorted_experts]  # place within the expert's group
     kept = slots < capacity
+    dropped = jnp.mean(~kept, dtype=jnp.float32)
+    if kernel == "tiled":  # gathers and combines the rows itself
+        row_weights = weights.T.reshape(-1).astype(x.dtype)[order] * kept
+        tiles = tile_sizes(k * tokens, num_experts)
+        return tiled_moe(x, order % tokens, row_weights, group_sizes, wi, wo, *tiles), dropped
     x_sorted = x[order % tokens]  # [K*T, D]
     if kernel == "ragged_dot":
         out = ragged_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
-    elif kernel == "tiled":
-        tiles = tile_sizes(k * tokens, num_experts)
-        out = tiled_swiglu(x_sorted, group_sizes, wi, wo, *tiles) * kept[:, None]
     elif kernel == "block_sparse":
         out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
     else:
@@ -133,4 +135,4 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k * tokens), unique_indices=True)
     out = out[inverse].reshape(k, tokens, -1)  # unsort: [K, T, D]
     y = jnp.einsum("ktd,tk->td", out, weights.astype(out.dtype))
-    return y, jnp.mean(~kept, dtype=jnp.float32)
+    return y, dropped

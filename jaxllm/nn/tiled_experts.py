@@ -1,8 +1,10 @@
-"""A dropless grouped SwiGLU for backends without a grouped-matmul kernel: a loop over tiles.
+"""Dropless routed experts for backends without a grouped-matmul kernel: a loop over tiles.
 
-The rows, sorted by expert, are cut into tiles that each belong to one expert, and a
-`lax.fori_loop` whose trip count is the number of tiles in use runs one dense SwiGLU per
-tile. Nothing is computed for padding that no routing fills, unlike a static block layout.
+The token-choices, sorted by expert, are cut into tiles of rows that each belong to one
+expert, and a `lax.fori_loop` whose trip count is the number of tiles in use runs one dense
+SwiGLU per tile. Nothing is computed for padding that no routing fills, unlike a static
+block layout. Each tile gathers its tokens from x and adds its weighted output straight
+into y, so no [k*T, D] copy of the tokens is ever made.
 
 Tiles come in levels of halving size: each expert's rows are first covered by whole tiles
 of the largest size, then its remainder by at most one tile of each smaller size, and the
@@ -87,17 +89,19 @@ def _outer(a, b):
     return jnp.matmul(a.T, b, preferred_element_type=jnp.float32)
 
 
-def _forward(x, group_sizes, wi, wo, tile, min_tile):
-    """(y [M, D], gate and up projections [M, 2F]) of `tiled_swiglu`."""
-    rows, embed = x.shape
-    num_experts, _, _, hidden = wi.shape
+def _forward(x, tokens, weights, group_sizes, wi, wo, tile, min_tile):
+    """(y [T, D], gate and up projections of the rows [M, 2F]) of `tiled_moe`."""
+    rows = tokens.shape[0]
+    num_experts, embed, _, hidden = wi.shape
     wi = wi.reshape(num_experts, embed, 2 * hidden)
 
     def body(size, expert, first, mask, carry):
         y, gate_up = carry
-        tile_gate_up = (_rows(x, first, size) * mask) @ wi[expert]
+        row_tokens = _rows(tokens, first, size)
+        tile_gate_up = (x[row_tokens] * mask) @ wi[expert]  # masked rows: zeros from here on
         hidden_rows = jax.nn.silu(tile_gate_up[:, :hidden]) * tile_gate_up[:, hidden:]
-        y = _add_rows(y, hidden_rows @ wo[expert], first)
+        row_weights = _rows(weights, first, size)[:, None]
+        y = y.at[row_tokens].add((hidden_rows @ wo[expert]) * row_weights)
         return y, _add_rows(gate_up, tile_gate_up, first)
 
     # zeros_like, not zeros: inside shard_map the carry must vary over the mesh like x.
@@ -111,54 +115,70 @@ def _varying_axes(array) -> frozenset:
     return aval.mat.varying if hasattr(aval, "mat") else aval.vma
 
 
-def tiled_swiglu(x_sorted, group_sizes, wi, wo, tile: int, min_tile: int):
-    """x_sorted [M, D] rows grouped by expert, group_sizes [E], wi [E, D, 2, F], wo [E, F, D]
-    -> [M, D], each row through its own expert; tiles of `tile` down to `min_tile` rows,
-    powers of two (`tile_sizes`)."""
-    # Inside shard_map the kernels must vary over the mesh axes the rows vary over, so that
+def tiled_moe(x, tokens, weights, group_sizes, wi, wo, tile: int, min_tile: int):
+    """sum over rows r of weights[r] * SwiGLU_e(r)(x[tokens[r]]), added into row tokens[r].
+
+    Args:
+      x: [T, D] tokens.
+      tokens, weights: [M] the token and combine weight of each row (token-choice), the rows
+        sorted by expert.
+      group_sizes: [E] rows per expert.
+      wi, wo: [E, D, 2, F] and [E, F, D] expert kernels.
+      tile, min_tile: the largest and smallest tile, powers of two (`tile_sizes`).
+
+    Returns:
+      [T, D].
+    """
+    # Inside shard_map the kernels must vary over the mesh axes the tokens vary over, so that
     # their per-shard gradients are summed over those axes by autodiff of the cast.
-    axes = tuple(_varying_axes(x_sorted) - _varying_axes(wi))
+    axes = tuple(_varying_axes(x) - _varying_axes(wi))
     if axes:
         wi, wo = jax.lax.pcast((wi, wo), axes, to="varying")
-    return _tiled_swiglu(x_sorted, group_sizes, wi, wo, tile, min_tile)
+    return _tiled_moe(x, tokens, weights, group_sizes, wi, wo, tile, min_tile)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _tiled_swiglu(x_sorted, group_sizes, wi, wo, tile, min_tile):
-    return _forward(x_sorted, group_sizes, wi, wo, tile, min_tile)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _tiled_moe(x, tokens, weights, group_sizes, wi, wo, tile, min_tile):
+    return _forward(x, tokens, weights, group_sizes, wi, wo, tile, min_tile)[0]
 
 
-def _tiled_swiglu_fwd(x_sorted, group_sizes, wi, wo, tile, min_tile):
-    y, gate_up = _forward(x_sorted, group_sizes, wi, wo, tile, min_tile)
-    return y, (x_sorted, group_sizes, wi, wo, gate_up)
+def _tiled_moe_fwd(x, tokens, weights, group_sizes, wi, wo, tile, min_tile):
+    y, gate_up = _forward(x, tokens, weights, group_sizes, wi, wo, tile, min_tile)
+    return y, (x, tokens, weights, group_sizes, wi, wo, gate_up)
 
 
-def _tiled_swiglu_bwd(tile, min_tile, residuals, dy):
-    x, group_sizes, wi, wo, gate_up = residuals
-    rows, embed = x.shape
-    num_experts, _, _, hidden = wi.shape
+def _tiled_moe_bwd(tile, min_tile, residuals, dy):
+    x, tokens, weights, group_sizes, wi, wo, gate_up = residuals
+    rows = tokens.shape[0]
+    num_experts, embed, _, hidden = wi.shape
     wi_flat = wi.reshape(num_experts, embed, 2 * hidden)
 
     def body(size, expert, first, mask, carry):
-        dx, dwi, dwo = carry
+        dx, d_weights, dwi, dwo = carry
+        row_tokens = _rows(tokens, first, size)
         tile_gate_up = _rows(gate_up, first, size) * mask  # masked rows get zero gradients
         gate, up = tile_gate_up[:, :hidden], tile_gate_up[:, hidden:]
         sigmoid = jax.nn.sigmoid(gate)
         silu = gate * sigmoid
-        dy_rows = _rows(dy, first, size)
-        d_hidden = dy_rows @ wo[expert].T
+        hidden_rows = silu * up
+        dy_rows = dy[row_tokens]
+        out = hidden_rows @ wo[expert]  # recomputed: cheaper than saving [M, D]
+        d_weights = _add_rows(d_weights, jnp.sum(out * dy_rows, axis=1), first)
+        d_out = dy_rows * _rows(weights, first, size)[:, None]
+        d_hidden = d_out @ wo[expert].T
         d_gate_up = jnp.concatenate(
             [d_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), d_hidden * silu], axis=1
         )
-        dx = _add_rows(dx, d_gate_up @ wi_flat[expert].T, first)
-        dwi = dwi.at[expert].add(_outer(_rows(x, first, size), d_gate_up))
-        dwo = dwo.at[expert].add(_outer(silu * up, dy_rows))
-        return dx, dwi, dwo
+        dx = dx.at[row_tokens].add(d_gate_up @ wi_flat[expert].T)
+        dwi = dwi.at[expert].add(_outer(x[row_tokens] * mask, d_gate_up))
+        dwo = dwo.at[expert].add(_outer(hidden_rows, d_out))
+        return dx, d_weights, dwi, dwo
 
     f32 = jnp.float32
-    init = (jnp.zeros_like(x), jnp.zeros_like(wi_flat, f32), jnp.zeros_like(wo, f32))
-    dx, dwi, dwo = _tile_loop(body, init, group_sizes, rows, tile, min_tile)
-    return dx, None, dwi.reshape(wi.shape).astype(wi.dtype), dwo.astype(wo.dtype)
+    init = (jnp.zeros_like(x), jnp.zeros_like(weights), jnp.zeros_like(wi_flat, f32),
+            jnp.zeros_like(wo, f32))
+    dx, d_weights, dwi, dwo = _tile_loop(body, init, group_sizes, rows, tile, min_tile)
+    return dx, None, d_weights, None, dwi.reshape(wi.shape).astype(wi.dtype), dwo.astype(wo.dtype)
 
 
-_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+_tiled_moe.defvjp(_tiled_moe_fwd, _tiled_moe_bwd)

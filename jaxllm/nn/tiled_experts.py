@@ -170,7 +170,7 @@ def _tiled_moe_bwd(tile, min_tile, residuals, dy):
             [d_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), d_hidden * silu], axis=1
         )
         dx = dx.at[row_tokens].add(d_gate_up @ wi_flat[expert].T)
-        dwi = dwi.at[expert].add(_outer(x[row_tokens] * mask, d_gate_up))
+        dwi = dwi.at[expert].add(_outer(x[row_tokens], d_gate_up))
         dwo = dwo.at[expert].add(_outer(hidden_rows, d_out))
         return dx, d_weights, dwi, dwo
 

@@ -74,13 +74,14 @@ def fwd_bwd(apply):
 
 
 def time_interleaved(calls: dict[str, tuple], reps: int) -> dict[str, tuple[float, float]]:
-    """name -> (median seconds, CPU cores busy) of `reps` rounds that each make every call
-    (fn, args) once, after one warm-up round, so that the machine's drift hits all alike."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))
+    """name -> (median seconds, CPU cores busy) of `reps` rounds that each time every call
+    (fn, args) once, so that the machine's drift hits all alike. Each timed call follows an
+    untimed one of the same fn: the caches and allocator then hold its own working set, not
+    the previous call's (a 10 s ragged_dot call slowed the next layer by half)."""
     times, cpu = {name: [] for name in calls}, dict.fromkeys(calls, 0.0)
     for _ in range(reps):
         for name, (fn, args) in calls.items():
+            jax.block_until_ready(fn(*args))
             cpu_start, start = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[name].append(time.perf_counter() - start)

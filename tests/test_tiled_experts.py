@@ -21,10 +21,10 @@ def loop_over_experts(x, tokens, weights, group_sizes, wi, wo):
 
 
 def test_tiled_moe_matches_a_loop_over_experts():
-    """Tiles of 8, 4 and 2 rows. Expert 1's 21 rows take two whole tiles of 8, one of 4 and
-    one of 2 that overhangs into expert 4's rows, which must neither change nor feed
-    expert 1's gradients; expert 4's last tile would run past the last row. Empty experts
-    come first, between and last (`test_moe` has every row on one expert). 40 rows of 20
+    """Tiles of 8, 4 and 2 rows. Expert 1's 21 rows, padded to 22, take two whole tiles of
+    8, one of 4 and one of 2 that holds a gap row (token 0, weight 0), which must neither
+    change y nor feed any gradient; expert 4's 19 rows take 8, 8 and 4. Empty experts come
+    first, between and last (`test_moe` has every row on one expert). 40 rows of 20
     tokens: each token is chosen twice."""
     group_sizes = (0, 21, 0, 0, 19, 0)
     tokens = jax.random.permutation(jax.random.key(4), jnp.arange(40) % 20)

@@ -6,10 +6,11 @@ SwiGLU per tile. Nothing is computed for padding that no routing fills, unlike a
 block layout. Each tile gathers its tokens from x and adds its weighted output straight
 into y, so no [k*T, D] copy of the tokens is ever made.
 
-Tiles come in levels of halving size: each expert's rows are first covered by whole tiles
-of the largest size, then its remainder by at most one tile of each smaller size, and the
-smallest level rounds up. So an expert wastes fewer than `min_tile` rows, and most of the
-work runs in large, efficient matmuls. Rows past a tile's valid count are masked to zero.
+Each expert's rows are first spread to a region rounded up to whole `min_tile` rows; the
+gap rows hold token 0 with weight 0, so they add nothing to y or to any gradient and no
+tile needs a mask. Tiles come in levels of halving size: each region is covered by whole
+tiles of the largest size, then by at most one tile of each smaller size. So an expert
+wastes fewer than `min_tile` rows, and most of the work runs in large, efficient matmuls.
 
 Loops cannot be differentiated in reverse mode, so the VJP is written by hand: a second
 tile loop that computes dx and accumulates each expert's kernel gradients.
@@ -31,43 +32,52 @@ def tile_sizes(rows: int, num_experts: int) -> tuple[int, int]:
     return tile, min(tile, 128)
 
 
+def _pad_groups(tokens, weights, group_sizes, min_tile: int):
+    """(tokens, weights [P], group sizes [E]) with each group rounded up to whole `min_tile`
+    rows by gap rows of token 0 and weight 0. P = M + E * (min_tile - 1) fits any routing."""
+    rows, num_experts = tokens.shape[0], group_sizes.shape[0]
+    padded_sizes = (group_sizes + min_tile - 1) // min_tile * min_tile
+    expert = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=rows)
+    shift = jnp.cumsum(padded_sizes - group_sizes) - (padded_sizes - group_sizes)
+    dest = jnp.arange(rows) + shift[expert]
+    shape = (rows + num_experts * (min_tile - 1),)
+    # zeros_like, not zeros: inside shard_map they must vary over the mesh like the rows.
+    tokens = jnp.zeros_like(tokens, shape=shape).at[dest].set(tokens, unique_indices=True)
+    weights = jnp.zeros_like(weights, shape=shape).at[dest].set(weights, unique_indices=True)
+    return tokens, weights, padded_sizes
+
+
 def _levels(tile: int, min_tile: int) -> list[int]:
     return [tile >> i for i in range((tile // min_tile).bit_length())]
 
 
 def _visits(group_sizes, sizes: list[int], level: int, max_visits: int):
-    """The tiles of one level: per visit (expert, first row, valid rows), and their count.
+    """The tiles of one level: per visit (expert, first row), and their count.
 
     Level i covers rows [n // sizes[i-1] * sizes[i-1], n // sizes[i] * sizes[i]) of an
-    expert with n rows; the last level covers up to n and rounds its tile count up.
+    expert with n rows, a multiple of the smallest size.
     """
     size = sizes[level]
     low = 0 if level == 0 else group_sizes // sizes[level - 1] * sizes[level - 1]
-    high = group_sizes if level == len(sizes) - 1 else group_sizes // size * size
-    counts = (high - low + size - 1) // size
+    counts = group_sizes // size - low // size
     ends = jnp.cumsum(counts)
     visit = jnp.arange(max_visits)
     expert = jnp.searchsorted(ends, visit, side="right")
     expert = jnp.minimum(expert, group_sizes.shape[0] - 1)
     index = visit - (ends - counts)[expert]
     first = (jnp.cumsum(group_sizes) - group_sizes + low)[expert] + index * size
-    return expert, first, (high - low)[expert] - index * size, ends[-1]
+    return expert, first, ends[-1]
 
 
 def _tile_loop(body, carry, group_sizes, rows: int, tile: int, min_tile: int):
-    """carry after body(size, expert, first row, row mask [size, 1], carry) on every tile of
-    the `rows` sorted rows. A tile that would run past the last row starts earlier instead,
-    its mask shifted to match, so no array needs padding."""
+    """carry after body(size, expert, first row, carry) on every tile of the `rows` padded
+    rows, their group sizes multiples of `min_tile`."""
     sizes = _levels(tile, min_tile)
     for level, size in enumerate(sizes):
-        max_visits = rows // size + group_sizes.shape[0]
-        expert, first, valid, count = _visits(group_sizes, sizes, level, max_visits)
+        expert, first, count = _visits(group_sizes, sizes, level, rows // size)
 
-        def step(v, carry, size=size, expert=expert, first=first, valid=valid):
-            start = jnp.minimum(first[v], rows - size)
-            index = jnp.arange(size) + start - first[v]
-            mask = (index >= 0) & (index < valid[v])
-            return body(size, expert[v], start, mask[:, None], carry)
+        def step(v, carry, size=size, expert=expert, first=first):
+            return body(size, expert[v], first[v], carry)
 
         carry = jax.lax.fori_loop(0, count, step, carry)
     return carry
@@ -77,11 +87,8 @@ def _rows(array, first, size):
     return jax.lax.dynamic_slice_in_dim(array, first, size)
 
 
-def _add_rows(array, rows, first):
-    """array with `rows` added at row `first` (tiles overhang into their neighbours' rows)."""
-    return jax.lax.dynamic_update_slice_in_dim(
-        array, _rows(array, first, rows.shape[0]) + rows, first, 0
-    )
+def _set_rows(array, rows, first):
+    return jax.lax.dynamic_update_slice_in_dim(array, rows, first, 0)
 
 
 def _outer(a, b):
@@ -90,19 +97,19 @@ def _outer(a, b):
 
 
 def _forward(x, tokens, weights, group_sizes, wi, wo, tile, min_tile):
-    """(y [T, D], gate and up projections of the rows [M, 2F]) of `tiled_moe`."""
+    """(y [T, D], gate and up projections of the padded rows [P, 2F]) of `_tiled_moe`."""
     rows = tokens.shape[0]
     num_experts, embed, _, hidden = wi.shape
     wi = wi.reshape(num_experts, embed, 2 * hidden)
 
-    def body(size, expert, first, mask, carry):
+    def body(size, expert, first, carry):
         y, gate_up = carry
         row_tokens = _rows(tokens, first, size)
-        tile_gate_up = (x[row_tokens] * mask) @ wi[expert]  # masked rows: zeros from here on
+        tile_gate_up = x[row_tokens] @ wi[expert]
         hidden_rows = jax.nn.silu(tile_gate_up[:, :hidden]) * tile_gate_up[:, hidden:]
         row_weights = _rows(weights, first, size)[:, None]
         y = y.at[row_tokens].add((hidden_rows @ wo[expert]) * row_weights)
-        return y, _add_rows(gate_up, tile_gate_up, first)
+        return y, _set_rows(gate_up, tile_gate_up, first)
 
     # zeros_like, not zeros: inside shard_map the carry must vary over the mesh like x.
     init = (jnp.zeros_like(x), jnp.zeros_like(x, shape=(rows, 2 * hidden)))
@@ -134,6 +141,7 @@ def tiled_moe(x, tokens, weights, group_sizes, wi, wo, tile: int, min_tile: int)
     axes = tuple(_varying_axes(x) - _varying_axes(wi))
     if axes:
         wi, wo = jax.lax.pcast((wi, wo), axes, to="varying")
+    tokens, weights, group_sizes = _pad_groups(tokens, weights, group_sizes, min_tile)
     return _tiled_moe(x, tokens, weights, group_sizes, wi, wo, tile, min_tile)
 
 
@@ -153,25 +161,26 @@ def _tiled_moe_bwd(tile, min_tile, residuals, dy):
     num_experts, embed, _, hidden = wi.shape
     wi_flat = wi.reshape(num_experts, embed, 2 * hidden)
 
-    def body(size, expert, first, mask, carry):
+    def body(size, expert, first, carry):
         dx, d_weights, dwi, dwo = carry
         row_tokens = _rows(tokens, first, size)
-        tile_gate_up = _rows(gate_up, first, size) * mask  # masked rows get zero gradients
+        tile_gate_up = _rows(gate_up, first, size)
         gate, up = tile_gate_up[:, :hidden], tile_gate_up[:, hidden:]
         sigmoid = jax.nn.sigmoid(gate)
         silu = gate * sigmoid
         hidden_rows = silu * up
         dy_rows = dy[row_tokens]
-        out = hidden_rows @ wo[expert]  # recomputed: cheaper than saving [M, D]
-        d_weights = _add_rows(d_weights, jnp.sum(out * dy_rows, axis=1), first)
-        d_out = dy_rows * _rows(weights, first, size)[:, None]
-        d_hidden = d_out @ wo[expert].T
+        row_weights = _rows(weights, first, size)[:, None]  # zero on gap rows: no gradients
+        d_weighted = dy_rows @ wo[expert].T  # d(loss)/d(hidden_rows) before the weights
+        # The rows' outputs are hidden_rows @ wo, so their weights' gradients need no recompute.
+        d_weights = _set_rows(d_weights, jnp.sum(hidden_rows * d_weighted, axis=1), first)
+        d_hidden = d_weighted * row_weights
         d_gate_up = jnp.concatenate(
             [d_hidden * up * sigmoid * (1 + gate * (1 - sigmoid)), d_hidden * silu], axis=1
         )
         dx = dx.at[row_tokens].add(d_gate_up @ wi_flat[expert].T)
         dwi = dwi.at[expert].add(_outer(x[row_tokens], d_gate_up))
-        dwo = dwo.at[expert].add(_outer(hidden_rows, d_out))
+        dwo = dwo.at[expert].add(_outer(hidden_rows * row_weights, dy_rows))
         return dx, d_weights, dwi, dwo
 
     f32 = jnp.float32

@@ -1,7 +1,7 @@
 """MoE benchmark: fwd+bwd of one MoE layer and the tiny_deepseek train step, each against a
 dense SwiGLU with the same active parameters, in one run.
 
-    python benchmarks/moe.py                                        # full run, ~5 min on 2 cores
+    python benchmarks/moe.py                                        # full run, ~9 min on 2 cores
     python benchmarks/moe.py --tokens 512 --reps 1 --train-steps 1  # smoke run
 
 1. One layer, T tokens of width d, float32: the gradient of sum(layer(x)) for x and every
@@ -10,11 +10,12 @@ dense SwiGLU with the same active parameters, in one run.
      ragged_dot, block_sparse and tiled dropless, and sorted_einsum with capacity;
    - the naive layer: every token through every expert, combined by the one-hot gates;
    - dense-active: one SwiGLU of width k x expert width, the active parameters of a token.
-   Median times over rounds that call every layer once (the machine's drift hits all alike),
-   ratios to dense-active, XLA cost_analysis FLOPs of each compiled step
-   (none for the tiled kernel: XLA counts the body of its loop once).
-   The goals of the MoE design are MoE / dense-active <= 1.3 at E=8 (<= 1.5 at E=64); the
-   physical limit is 1.0.
+   Median times over rounds that time every layer once, each right after an untimed call of
+   the same layer (the machine's drift hits all alike, and each finds its working set warm);
+   ratios to dense-active; XLA cost_analysis FLOPs of each compiled step and their rate over
+   the float32 matmul peak measured first (none for the tiled kernel: XLA counts the body
+   of its loop once). The goals of the MoE design are MoE / dense-active <= 1.3 at E=8
+   (<= 1.5 at E=64); the limit is 1.0 where both run their matmuls equally well.
 2. The train step of `presets.tiny_deepseek` (as `benchmarks/train_step.py` builds it, one
    device) with each kernel and dispatch, against a dense model whose uniform mlp_dim gives
    the same active parameter count: tokens/s and XLA FLOPs (layers unrolled for the count).
@@ -44,7 +45,11 @@ from jaxllm.config import MoEConfig
 from jaxllm.nn import router
 from jaxllm.nn.mlp import SwiGLU
 from jaxllm.nn.moe import MoE
+from jaxllm.train.flops import measure_matmul_peak
 from jaxllm.train.state import count_params
+
+# XLA's cost_analysis counts a loop body once: these kernels get no FLOP count.
+LOOP_KERNELS = ("tiled",)
 
 # (label, dispatch, kernel) of each MoE variant.
 VARIANTS = (
@@ -103,41 +108,50 @@ def layer_results(moe_cfg: MoEConfig, args) -> dict[str, tuple[dict, float | Non
     dense = SwiGLU(moe_cfg.experts_per_token * moe_cfg.expert_dim + moe_cfg.resolved_shared_dim)
     dense_vars = nn.unbox(dense.init(key_dense, x))
     moe_vars = nn.unbox(MoE(moe_cfg).init(key_moe, x))
-    layers = {"dense-active": (dense.apply, dense_vars, None)}
+    layers = {"dense-active": (dense.apply, dense_vars, None, True)}
     for label, dispatch, kernel in VARIANTS:
         moe = MoE(dataclasses.replace(moe_cfg, dispatch=dispatch, kernel=kernel))
-        layers[f"MoE {label}"] = (moe.apply, moe_vars, dropped_fraction(moe, moe_vars, x))
-    layers["naive (every expert)"] = (functools.partial(naive_moe, cfg=moe_cfg), moe_vars, None)
+        layers[f"MoE {label}"] = (moe.apply, moe_vars, dropped_fraction(moe, moe_vars, x),
+                                  kernel not in LOOP_KERNELS)
+    layers["naive (every expert)"] = (
+        functools.partial(naive_moe, cfg=moe_cfg), moe_vars, None, True
+    )
     compiled = {name: fwd_bwd(apply).lower(variables, x).compile()
-                for name, (apply, variables, _) in layers.items()}
+                for name, (apply, variables, _, _) in layers.items()}
     timed = time_interleaved(
         {name: (fn, (layers[name][1], x)) for name, fn in compiled.items()}, args.reps
     )
     return {
-        name: (dict(seconds=timed[name][0], cores=timed[name][1], flops=cost_flops(fn)),
+        name: (dict(seconds=timed[name][0], cores=timed[name][1],
+                    flops=cost_flops(fn) if layers[name][3] else None),
                layers[name][2])
         for name, fn in compiled.items()
     }
 
 
-def flops_cells(name: str, flops: float, base: float) -> tuple[str, str]:
-    """XLA GFLOP and their ratio to dense-active's. cost_analysis counts a loop body once, so
-    the tiled kernel's loop over tiles has no comparable count."""
-    if "tiled" in name:
+def flops_cells(flops: float | None, base: float) -> tuple[str, str]:
+    """XLA GFLOP and their ratio to dense-active's ("n/a" for a loop kernel)."""
+    if flops is None:
         return "n/a (loop)", "-"
     return f"{flops / 1e9:.2f}", f"{flops / base:.2f}"
 
 
-def layer_rows(name: str, moe_cfg: MoEConfig, args) -> list[tuple]:
-    """Table rows of the layers at one shape: times and XLA FLOPs, each also over dense-active's;
-    the dropped fraction of the MoE variants; CPU cores busy while timing."""
+def peak_cell(flops: float | None, seconds: float, peak: float) -> str:
+    """XLA FLOP/s as a fraction of the measured matmul peak."""
+    return "-" if flops is None else f"{flops / seconds / peak:.0%}"
+
+
+def layer_rows(name: str, moe_cfg: MoEConfig, args, peak: float) -> list[tuple]:
+    """Table rows of the layers at one shape: times and XLA FLOPs, each also over dense-active's,
+    and XLA FLOP/s over the matmul peak; the dropped fraction of the MoE variants; CPU cores
+    busy while timing."""
     results = layer_results(moe_cfg, args)
     base = results["dense-active"][0]
     rows = []
     for layer, (r, dropped) in results.items():
         rows.append((
             name, layer, f"{r['seconds'] * 1e3:.0f}", f"{r['seconds'] / base['seconds']:.2f}",
-            *flops_cells(layer, r["flops"], base["flops"]),
+            *flops_cells(r["flops"], base["flops"]), peak_cell(r["flops"], r["seconds"], peak),
             "-" if dropped is None else f"{dropped:.1%}", f"{r['cores']:.2f}",
         ))
         print(" | ".join(rows[-1]), flush=True)
@@ -207,9 +221,10 @@ def train_rows(args) -> list[tuple]:
     results = {}
     for label, dispatch, kernel in VARIANTS:
         moe = dataclasses.replace(deepseek.moe, dispatch=dispatch, kernel=kernel)
-        results[f"tiny_deepseek, {label}"] = bench_train(
-            dataclasses.replace(deepseek, moe=moe), args
-        )
+        r = bench_train(dataclasses.replace(deepseek, moe=moe), args)
+        if kernel in LOOP_KERNELS:
+            r["flops"] = None
+        results[f"tiny_deepseek, {label}"] = r
     first = next(iter(results.values()))
     dense = dense_active(deepseek, first["active"], first["total"])
     results[f"dense-active (mlp_dim {dense.mlp_dim})"] = bench_train(dense, args)
@@ -218,7 +233,7 @@ def train_rows(args) -> list[tuple]:
     for name, r in results.items():
         rows.append((name, f"{r['total']:,}", f"{r['active']:,}", f"{r['step_s'] * 1e3:.0f}",
                      f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}",
-                     *flops_cells(name, r["flops"], base["flops"]), f"{r['cores']:.2f}"))
+                     *flops_cells(r["flops"], base["flops"]), f"{r['cores']:.2f}"))
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -242,8 +257,10 @@ def main() -> None:
     command = shlex.join(["python", *sys.argv])
     device = jax.devices()[0]
     load_before = os.getloadavg()[0]
+    peak = measure_matmul_peak(2048)
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before the run")
+          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before the run, "
+          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
 
     d = args.embed
     shapes = (
@@ -251,15 +268,16 @@ def main() -> None:
         ("E=64, k=6", MoEConfig(num_experts=64, experts_per_token=6, expert_dim=d // 2)),
     )
     print(f"\n== one layer, fwd+bwd, {args.tokens} tokens, d={d}, float32, softmax top-k")
-    layers = [row for name, cfg in shapes for row in layer_rows(name, cfg, args)]
+    layers = [row for name, cfg in shapes for row in layer_rows(name, cfg, args, peak)]
     print("\n== train step: tiny_deepseek against dense-active, "
           f"batch {args.batch} x seq {args.train_seq_len}, float32")
     steps = train_rows(args)
 
     print(f"\n`{command}`\n\nload average {load_before:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after the run; {os.cpu_count()} CPUs\n")
+          f"{os.getloadavg()[0]:.2f} after the run; {os.cpu_count()} CPUs; float32 matmul "
+          f"peak {peak / 1e9:.0f} GFLOP/s\n")
     print(table(("shape", "layer", "fwd+bwd ms", "time / dense-active", "XLA GFLOP",
-                 "FLOPs / dense-active", "dropped", "cores busy"), layers))
+                 "FLOPs / dense-active", "XLA FLOP/s / peak", "dropped", "cores busy"), layers))
     print()
     print(table(("model", "params", "active params", "step ms", "tokens/s",
                  "tokens/s / dense-active", "XLA GFLOP (unrolled)", "FLOPs / dense-active",

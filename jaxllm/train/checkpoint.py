@@ -156,7 +156,10 @@ class Checkpointer:
                         ) -> TrainState:
         """`state` with the step, params, rng and MoE biases of checkpoint `step`, in the
         layout of `state`'s; the optimizer state is not read (about a third of the memory and
-        reading of a whole restore) and stays as `state` holds it."""
+        reading of a whole restore) and stays as `state` holds it.
+
+        The arrays of those fields in `state` are freed first, as in `restore`: use only the
+        returned state afterwards."""
         self.check_model(step, config)
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
                   if f.name != "opt_state"}

@@ -210,7 +210,7 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4"])  # kimi: a sharded step
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
 def test_each_tiny_moe_experiment_learns(family):
     config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
     config = config_lib.apply_overrides(config, [

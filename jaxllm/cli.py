@@ -1,9 +1,11 @@
 """The `jaxllm` command (also `python -m jaxllm`)."""
 
 import argparse
+import dataclasses
 import sys
 
 from jaxllm import config as config_lib
+from jaxllm.compile.topology import NotFitting, TopologyError
 from jaxllm.convert.hf_config import FAMILIES, ConversionError
 
 
@@ -123,21 +125,55 @@ def _params(args) -> None:
         return
     if args.target is None:
         raise config_lib.ConfigError("params: give a preset name, an experiment file or --budget")
-    if args.target.endswith(".py"):
-        config = config_lib.load_experiment(args.target)
-    elif args.target in presets.PRESETS:
-        config = config_lib.Config(model=presets.PRESETS[args.target]())
-    else:
-        raise config_lib.ConfigError(
-            f"params: {args.target!r} is neither an experiment file (.py) nor a preset; "
-            f"presets are {sorted(presets.PRESETS)}"
-        )
-    config = config_lib.apply_overrides(config, args.overrides)
+    config = _config_of(args.target, args.overrides)
     report = calculator.calculate(config, args.devices or jax.device_count(), args.context)
     if args.json:
         print(json.dumps(calculator.to_json(report), indent=2))
     else:
         print(calculator.format_report(report))
+
+
+def _compile(args) -> None:
+    import json
+
+    from jaxllm.compile import aot, search, topology
+
+    config = _config_of(args.target, args.overrides)
+    slice_ = topology.parse(args.topology, args.slices)
+    if args.search:
+        ranked = search.search(config, slice_, log=lambda line: print(line, file=sys.stderr))
+        if not ranked:
+            raise NotFitting(f"no candidate fits {slice_.name}: try a larger slice")
+        best, report = ranked[0]
+        overrides = " ".join(best.overrides(slice_.slices))
+        if args.json:
+            print(json.dumps({"ranking": [dict(dataclasses.asdict(c), **r.to_json())
+                                          for c, r in ranked], "overrides": overrides}, indent=2))
+        else:
+            print(search.format_ranking(ranked))
+            print(f"best: {overrides}")
+        return
+    report = aot.compile_for(config, slice_)
+    print(json.dumps(report.to_json(), indent=2) if args.json else aot.format_report(report))
+    if not report.fits:
+        raise NotFitting(f"the step does not fit {slice_.name}: it needs "
+                         f"{aot.gib(report.memory.total)} per device of {aot.gib(report.hbm_bytes)}")
+
+
+def _config_of(target: str, overrides: list[str]) -> config_lib.Config:
+    """The config of an experiment file or of a preset's model, with `overrides` applied."""
+    from jaxllm import presets
+
+    if target.endswith(".py"):
+        config = config_lib.load_experiment(target)
+    elif target in presets.PRESETS:
+        config = config_lib.Config(model=presets.PRESETS[target]())
+    else:
+        raise config_lib.ConfigError(
+            f"{target!r} is neither an experiment file (.py) nor a preset; "
+            f"presets are {sorted(presets.PRESETS)}"
+        )
+    return config_lib.apply_overrides(config, overrides)
 
 
 def _convert(args) -> None:
@@ -242,15 +278,37 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--presets", action="store_true",
                         help="one row per published preset, with its fit on 256 v5p / v5e chips")
     params.set_defaults(run=_params)
+
+    compile_ = commands.add_parser(
+        "compile", help="compile the train step for a Cloud TPU slice, on any machine: memory "
+        "per chip, fits or not, estimated step time")
+    compile_.add_argument("target", help="an experiments/*.py file or a preset name")
+    compile_.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=64")
+    compile_.add_argument("--topology", required=True,
+                          help="a Cloud TPU slice: v4-N, v5p-N, v5e-N (v5litepod-N), v6e-N")
+    compile_.add_argument("--slices", type=int, default=1, help="multislice: slices over DCN")
+    compile_.add_argument("--search", action="store_true",
+                          help="rank remat x grad_accum x mesh splits that fit, best first")
+    compile_.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    compile_.set_defaults(run=_compile)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`--topology v5p-8 mesh.fsdp=4`).
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.run(args)
     except config_lib.ConfigError as error:
         print(f"jaxllm: config error: {error}", file=sys.stderr)
+        return 2
+    except (TopologyError, NotFitting) as error:  # ValueErrors of jaxllm.compile
+        print(f"jaxllm: {error}", file=sys.stderr)
         return 2
     except ConversionError as error:
         print(f"jaxllm: conversion error: {error}", file=sys.stderr)

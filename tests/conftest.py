@@ -14,6 +14,8 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile for TPU topologies through libtpu in several processes at once (xdist workers).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="jaxllm-tfds-")
 _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())  # same in every worker
 os.environ.setdefault(

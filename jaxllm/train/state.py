@@ -52,8 +52,11 @@ def abstract_state(model, tx, seq_len: int, mesh: Mesh) -> TrainState:
     """The shapes, dtypes and shardings of the state `init_state` makes, computing nothing:
     a target to restore a checkpoint into."""
     create = functools.partial(_create, model=model, tx=tx, seq_len=seq_len)
+    # Traced, not eager: under a mesh of TPU topology devices without a TPU attached (ahead-
+    # of-time compilation), an eager op would be placed on a device that cannot run it.
+    rng = jax.eval_shape(jax.random.key, 0)
     with parallel.use_mesh(mesh):
-        boxed = jax.eval_shape(create, jax.random.key(0))
+        boxed = jax.eval_shape(create, rng)
         state_shardings = parallel.shardings(boxed, mesh)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.meta.unbox(boxed), state_shardings)

@@ -1,0 +1,312 @@
+"""Ahead-of-time compilation of a run's step for a Cloud TPU slice, on any machine.
+
+The step is the one a run jits (`jaxllm.train.step` for pretraining, `jaxllm.rl.step` for
+an experiment with a GRPO config), lowered from shapes alone over a mesh of the slice's
+devices (`topology.Topology.devices`) and compiled by the TPU compiler in libtpu. Nothing is
+allocated or run: the result is the compiler's per-chip memory and cost analysis.
+
+Scanned layers: XLA's `cost_analysis` counts a loop body once, so a scanned stack of L
+layers reports the FLOPs of one layer group. `step_cost` corrects it from two unrolled
+compiles of the same step at one and two repeats of the stack's repeating group, whose
+difference is exactly one group: cost = cost(1) + (repeats - 1) * (cost(2) - cost(1)).
+Those compiles take the whole batch in one micro-batch (the FLOPs of gradient accumulation
+are the same, and its loop would be counted once too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm import config as config_lib
+from jaxllm import parallel
+from jaxllm.compile.topology import NotFitting, Topology
+from jaxllm.nn.transformer import Transformer, layer_segments
+from jaxllm.rl.step import batch_shardings, jit_grpo_step
+from jaxllm.train import flops
+from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxllm.train.state import abstract_state, count_params
+from jaxllm.train.step import jit_train_step
+
+PRETRAIN_BATCH = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+                  "segment_ids": jnp.int32, "loss_mask": jnp.float32}
+GRPO_BATCH = {"tokens": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
+              "completion_mask": jnp.int32, "advantages": jnp.float32,
+              "old_logprobs": jnp.float32, "ref_logprobs": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Bytes per chip from the compiled step's `memory_analysis()`."""
+
+    arguments: int
+    outputs: int
+    aliased: int  # outputs that reuse a donated argument's buffer
+    temporaries: int
+    code: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Per-chip figures from `cost_analysis()`: FLOPs, bytes accessed, and the compiler's
+    own time estimate, `optimal_seconds`."""
+
+    flops: float
+    bytes_accessed: float
+    optimal_seconds: float
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(*(a + b for a, b in zip(dataclasses.astuple(self),
+                                            dataclasses.astuple(other))))
+
+    def __sub__(self, other: Cost) -> Cost:
+        return self + other.scaled(-1)
+
+    def scaled(self, factor: float) -> Cost:
+        return Cost(*(factor * a for a in dataclasses.astuple(self)))
+
+
+def memory_of(compiled) -> Memory:
+    m = compiled.memory_analysis()
+    return Memory(
+        arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+        aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+        code=m.generated_code_size_in_bytes,
+    )
+
+
+def cost_of(compiled) -> Cost:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # one entry per program in older jax
+        analysis = analysis[0]
+    return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
+                float(analysis.get("optimal_seconds", 0.0)))
+
+
+def phase(config: config_lib.Config) -> str:
+    """"grpo" when the experiment sets a GRPO config, else "pretrain"."""
+    return "pretrain" if config.grpo is None else "grpo"
+
+
+def _batch_specs(config: config_lib.Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch as shapes: train.batch_size sequences of train.seq_len tokens (for
+    GRPO, prompt and completion together)."""
+    rows, length = config.train.batch_size, config.train.seq_len
+    if config.grpo is None:
+        sharding = parallel.batch_sharding(mesh)
+        return {k: jax.ShapeDtypeStruct((rows, length), d, sharding=sharding)
+                for k, d in PRETRAIN_BATCH.items()}
+    shardings = batch_shardings(mesh, config.grpo)
+    return {k: jax.ShapeDtypeStruct((rows,) if k == "advantages" else (rows, length),
+                                    GRPO_BATCH[k], sharding=s)
+            for k, s in shardings.items()}
+
+
+@contextlib.contextmanager
+def _no_compilation_cache():
+    """Keeps TPU executables out of a persistent compilation cache set up for the local
+    backend: they cannot be loaded back without a TPU client."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
+def compile_step(config: config_lib.Config, mesh):
+    """`lower_step` compiled by the mesh's compiler."""
+    with _no_compilation_cache():
+        return lower_step(config, mesh).compile()
+
+
+def lower_step(config: config_lib.Config, mesh) -> jax.stages.Lowered:
+    """The run's jitted step, lowered for `mesh` from shapes; nothing is allocated."""
+    model = Transformer(config.model)
+    tx, schedule = make_optimizer(config.train), learning_rate_schedule(config.train)
+    state = abstract_state(model, tx, config.train.seq_len, mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    with parallel.use_mesh(mesh):
+        if config.grpo is None:
+            step = jit_train_step(model, tx, config.train, schedule, mesh, shardings)
+        else:
+            step = jit_grpo_step(model, tx, config.grpo, schedule, mesh, shardings)
+        return step.lower(state, _batch_specs(config, mesh))
+
+
+def _unrolled(config: config_lib.Config, repeats: int) -> config_lib.Config:
+    """`config` with `repeats` of the stack's last repeating group, unrolled, and the whole
+    batch in one micro-batch."""
+    model = config.model
+    first = model.moe.first_dense_layers if model.moe else 0
+    _, group, _ = layer_segments(model)[-1]
+    model = dataclasses.replace(model, num_layers=first + repeats * len(group), scan_layers=False)
+    train = dataclasses.replace(config.train, grad_accum=1)
+    return dataclasses.replace(config, model=model, train=train)
+
+
+def step_cost(config: config_lib.Config, mesh, compiled=None) -> tuple[Cost, str]:
+    """(the step's per-chip cost with every layer and micro-batch counted, how it was got).
+
+    `compiled`, the step of `config` itself if at hand, is exact when nothing loops."""
+    segments = layer_segments(config.model)
+    repeats = segments[-1][2]
+    looped = config.model.scan_layers and (repeats > 1 or len(segments) > 1)
+    if not looped and config.train.grad_accum == 1:
+        compiled = compiled or compile_step(config, mesh)
+        return cost_of(compiled), "exact: no loop in the step"
+    one = cost_of(compile_step(_unrolled(config, 1), mesh))
+    if repeats == 1:
+        return one, "from an unrolled compile"
+    two = cost_of(compile_step(_unrolled(config, 2), mesh))
+    return one + (two - one).scaled(repeats - 1), (
+        f"corrected for the scan: unrolled compiles of 1 and 2 repeating groups, the "
+        f"difference times {repeats - 1} more")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """What `compile_for` found for one config on one topology. Times are estimates."""
+
+    topology: str
+    libtpu_topology: str
+    chips: int
+    devices: int
+    phase: str
+    mesh: dict[str, int]
+    hbm_bytes: int  # per device
+    memory: Memory
+    compiled_cost: Cost  # of the step as compiled: a loop body counted once
+    cost: Cost | None  # every layer counted; None when only memory was asked for
+    cost_method: str
+    tokens_per_step: int
+    model_flops_per_step: float
+    peak_flops_per_chip: float
+    compile_seconds: float
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.hbm_bytes
+
+    @property
+    def margin_bytes(self) -> int:
+        return self.hbm_bytes - self.memory.total
+
+    @property
+    def step_seconds(self) -> float | None:
+        """The compiler's estimate of the step time (`optimal_seconds`): an estimate."""
+        return self.cost.optimal_seconds if self.cost and self.cost.optimal_seconds else None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens_per_step / self.step_seconds if self.step_seconds else None
+
+    @property
+    def mfu_bound(self) -> float | None:
+        """Model FLOPs per second at the estimated step time over the slice's peak."""
+        if not self.step_seconds:
+            return None
+        return self.model_flops_per_step / self.step_seconds / (
+            self.chips * self.peak_flops_per_chip)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["memory"]["total"] = self.memory.total
+        for name in ("fits", "margin_bytes", "step_seconds", "tokens_per_second", "mfu_bound"):
+            out[name] = getattr(self, name)
+        return out
+
+
+def prepare(config: config_lib.Config, topology: Topology):
+    """(the validated config with the slice count of `topology`, the mesh over its devices).
+
+    Raises ConfigError when the config is invalid or its mesh does not tile the slice.
+    """
+    if config.mesh.slices not in (1, topology.slices):
+        raise config_lib.ConfigError(
+            f"mesh.slices: {config.mesh.slices} slices, but --slices is {topology.slices}")
+    config = config_lib.validate(dataclasses.replace(
+        config, mesh=dataclasses.replace(config.mesh, slices=topology.slices)))
+    return config, parallel.make_mesh(config, topology.devices())
+
+
+def compile_for(config: config_lib.Config, topology: Topology, *, cost: bool = True) -> Report:
+    """Compiles the step of `config` for `topology` and reads the compiler's analyses; with
+    `cost`, also the step's cost with every layer counted (`step_cost`)."""
+    config, mesh = prepare(config, topology)
+    start = time.perf_counter()
+    try:
+        compiled = compile_step(config, mesh)
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise NotFitting(f"the step does not fit {topology.name}: "
+                         f"{str(error).splitlines()[0]}") from None
+    seconds = time.perf_counter() - start
+    total_cost, method = step_cost(config, mesh, compiled) if cost else (None, "not computed")
+    tokens = config.train.batch_size * config.train.seq_len
+    num_params = count_params(jax.eval_shape(
+        Transformer(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
+    )["params"])
+    return Report(
+        topology=topology.name + (f" x{topology.slices}" if topology.slices > 1 else ""),
+        libtpu_topology=topology.libtpu_name, chips=topology.chips, devices=mesh.size,
+        phase=phase(config), mesh=dict(mesh.shape), hbm_bytes=topology.hbm_per_device(
+            list(mesh.devices.flat)),
+        memory=memory_of(compiled), compiled_cost=cost_of(compiled), cost=total_cost,
+        cost_method=method,
+        tokens_per_step=tokens,
+        model_flops_per_step=tokens * flops.train_flops_per_token(
+            config.model, num_params, config.train.seq_len),
+        peak_flops_per_chip=topology.generation.peak_flops, compile_seconds=seconds,
+    )
+
+
+def with_cost(report: Report, config: config_lib.Config, topology: Topology) -> Report:
+    """`report` of `config` (compiled with cost=False) with its step cost added."""
+    config, mesh = prepare(config, topology)
+    total_cost, method = step_cost(config, mesh)
+    return dataclasses.replace(report, cost=total_cost, cost_method=method)
+
+
+def gib(value: float) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{value / 2**30:.1f} GiB" if abs(value) >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def format_report(report: Report) -> str:
+    """The report as the lines `jaxllm compile` prints."""
+    m = report.memory
+    mesh = " ".join(f"{k}={v}" for k, v in report.mesh.items() if v > 1) or "one device"
+    share = report.margin_bytes / report.hbm_bytes
+    lines = [
+        f"topology     {report.topology}: {report.chips} chips (libtpu {report.libtpu_topology}), "
+        f"{report.devices} devices",
+        f"step         {report.phase}, {report.tokens_per_step:,} tokens, mesh {mesh}, "
+        f"compiled in {report.compile_seconds:.0f} s",
+        f"per device   arguments {gib(m.arguments)}, outputs {gib(m.outputs)} "
+        f"({gib(m.aliased)} donated), temporaries {gib(m.temporaries)}, code {gib(m.code)}",
+        f"             total {gib(m.total)} of {gib(report.hbm_bytes)} HBM",
+        f"fits         {'yes' if report.fits else 'NO'}: "
+        f"{gib(abs(report.margin_bytes))} {'to spare' if report.fits else 'over'} "
+        f"({abs(share):.0%} of HBM)",
+    ]
+    if report.cost is not None:
+        c = report.cost
+        lines.append(f"cost         {c.flops:.3g} FLOPs and {c.bytes_accessed:.3g} bytes per "
+                     f"device per step ({report.cost_method})")
+    if report.step_seconds:
+        lines.append(
+            f"estimate     step {report.step_seconds:.3g} s, {report.tokens_per_second:,.0f} "
+            f"tokens/s, MFU bound {report.mfu_bound:.1%}: the compiler's optimal_seconds, an "
+            f"estimate, not a measurement")
+    return "\n".join(lines)
+

@@ -1,0 +1,95 @@
+"""Ahead-of-time compilation for Cloud TPU slices, through libtpu, on the CPU machine."""
+
+import dataclasses
+
+import pytest
+
+from jaxllm import cli
+from jaxllm import config as config_lib
+from jaxllm import presets
+from jaxllm.compile import aot, search, topology
+
+TINY = config_lib.Config(
+    model=dataclasses.replace(presets.tiny_dense(), num_layers=4, dtype="bfloat16"),
+    mesh=config_lib.MeshConfig(data=1, fsdp=4),
+    train=config_lib.TrainConfig(batch_size=8, seq_len=128),
+)
+
+
+@pytest.mark.parametrize("name, libtpu, chips", [
+    ("v5p-128", "v5p:4x4x4", 64), ("v5p-8", "v5p:2x2x1", 4), ("v4-32", "v4:2x2x4", 16),
+    ("v5e-256", "v5e:16x16", 256), ("v5litepod-16", "v5e:4x4", 16), ("v6e-8", "v6e:2x4", 8),
+])
+def test_slice_names_map_to_libtpu_grids(name, libtpu, chips):
+    slice_ = topology.parse(name)
+    assert (slice_.libtpu_name, slice_.chips) == (libtpu, chips)
+
+
+def test_a_bad_slice_name_lists_the_valid_ones():
+    with pytest.raises(topology.TopologyError, match=r"'v5p-100'.*v5p-128.*v5e-256"):
+        topology.parse("v5p-100")
+
+
+def test_the_devices_of_a_slice_and_of_two_slices():
+    assert len(topology.parse("v5e-4").devices()) == 4
+    devices = topology.parse("v5e-4", slices=2).devices()
+    assert sorted({d.slice_index for d in devices}) == [0, 1]
+
+
+def test_the_scan_correction_equals_an_unrolled_compile():
+    """4 scanned layers with 2 micro-batches: corrected FLOPs = a compile with no loop."""
+    scanned = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, grad_accum=2))
+    report = aot.compile_for(scanned, topology.parse("v5e-4"))
+    assert "corrected" in report.cost_method
+    unrolled = dataclasses.replace(
+        TINY, model=dataclasses.replace(TINY.model, scan_layers=False))
+    exact = aot.compile_for(unrolled, topology.parse("v5e-4"))
+    assert exact.cost_method.startswith("exact")
+    assert report.cost.flops == pytest.approx(exact.cost.flops, rel=0.01)
+    raw = aot.cost_of(aot.compile_step(*aot.prepare(scanned, topology.parse("v5e-4"))))
+    assert raw.flops < 0.6 * exact.cost.flops  # what the correction is for: one body counted
+
+
+def test_the_grpo_update_step_compiles():
+    config = dataclasses.replace(TINY, grpo=config_lib.GRPOConfig(num_iterations=2, beta=0.04))
+    report = aot.compile_for(config, topology.parse("v5e-4"), cost=False)
+    assert report.phase == "grpo" and report.fits and report.memory.arguments > 0
+
+
+def test_the_search_ranks_what_fits_and_returns_overrides():
+    config = dataclasses.replace(TINY, model=dataclasses.replace(TINY.model, num_layers=2))
+    ranked = search.search(config, topology.parse("v5e-4"), log=lambda _: None,
+                           remat=("none", "full"), grad_accum=(1, 2), tensor=(1,), expert=(1,))
+    assert len(ranked) == 2  # each remat policy at its fewest micro-batches
+    times = [r.step_seconds for _, r in ranked]
+    assert times == sorted(times) and all(t > 0 for t in times)
+    best = ranked[0][0].overrides(data=1)
+    applied = config_lib.apply_overrides(config, best)
+    assert applied.model.remat == ranked[0][0].remat and applied.mesh.fsdp == ranked[0][0].fsdp
+
+
+def _cli(capsys, *argv):
+    code = cli.main(["compile", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_the_command_prints_memory_fit_and_estimate(capsys):
+    code, out, _ = _cli(capsys, "tiny_dense", "--topology", "v5e-4", "mesh.data=1",
+                        "mesh.fsdp=4", "train.batch_size=8", "train.seq_len=64")
+    assert code == 0
+    for text in ("temporaries", "of 16.0 GiB HBM", "fits         yes", "estimate",
+                 "not a measurement"):
+        assert text in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v5e-3"], "'v5e-3' is not a Cloud TPU slice"),
+    (["--topology", "v5e-4", "mesh.fsdp=3"], "do not divide the 4 devices"),
+    (["--topology", "v5e-4", "mesh.data=1", "mesh.fsdp=4", "model.vocab_size=1000000",
+      "model.embed_dim=4096", "model.num_heads=32", "model.num_kv_heads=8"],
+     "does not fit v5e-4"),
+])
+def test_bad_input_exits_2_with_a_clear_message(capsys, argv, message):
+    code, _, err = _cli(capsys, "tiny_dense", *argv)
+    assert code == 2 and message in err

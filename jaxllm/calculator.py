@@ -17,29 +17,33 @@ from jax.sharding import AbstractMesh
 
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
-from jaxllm.nn.transformer import Transformer, moe_layers
+from jaxllm.compile.topology import GENERATIONS
+from jaxllm.nn.attention import resolve_kernel
+from jaxllm.nn.masks import Mask
+from jaxllm.nn.transformer import Transformer, layer_kinds, moe_layers
 from jaxllm.train import flops
 from jaxllm.train.optimizer import make_optimizer
 
-# HBM per chip, from the Cloud TPU system architecture pages (cloud.google.com/tpu/docs/v5e,
-# cloud.google.com/tpu/docs/v5p).
-HBM_BYTES = {"v5e": 16 * 2**30, "v5p": 95 * 2**30}
+# The HBM per chip the preset table fits against.
+HBM_BYTES = {name: GENERATIONS[name].hbm_bytes for name in ("v5e", "v5p")}
 
 TOKENS_PER_PARAM = 20  # Chinchilla (Hoffmann et al. 2022): compute-optimal D ~= 20 N
 
 
 @dataclasses.dataclass(frozen=True)
 class Memory:
-    """Bytes on one device. `activations` is an estimate (see `activation_bytes`)."""
+    """Bytes on one device. `activations` and `gathered` are estimates (`activation_bytes`,
+    `gathered_layer_bytes`)."""
 
     params: int
     grads: int
     optimizer: int
     activations: int
+    gathered: int = 0  # the largest layer's FSDP-gathered weights and gradients (estimate)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.gathered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +157,17 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
         all(F) = 4d + (2H + 2K) dh / t + 2 H S / t + 3 F / t
 
     (norm inputs and outputs; q, k, v and attention output; scores and probabilities; gate,
-    up and their product). The stack keeps, per token, in the compute dtype:
+    up and their product). The scores term counts only in layers whose attention kernel, as
+    `auto` resolves it on TPU, materialises them (naive); flash-style kernels (splash,
+    blockwise) keep O(block) of them. The stack keeps, per token, in the compute dtype:
 
         remat none:      sum over layers of all(F)
-        remat save_dots: sum over layers of 3d + (H + 2K) dh / t + 2F / t   (matmul outputs)
-                         + max all(F)   (the layer being recomputed)
+        remat save_dots: sum over layers of saved(F) = 3d + (H + 2K) dh / t + 2F / t
+                         (matmul outputs) + max (all(F) - saved(F))   (the rest of the
+                         layer being recomputed)
         remat full:      L d   (each layer's input) + max all(F)
 
-    plus the logits and their gradient, 2 V / t per token in float32.
+    plus the logits, V / t per token in the compute dtype and again in float32 for the loss.
     """
     m, t = config.model, config.train
     rows = t.batch_size // t.grad_accum // (mesh["data"] * mesh["fsdp"])
@@ -174,21 +181,50 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
         moe = m.moe
         return moe.experts_per_token * moe.expert_dim + moe.resolved_shared_dim + moe.num_experts
 
-    widths = [ffn(use_moe) for use_moe in moe_layers(m)]
-    all_values = [4 * d + ((2 * H + 2 * K) * dh + 2 * H * t.seq_len + 3 * f) / tp for f in widths]
+    kinds = layer_kinds(m)
+    widths = [ffn(kind.moe) for kind in kinds]
+    scores = [2 * H * t.seq_len if _materialises_scores(m.attention, kind) else 0 for kind in kinds]
+    all_values = [4 * d + ((2 * H + 2 * K) * dh + s + 3 * f) / tp for f, s in zip(widths, scores)]
     if m.remat == "none":
         kept = sum(all_values)
     elif m.remat == "save_dots":
-        kept = sum(3 * d + ((H + 2 * K) * dh + 2 * f) / tp for f in widths) + max(all_values)
+        saved = [3 * d + ((H + 2 * K) * dh + 2 * f) / tp for f in widths]
+        kept = sum(saved) + max(a - b for a, b in zip(all_values, saved))
     else:
         kept = m.num_layers * d + max(all_values)
     itemsize = jnp.dtype(m.dtype).itemsize
-    return int(tokens * (kept * itemsize + 2 * m.vocab_size / tp * 4))
+    return int(tokens * (kept * itemsize + m.vocab_size / tp * (itemsize + 4)))
+
+
+def _materialises_scores(attention: config_lib.AttentionConfig, kind) -> bool:
+    """Whether a layer of `kind` computes its whole score matrix on TPU."""
+    mask = Mask(kind.attention, attention.window, attention.chunk, attention.stride)
+    kernel = resolve_kernel(attention.kernel, mask, alibi=kind.position == "alibi",
+                            platform="tpu")
+    return kernel in ("naive", "backend")
+
+
+def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
+    """An estimate of the largest layer's weights as FSDP gathers them for its compute (split
+    only over tensor, and routed experts over expert), in the compute dtype, plus their
+    float32 gradients before the reduce-scatter."""
+    m = config.model
+    total, _ = param_counts(m)
+    attention = total.get("attention", 0) / m.num_layers + 2 * m.embed_dim
+    num_moe = sum(moe_layers(m))
+    layer = attention + total.get("dense_ffn", 0) / max(1, m.num_layers - num_moe)
+    if num_moe:
+        routed = total["experts"] / num_moe / mesh["expert"]
+        shared = (total.get("shared_experts", 0) + total.get("router", 0)) / num_moe
+        layer = max(layer, attention + routed + shared)
+    itemsize = jnp.dtype(m.dtype).itemsize + 4
+    return int(layer / mesh["tensor"] * itemsize)
 
 
 def memory(config: config_lib.Config, mesh: dict[str, int]) -> Memory:
     """Per-device bytes of params, grads (the params' layout and dtype), the optimizer
-    state of `make_optimizer` (AdamW: two float32 moments) and activations."""
+    state of `make_optimizer` (AdamW: two float32 moments), activations, and the largest
+    layer's gathered weights and gradients (`gathered_layer_bytes`)."""
     abstract = abstract_mesh(mesh)
     params = boxed_params(config.model)
     opt_state = jax.eval_shape(make_optimizer(config.train).init, params)
@@ -198,6 +234,7 @@ def memory(config: config_lib.Config, mesh: dict[str, int]) -> Memory:
         grads=param_bytes,
         optimizer=device_bytes(opt_state, abstract),
         activations=activation_bytes(config, mesh),
+        gathered=gathered_layer_bytes(config, mesh),
     )
 
 
@@ -323,6 +360,7 @@ def format_report(report: Report) -> str:
         ("  grads", _bytes(mem.grads)),
         ("  optimizer", _bytes(mem.optimizer)),
         ("  activations (est.)", _bytes(mem.activations)),
+        ("  gathered layer (est.)", _bytes(mem.gathered)),
         ("  total", _bytes(mem.total)),
         ("Chinchilla tokens (20 N)", _si(report.chinchilla_tokens)),
         ("Chinchilla compute (6 N D)", f"{report.chinchilla_flops:.3g} FLOPs"),

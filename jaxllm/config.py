@@ -41,10 +41,11 @@ class MoEConfig:
     topk_group: int = 1  # ... of which only the best topk_group are eligible
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = 1.25  # dispatch=capacity: slots per expert = factor * T * k / E
-    # The grouped matmul (`jaxllm.nn.experts`): auto picks by backend, from benchmarks/moe.py:
-    # ragged_dot on TPU, block_sparse on GPU, tiled elsewhere (CPU). sorted_einsum: padded
+    # The grouped matmul (`jaxllm.nn.experts`): auto picks by target platform: gmm (the Pallas
+    # megablox kernel, `jaxllm.nn.gmm_experts`; a compile proof, not measured) on TPU, and from
+    # benchmarks/moe.py block_sparse on GPU, tiled elsewhere (CPU). sorted_einsum: padded
     # [E, C, D] blocks (with dispatch=capacity; dropless holds C = T rows, E/k times the FLOPs).
-    kernel: Literal["auto", "ragged_dot", "block_sparse", "tiled", "sorted_einsum"] = "auto"
+    kernel: Literal["auto", "ragged_dot", "gmm", "block_sparse", "tiled", "sorted_einsum"] = "auto"
     # On a mesh with expert > 1 whose devices split the tokens: shard_map with an all_to_all
     # token exchange (`jaxllm.nn.expert_parallel`). False, or tokens that do not split,
     # leave the expert-sharded matmuls to GSPMD.
@@ -115,8 +116,11 @@ class AttentionConfig:
     chunk: int = 128
     stride: int = 16
     # naive: the whole score matrix; blockwise: flash-style blocks, O(S * block_size) memory,
-    # skipping the blocks a mask leaves empty; backend: jax.nn.dot_product_attention.
-    kernel: Literal["naive", "blockwise", "backend"] = "naive"
+    # skipping the blocks a mask leaves empty; splash: the Pallas TPU flash kernel (global,
+    # sliding and chunked layers without ALiBi; interpreted off TPU); backend:
+    # jax.nn.dot_product_attention; auto: per layer, splash on TPU where it runs the layer,
+    # else blockwise, and naive off TPU (nn/attention.py resolve_kernel).
+    kernel: Literal["naive", "blockwise", "splash", "backend", "auto"] = "auto"
     block_size: int = 128
     rope_scaling: Literal["none", "linear", "yarn", "llama3"] = "none"
     rope_factor: float = 1.0
@@ -390,6 +394,20 @@ def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
                  "MLA normalises its latents instead; set qk_norm=none")
         _require(not a.qkv_bias, "model.attention.qkv_bias",
                  "MLA projections have no biases; set qkv_bias=false")
+    if a.kernel == "splash":
+        _validate_splash(a, model.num_layers)
+
+
+def _validate_splash(a: AttentionConfig, num_layers: int) -> None:
+    """kernel=splash runs global, sliding and chunked layers with RoPE or no positions."""
+    for index in range(num_layers):
+        kind, position = a.layer(index)
+        _require(position != "alibi", "model.attention.kernel",
+                 f"splash does not run alibi positions (layer {index}); "
+                 "use kernel=auto or blockwise")
+        _require(kind in ("global", "sliding", "chunked"), "model.attention.kernel",
+                 f"splash does not run {kind} layers (layer {index}); "
+                 "use kernel=auto or blockwise")
 
 
 def _validate_grpo(g: GRPOConfig) -> None:

@@ -16,6 +16,7 @@ from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import RopeScaling, alibi_slopes, apply_rope
 from jaxllm.nn.ring import all_gather_attention, ring_attention
 from jaxllm.nn.sparse import Indexer, sparse_attention
+from jaxllm.nn.splash import splash_attention
 from jaxllm.nn.transformer import Block, Decoder, Transformer
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "dot_product_attention",
     "ring_attention",
     "sparse_attention",
+    "splash_attention",
 ]

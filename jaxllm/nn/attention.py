@@ -1,6 +1,6 @@
 """Self-attention: MHA, GQA and MQA heads; global, sliding, chunked and strided masks,
 DeepSeek sparse attention (`sparse.py`); RoPE, ALiBi or no positions (NoPE); naive,
-blockwise or backend kernels; a KV cache."""
+blockwise, splash or backend kernels, or "auto" (`resolve_kernel`); a KV cache."""
 
 import functools
 
@@ -14,12 +14,31 @@ from jaxllm.nn.blockwise import blockwise_attention
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.masks import Mask, alibi_bias, visible
 from jaxllm.nn.norms import RMSNorm
+from jaxllm.nn.platform import target_platform
 from jaxllm.nn.positions import RopeScaling, alibi_slopes, apply_rope, softmax_scale
 from jaxllm.nn.ring import all_gather_attention, context_shards, ring_attention
+from jaxllm.nn.splash import MASKS as SPLASH_MASKS
+from jaxllm.nn.splash import splash_attention
 
 # How attention runs when the mesh splits sequences over `context` (ModelConfig field).
 CONTEXT_PARALLEL = {"ring": ring_attention, "all_gather": all_gather_attention}
-KERNELS = ("naive", "blockwise", "backend")
+KERNELS = ("naive", "blockwise", "splash", "backend", "auto")
+BLOCKWISE_MASKS = ("global", "sliding", "chunked", "strided")
+
+
+def resolve_kernel(kernel: str, mask: Mask, *, alibi: bool = False,
+                   platform: str | None = None) -> str:
+    """The kernel "auto" stands for in a layer with `mask` (and ALiBi positions if `alibi`)
+    on `platform` (default `target_platform()`): on TPU splash where it runs the layer, else
+    blockwise where that does, else naive; naive on other platforms. Any other name
+    unchanged."""
+    if kernel != "auto":
+        return kernel
+    if (platform or target_platform()) != "tpu":
+        return "naive"
+    if mask.kind in SPLASH_MASKS and not alibi:
+        return "splash"
+    return "blockwise" if mask.kind in BLOCKWISE_MASKS else "naive"
 
 
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -73,9 +92,16 @@ def attend(q, k, v, q_idx, q_seg, k_idx, k_seg, *, mask: Mask = Mask(), slopes=N
     matching segment ids, under `mask`, with ALiBi `slopes` [H] if given.
 
     kernel: "naive" materialises the [B, H, T, S] scores; "blockwise" is the flash-style
-    kernel for self-attention over a whole row (`blockwise.py`); "backend" calls
-    `jax.nn.dot_product_attention` (cuDNN on GPU where it applies).
+    kernel for self-attention over a whole row (`blockwise.py`), "splash" the Pallas TPU
+    one (`splash.py`: global, sliding and chunked masks, no ALiBi; `block_size` unused);
+    "backend" calls `jax.nn.dot_product_attention` (cuDNN on GPU where it applies); "auto"
+    picks one of them (`resolve_kernel`).
     """
+    kernel = resolve_kernel(kernel, mask, alibi=slopes is not None)
+    if kernel == "splash":
+        if slopes is not None:
+            raise ValueError("splash attention does not run ALiBi; use kernel blockwise")
+        return splash_attention(q, k, v, q_seg, mask=mask, scale=scale)
     if kernel == "blockwise":
         return blockwise_attention(q, k, v, q_seg, mask=mask, slopes=slopes, scale=scale,
                                    block_size=block_size)
@@ -245,7 +271,7 @@ class Attention(nn.Module):
     mask: Mask = Mask()
     position: str = "rope"
     rope_scaling: RopeScaling | None = None
-    kernel: str = "naive"
+    kernel: str = "auto"
     block_size: int = 128
     qk_norm: str = "none"
     sparse: SparseConfig | None = None

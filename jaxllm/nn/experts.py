@@ -1,9 +1,12 @@
 """Routed SwiGLU experts: sort token-choices by expert, one grouped matmul, unsort, combine.
 
-Four kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
+Five kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
 matmul"; the README's MoE section has their measured speed):
-- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows; for TPU (XLA:CPU and XLA:GPU,
-  measured in jax 0.11, compute it densely per group).
+- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows (XLA:CPU and XLA:GPU, measured in
+  jax 0.11, compute it densely per group).
+- "gmm": jax's Pallas TPU megablox grouped matmul over the sorted rows
+  (`jaxllm.nn.gmm_experts`), per device inside `jax.shard_map` under a mesh; interpret mode
+  off TPU.
 - "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
   matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
   Dropless at most E*B rows of padding; the fastest dropless kernel measured on GPU.
@@ -12,13 +15,18 @@ matmul"; the README's MoE section has their measured speed):
   (`jaxllm.nn.tiled_experts`); the fastest on CPU.
 - "sorted_einsum": the sorted rows scattered into padded [E, C, D] blocks and a batched
   einsum. Dropless when C covers the largest group (C = T always does).
-"auto" picks ragged_dot on TPU, block_sparse on GPU and tiled elsewhere.
+"auto" picks by `target_platform()`: gmm on TPU (the kernel built for it; chosen because it
+lowers and compiles for TPU, not from a TPU measurement), block_sparse on GPU and tiled
+elsewhere.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxllm.nn import router
+from jaxllm.nn import gmm_experts, router
+from jaxllm.nn.platform import target_platform
 from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
 
@@ -80,10 +88,10 @@ def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int):
 
 
 def resolve_kernel(kernel: str) -> str:
-    """The kernel that "auto" stands for on the default backend; any other name unchanged."""
+    """The kernel that "auto" stands for on `target_platform()`; any other name unchanged."""
     if kernel != "auto":
         return kernel
-    return {"tpu": "ragged_dot", "gpu": "block_sparse"}.get(jax.default_backend(), "tiled")
+    return {"tpu": "gmm", "gpu": "block_sparse"}.get(target_platform(), "tiled")
 
 
 def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
@@ -103,7 +111,7 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
       weights, experts: [T, K] combine weights and expert ids.
       wi, wo: [E, D, 2, F] and [E, F, D] expert kernels, in the compute dtype.
       capacity: slots per expert; choices past it are dropped. T drops nothing.
-      kernel: "auto", "ragged_dot", "block_sparse", "tiled" or "sorted_einsum".
+      kernel: "auto", "ragged_dot", "gmm", "block_sparse", "tiled" or "sorted_einsum".
 
     Returns:
       ([T, D] output, the fraction of token-choices dropped).
@@ -111,6 +119,12 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     tokens, k = experts.shape
     num_experts = wi.shape[0]
     kernel = resolve_kernel(kernel)
+    mesh = gmm_experts.token_mesh() if kernel == "gmm" else None
+    if mesh is not None:  # a Pallas call runs per device
+        routed = functools.partial(routed_experts, kernel=kernel)
+        return gmm_experts.per_device(
+            routed, x, weights, experts, wi, wo, mesh=mesh, capacity=capacity
+        )
     # Choice-major order: every token's first choice takes a slot before any second choice,
     # so capacity drops the lower-ranked choices first (GShard).
     flat = experts.T.reshape(-1)  # [K*T], index k*T + t
@@ -128,6 +142,8 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     x_sorted = x[order % tokens]  # [K*T, D]
     if kernel == "ragged_dot":
         out = ragged_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
+    elif kernel == "gmm":
+        out = gmm_experts.gmm_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "block_sparse":
         out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
     else:

@@ -47,7 +47,7 @@ class MLAttention(nn.Module):
     mask: Mask = Mask()
     position: str = "rope"
     rope_scaling: RopeScaling | None = None
-    kernel: str = "naive"
+    kernel: str = "auto"
     block_size: int = 128
     norm_eps: float = 1e-6
     sparse: SparseConfig | None = None

@@ -18,6 +18,9 @@ residuals per device. Autodiff through the scan (`custom_vjp=False`) saves every
 probabilities, O(S^2/n) per device: `benchmarks/ring.py` measured 402 MiB against 43 MiB of
 temp per device for the fwd+bwd at S=8192, n=8 (8 heads, 2 kv heads, head dim 64).
 
+On a TPU target each chunk pair whose mask splash attention's static masks express runs
+through that Pallas kernel, forward and backward (`ring_splash`); `block_kernel` chooses.
+
 `jax.shard_map` runs with check_vma=False: the softmax state starts as device-invariant
 constants and turns device-varying in the first merge, which the vma checker rejects as a
 mismatch between the branches of `lax.cond` and the carries of `lax.scan`.
@@ -32,9 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxllm.nn import ring_splash
+from jaxllm.nn.platform import target_platform
+
 CONTEXT_AXIS = "context"
 BATCH_AXES = ("data", "fsdp")
 TENSOR_AXIS = "tensor"
+BLOCK_KERNELS = ("jax", "splash")
 _F32 = jnp.float32
 
 
@@ -56,17 +63,21 @@ def visible(q_pos, q_seg, k_pos, k_seg, *, causal: bool, window: int | None):
 
 @dataclasses.dataclass(frozen=True)
 class _Ring:
-    """Static settings of one ring: the mesh axis, the mask, and chunks per local block."""
+    """Static settings of one ring: the mesh axis, the mask, chunks per local block, and whether
+    chunk pairs run splash attention (in Pallas interpret mode)."""
 
     axis: str
     causal: bool
     window: int | None
     chunks: int
+    splash: bool = False
+    interpret: bool = False
 
 
 def ring_attention(
     q, k, v, positions, segment_ids, *, causal: bool = True, window: int | None = None,
     chunks: int = 2, mesh=None, axis_name: str = CONTEXT_AXIS, custom_vjp: bool = True,
+    block_kernel: str | None = None,
 ):
     """Ring attention over the `axis_name` mesh axis; equals full attention on the same tokens.
 
@@ -79,6 +90,9 @@ def ring_attention(
       mesh: the mesh; default the current one (`jax.set_mesh`). Batch splits over its data and
         fsdp axes when they divide it, heads over tensor when it divides both head counts.
       custom_vjp: the ring backward (O(S/n) memory); False differentiates through the scan.
+      block_kernel: a chunk pair's attention: "jax", or "splash" where splash's static masks
+        express the pair's mask (`ring_splash`; Pallas interpret mode off TPU). Default splash
+        on a TPU target where it runs (custom_vjp, chunks of a multiple of 128 tokens).
 
     Returns:
       [B, S, H, D] in q's dtype.
@@ -86,13 +100,27 @@ def ring_attention(
     mesh = _resolve_mesh(mesh, axis_name)
     n = mesh.shape[axis_name]
     _check_shapes(q, k, v, positions, segment_ids, n * chunks)
-    ring = _Ring(axis_name, causal, window, chunks)
+    splash = _use_splash(block_kernel, q.shape[1] // (n * chunks), custom_vjp)
+    ring = _Ring(axis_name, causal, window, chunks, splash, target_platform() != "tpu")
     layout = _layout(mesh, axis_name, q.shape, k.shape[2])
     if custom_vjp:
         return _ring_attention_vjp(ring, layout, q, k, v, positions, segment_ids)
     forward = layout.map(functools.partial(_ring_forward, ring), layout.inputs,
                          (layout.heads, layout.lse))
     return forward(q, k, v, positions, segment_ids)[0]
+
+
+def _use_splash(block_kernel: str | None, chunk: int, custom_vjp: bool) -> bool:
+    """Whether chunk pairs of `chunk` tokens run splash (`ring_attention`'s block_kernel)."""
+    if block_kernel not in (None, *BLOCK_KERNELS):
+        raise ValueError(f"block_kernel must be one of {BLOCK_KERNELS} or None; got "
+                         f"{block_kernel!r}")
+    reason = ring_splash.unsupported(chunk, custom_vjp=custom_vjp)
+    if block_kernel is None:
+        return reason is None and target_platform() == "tpu"
+    if block_kernel == "splash" and reason:
+        raise ValueError(reason)
+    return block_kernel == "splash"
 
 
 def all_gather_attention(
@@ -246,6 +274,15 @@ def _skip_if_empty(update, carry, mask, *operands):
     return jax.lax.cond(mask.any(), update, lambda c, *_: c, carry, *operands, mask)
 
 
+def _pair(ring: _Ring, update, splash_update, carry, mask, segments, *operands):
+    """One chunk pair's `update(carry, *operands, mask)`, skipped when the mask is all False; with
+    the splash block kernel, `ring_splash.switch` runs `splash_update` where splash applies."""
+    if ring.splash:
+        return ring_splash.switch(update, splash_update, carry, mask, segments, *operands,
+                                  interpret=ring.interpret)
+    return _skip_if_empty(update, carry, mask, *operands)
+
+
 def _forward_step(ring: _Ring, states, q, q_pos, q_seg, block):
     """Merges one travelling K/V block into every query chunk's softmax state."""
     ks, vs, k_pos, k_seg = block
@@ -253,7 +290,7 @@ def _forward_step(ring: _Ring, states, q, q_pos, q_seg, block):
     for state, qi, pi, si in zip(states, q, q_pos, q_seg):
         for kj, vj, pj, sj in zip(ks, vs, k_pos, k_seg):
             mask = visible(pi, si, pj, sj, causal=ring.causal, window=ring.window)
-            state = _skip_if_empty(_merge, state, mask, qi, kj, vj)
+            state = _pair(ring, _merge, ring_splash.merge, state, mask, (si, sj), qi, kj, vj)
         new.append(state)
     return tuple(new)
 
@@ -339,8 +376,9 @@ def _backward_step(ring: _Ring, dq, q_args, block, dkv):
     for i, (qi, pi, si, doi, lsei, deltai) in enumerate(zip(*q_args)):
         for j, (kj, vj, pj, sj) in enumerate(zip(ks, vs, k_pos, k_seg)):
             mask = visible(pi, si, pj, sj, causal=ring.causal, window=ring.window)
-            dq[i], dks[j], dvs[j] = _skip_if_empty(
-                _grad_update, (dq[i], dks[j], dvs[j]), mask, qi, kj, vj, doi, lsei, deltai)
+            dq[i], dks[j], dvs[j] = _pair(
+                ring, _grad_update, ring_splash.grad_update, (dq[i], dks[j], dvs[j]), mask,
+                (si, sj), qi, kj, vj, doi, lsei, deltai)
     return tuple(dq), (tuple(dks), tuple(dvs))
 
 

@@ -156,8 +156,9 @@ def _compile(args) -> None:
     report = aot.compile_for(config, slice_)
     print(json.dumps(report.to_json(), indent=2) if args.json else aot.format_report(report))
     if not report.fits:
-        raise NotFitting(f"the step does not fit {slice_.name}: it needs "
-                         f"{aot.gib(report.memory.total)} per device of {aot.gib(report.hbm_bytes)}")
+        needed, hbm = aot.gib(report.memory.total), aot.gib(report.hbm_bytes)
+        raise NotFitting(f"the step does not fit {slice_.name}: it needs {needed} per device "
+                         f"of {hbm}")
 
 
 def _config_of(target: str, overrides: list[str]) -> config_lib.Config:

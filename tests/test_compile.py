@@ -1,6 +1,9 @@
 """Ahead-of-time compilation for Cloud TPU slices, through libtpu, on the CPU machine."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,15 @@ def test_the_calculator_estimates_the_compiled_memory(preset, slice_name, mesh, 
     assert estimate.params + estimate.optimizer == pytest.approx(report.memory.arguments,
                                                                  rel=1e-3)
     assert estimate.total == pytest.approx(report.memory.total, rel=0.2)
+
+
+def test_importing_jaxllm_keeps_an_installed_libtpu_quiet_without_a_tpu():
+    """With libtpu installed and no TPU, JAX's first device query would print libtpu's
+    errors; jaxllm names the platforms instead, unless the user already did."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    script = ("import jaxllm, jax, os; "
+              "print(jax.devices()[0].platform, os.environ['JAX_PLATFORMS'])")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, check=True, timeout=120)
+    assert result.stdout.split() == ["cpu", "cpu"]
+    assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr

@@ -32,6 +32,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     # activations
     ("act_batch", BATCH_AXES),
+    ("act_batch_replica", "data"),  # the batch over data only, whole per FSDP group
     ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),

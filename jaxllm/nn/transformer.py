@@ -196,6 +196,20 @@ class Decoder(nn.Module):
         return x
 
 
+def embed_lookup(table, tokens):
+    """Rows of `table` [vocab, embed] for `tokens`, sharded like the stack's activations.
+
+    The table keeps its FSDP split of the embed dim: each device looks up the tokens of
+    all FSDP shards on its embed slice, then the result is resharded by batch. Neither the
+    whole table nor its gradient is ever materialised on one device.
+    """
+    table = nn.with_logical_constraint(table, (None, "embed"))
+    tokens = nn.with_logical_constraint(tokens, ("act_batch_replica", "act_length"))
+    x = jnp.take(table, tokens, axis=0)
+    x = nn.with_logical_constraint(x, ("act_batch_replica", "act_length", "embed"))
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
 class Transformer(nn.Module):
     """A decoder-only language model: tokens [B, S] -> logits [B, S, vocab].
 
@@ -224,10 +238,7 @@ class Transformer(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ("vocab", "embed")),
             (cfg.vocab_size, cfg.embed_dim),
         )
-        # FSDP: gather the whole table for the lookup, then shard the result by batch.
-        full_table = nn.with_logical_constraint(table, (None, None)).astype(dtype)
-        x = jnp.take(full_table, tokens, axis=0)
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        x = embed_lookup(table.astype(dtype), tokens)
         x = Decoder(cfg, self.decode, name="decoder")(x, positions, segment_ids)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:

@@ -22,7 +22,9 @@ def cross_entropy(logits, targets, loss_mask, z_loss: float = 0.0):
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    # A one-hot select-and-sum fuses with the cast; a gather would need the float32 logits.
+    vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    target_logits = jnp.where(vocab == targets[..., None], logits, 0.0).sum(axis=-1)
     nll = (log_z - target_logits) * loss_mask
     z_term = z_loss * jnp.square(log_z) * loss_mask
     return nll.sum(), z_term.sum(), loss_mask.sum()

@@ -74,7 +74,7 @@ def row(name: str, kernel: str, slice_: topology.Topology, report: aot.Report) -
         "temporaries_gib": m.temporaries / 2**30, "total_gib": m.total / 2**30,
         "hbm_gib": report.hbm_bytes / 2**30, "fits": report.fits,
         "est_step_s": report.step_seconds, "est_mfu_bound": report.mfu_bound,
-        "compiled_optimal_seconds": report.compiled_cost.optimal_seconds,
+        "compiled_optimal_seconds": report.to_json()["compiled_cost"]["optimal_seconds"],
     }
 
 

@@ -164,3 +164,16 @@ def test_importing_jaxllm_keeps_an_installed_libtpu_quiet_without_a_tpu():
                             text=True, check=True, timeout=120)
     assert result.stdout.split() == ["cpu", "cpu"]
     assert "TPU" not in result.stderr and "libtpu" not in result.stderr, result.stderr
+
+
+def test_a_negative_compiler_estimate_counts_as_none():
+    """The TPU compiler gives some programs a negative optimal_seconds: no estimate."""
+
+    class Compiled:
+        def cost_analysis(self):
+            return {"flops": 1e9, "bytes accessed": 1e6, "optimal_seconds": -29.8}
+
+    cost = aot.cost_of(Compiled())
+    assert cost.flops == 1e9 and cost.optimal_seconds != cost.optimal_seconds  # nan
+    total = cost + aot.Cost(1e9, 1e6, 0.5)
+    assert total.optimal_seconds != total.optimal_seconds  # no estimate stays none

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 
 import jax
@@ -89,8 +90,11 @@ def cost_of(compiled) -> Cost:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):  # one entry per program in older jax
         analysis = analysis[0]
+    seconds = float(analysis.get("optimal_seconds", math.nan))
+    # Some programs (seen with expert parallelism's all-to-all) get a negative estimate,
+    # the compiler's way of having none: nan keeps it out of every sum.
     return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)),
-                float(analysis.get("optimal_seconds", 0.0)))
+                seconds if seconds >= 0 else math.nan)
 
 
 def phase(config: config_lib.Config) -> str:
@@ -233,7 +237,8 @@ class Report:
     @property
     def step_seconds(self) -> float | None:
         """The compiler's estimate of the step time (`optimal_seconds`): an estimate."""
-        return self.cost.optimal_seconds if self.cost and self.cost.optimal_seconds else None
+        seconds = self.cost.optimal_seconds if self.cost else math.nan
+        return seconds if math.isfinite(seconds) and seconds > 0 else None
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -252,6 +257,9 @@ class Report:
         out["memory"]["total"] = self.memory.total
         for name in ("fits", "margin_bytes", "step_seconds", "tokens_per_second", "mfu_bound"):
             out[name] = getattr(self, name)
+        for cost in ("compiled_cost", "cost"):  # JSON has no nan: no estimate is null
+            if out[cost] and not math.isfinite(out[cost]["optimal_seconds"]):
+                out[cost]["optimal_seconds"] = None
         return out
 
 
@@ -346,6 +354,8 @@ def format_report(report: Report) -> str:
         c = report.cost
         lines.append(f"cost         {c.flops:.3g} FLOPs and {c.bytes_accessed:.3g} bytes per "
                      f"device per step ({report.cost_method})")
+    if report.cost is not None and not report.step_seconds:
+        lines.append("estimate     none: the compiler gave no time estimate for this step")
     if report.step_seconds:
         lines.append(
             f"estimate     step {report.step_seconds:.3g} s, {report.tokens_per_second:,.0f} "

@@ -167,7 +167,8 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
                          layer being recomputed)
         remat full:      L d   (each layer's input) + max all(F)
 
-    plus the logits, V / t per token in the compute dtype and again in float32 for the loss.
+    plus the logits, V / t per token in the compute dtype (the loss's float32 work fuses with
+    them: `jaxllm.train.step.cross_entropy`).
     """
     m, t = config.model, config.train
     rows = t.batch_size // t.grad_accum // (mesh["data"] * mesh["fsdp"])
@@ -193,7 +194,7 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
     else:
         kept = m.num_layers * d + max(all_values)
     itemsize = jnp.dtype(m.dtype).itemsize
-    return int(tokens * (kept * itemsize + m.vocab_size / tp * (itemsize + 4)))
+    return int(tokens * (kept + m.vocab_size / tp) * itemsize)
 
 
 def _materialises_scores(attention: config_lib.AttentionConfig, kind) -> bool:

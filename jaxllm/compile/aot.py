@@ -119,13 +119,17 @@ def _batch_specs(config: config_lib.Config, mesh) -> dict[str, jax.ShapeDtypeStr
 @contextlib.contextmanager
 def no_compilation_cache():
     """Keeps TPU executables out of a persistent compilation cache set up for the local
-    backend: they cannot be loaded back without a TPU client."""
+    backend: they cannot be loaded back without a TPU client. JAX decides once per process
+    whether it uses the cache, so the compile-time threshold for writing is raised too."""
     enabled = jax.config.jax_enable_compilation_cache
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_enable_compilation_cache", False)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
 
 
 def compile_step(config: config_lib.Config, mesh):

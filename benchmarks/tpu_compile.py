@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+from importlib import metadata
 
 import jax
 
@@ -108,13 +109,10 @@ def maxtext_case(kernel: str) -> dict:
 def environment() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
-    libtpu = "unknown"
     try:
-        from importlib.metadata import version
-
-        libtpu = version("libtpu")
-    except Exception:  # noqa: BLE001 (any packaging error leaves it unknown)
-        pass
+        libtpu = metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        libtpu = "not installed"
     return {"commit": commit, "date": datetime.date.today().isoformat(), "jax": jax.__version__,
             "libtpu": libtpu, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
 

@@ -294,9 +294,8 @@ def compile_for(config: config_lib.Config, topology: Topology, *, cost: bool = T
                          f"{str(error).splitlines()[0]}") from None
     seconds = time.perf_counter() - start
     total_cost, method = step_cost(config, mesh, compiled) if cost else (None, "not computed")
-    peak = topology.generation.peak_flops * topology.chips / mesh.size
     if total_cost is not None:
-        total_cost, method = _with_splash(total_cost, method, config, mesh.size, peak)
+        total_cost, method = _with_splash(total_cost, method, config, topology, mesh.size)
     tokens = config.train.batch_size * config.train.seq_len
     num_params = count_params(jax.eval_shape(
         Transformer(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)
@@ -319,13 +318,13 @@ def with_cost(report: Report, config: config_lib.Config, topology: Topology) -> 
     """`report` of `config` (compiled with cost=False) with its step cost added."""
     config, mesh = prepare(config, topology)
     total_cost, method = step_cost(config, mesh)
-    peak = topology.generation.peak_flops * topology.chips / mesh.size
-    total_cost, method = _with_splash(total_cost, method, config, mesh.size, peak)
+    total_cost, method = _with_splash(total_cost, method, config, topology, mesh.size)
     return dataclasses.replace(report, cost=total_cost, cost_method=method)
 
 
-def _with_splash(total: Cost, method: str, config, devices: int, peak: float):
+def _with_splash(total: Cost, method: str, config, topology: Topology, devices: int):
     """`total` plus the splash attention estimate, and the method saying so."""
+    peak = topology.generation.peak_flops * topology.chips / devices
     splash = splash_cost(config, devices, peak)
     if not splash.flops:
         return total, method

@@ -8,7 +8,6 @@ compile for it ahead of time. Chip figures are from the Cloud TPU system archite
 
 import contextlib
 import dataclasses
-import io
 import math
 import os
 

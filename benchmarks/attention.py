@@ -37,40 +37,20 @@ run are printed.
 import argparse
 import dataclasses
 import functools
-import os
-import shlex
-import statistics
-import sys
 import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from train_step import cost_flops
+from timing import (MIB, command, cost_flops, load, load_after, machine, table, temp_bytes,
+                    time_calls)
 
 from jaxllm import presets
 from jaxllm.calculator import kv_cache_bytes_per_token
 from jaxllm.config import AttentionConfig
-from jaxllm.nn.attention import attend, row_indices
-from jaxllm.nn.masks import Mask
+from jaxllm.nn.attention_kernels import attend
+from jaxllm.nn.masks import Mask, row_indices
 from jaxllm.nn.sparse import Indexer, select, sparse_attention
-
-MIB = 2**20
-
-
-def temp_bytes(compiled) -> int:
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
-def median_seconds(compiled, args, repeats: int) -> float:
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def masked(mask: Mask, kernel: str, block: int):
     """attention(q, k, v) of one row of packed documents under `mask` with `kernel`."""
@@ -110,7 +90,7 @@ def fwd_bwd(attention):
 
 def bench_lengths(args) -> list[dict]:
     embed = args.heads * args.head_dim
-    indexer = Indexer(args.indexer_heads, args.indexer_dim)
+    indexer = Indexer(heads=args.indexer_heads, head_dim=args.indexer_dim)
     key = jax.random.key(0)
     params = nn.meta.unbox(jax.jit(indexer.init)(
         key, jnp.zeros((1, 8, embed)), jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 8), jnp.int32)
@@ -161,7 +141,7 @@ def measure(args, length: int, name: str, step, inputs) -> dict:
     row = dict(length=length, name=name, flops=cost_flops(compiled), temp=temp_bytes(compiled),
                compile_s=compile_s, seconds=None)
     if row["temp"] <= args.time_max_mib * MIB:
-        row["seconds"] = median_seconds(compiled, inputs, args.repeats)
+        row["seconds"] = time_calls(functools.partial(compiled, *inputs), args.repeats).median
     del compiled
     print(f"S={length:5d} {name:36s} {row['flops'] / 1e9:9.2f} GFLOP  "
           f"{row['temp'] / MIB:9.1f} MiB temp  compile {compile_s:5.1f} s  "
@@ -174,7 +154,7 @@ def cache_rows() -> list[dict]:
     """(model, attention, values per token per layer by formula, config) for the table."""
     llama = presets.llama3_8b()
     v3 = presets.deepseek_v3()
-    v3_mha = dataclasses.replace(v3, attention=AttentionConfig())  # K and V: 128 heads x 128
+    v3_mha = dataclasses.replace(v3, attention=AttentionConfig(), head_dim=128)  # 128 heads x 128
     cases = [
         ("Llama-3-8B", "GQA 32/8 x 128", 2 * 8 * 128, llama),
         ("Llama-3-8B as MHA", "MHA 32/32 x 128", 2 * 32 * 128,
@@ -202,15 +182,15 @@ def print_tables(args, rows, caches, command: str) -> None:
           f"{args.heads}/{args.kv_heads} of {args.head_dim}, float32, block {args.block}; "
           f"DSA indexer {args.indexer_heads} heads x {args.indexer_dim}; time: median of "
           f"{args.repeats} after a warm-up, fwd+bwd (the indexer row: forward only)\n")
-    print("| S | kernel, mask | compiled GFLOP | temp MiB | time s |")
-    print("|---|---|---|---|---|")
+    cells = []
     for r in rows:
         flops = f"{r['flops'] / 1e9:,.2f}"
         if "all_diagonals" in r:
             n = r["length"] // args.block
             flops += f" (all {n} diagonals: {r['all_diagonals'] / 1e9:,.2f})¹"
         secs = "not timed²" if r["seconds"] is None else f"{r['seconds']:.3f}"
-        print(f"| {r['length']} | {r['name']} | {flops} | {r['temp'] / MIB:,.1f} | {secs} |")
+        cells.append((str(r["length"]), r["name"], flops, f"{r['temp'] / MIB:,.1f}", secs))
+    print(table(("S", "kernel, mask", "compiled GFLOP", "temp MiB", "time s"), cells))
     print("\n¹ XLA's cost_analysis counts the global blockwise kernel's scan body (one "
           "diagonal) once; in parentheses, the count with all n = S/block diagonals: F1 + "
           "(n - 1) x (F2 - F1) from the unrolled sliding kernel reaching 1 and 2 diagonals. "
@@ -219,15 +199,14 @@ def print_tables(args, rows, caches, command: str) -> None:
     print(f"² compiled temp above --time-max-mib {args.time_max_mib}.")
     print("\nKV-cache bytes per token, all layers, bfloat16 (calculator: the decoding model's "
           "cache collection; formula: values per token per layer x layers x 2 bytes)\n")
-    print("| model | attention | layers | values / token / layer | calculator bytes / token | "
-          "formula bytes / token | match | vs MLA (V3) |")
-    print("|---|---|---|---|---|---|---|---|")
     mla = next(c["measured"] for c in caches if c["model"] == "DeepSeek-V3")
-    for c in caches:
-        print(f"| {c['model']} | {c['attention']} | {c['layers']} | {c['values']:,} | "
-              f"{c['measured']:,} ({c['measured'] / 1024:,.1f} KiB) | {c['formula']:,} | "
-              f"{'yes' if c['measured'] == c['formula'] else 'NO'} | "
-              f"{c['measured'] / mla:.2f} x |")
+    cells = [(c["model"], c["attention"], str(c["layers"]), f"{c['values']:,}",
+              f"{c['measured']:,} ({c['measured'] / 1024:,.1f} KiB)", f"{c['formula']:,}",
+              "yes" if c["measured"] == c["formula"] else "NO", f"{c['measured'] / mla:.2f} x")
+             for c in caches]
+    print(table(("model", "attention", "layers", "values / token / layer",
+                 "calculator bytes / token", "formula bytes / token", "match", "vs MLA (V3)"),
+                cells))
 
 
 def main() -> None:
@@ -247,18 +226,14 @@ def main() -> None:
     parser.add_argument("--time-max-mib", type=int, default=12_288,
                         help="do not time steps whose compiled temp memory exceeds this")
     args = parser.parse_args()
-    command = shlex.join(["python", *sys.argv])
 
-    device = jax.devices()[0]
-    load_before = os.getloadavg()
-    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before the run")
+    load_before = load()
+    print(machine(load_before))
     rows = bench_lengths(args)
     caches = cache_rows()
-    load_after = os.getloadavg()
-    print_tables(args, rows, caches, command)
-    print(f"\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
-          f"on {os.cpu_count()} CPUs.")
+    loads = load_after(load_before)
+    print_tables(args, rows, caches, command())
+    print(f"\n{loads}")
 
 
 if __name__ == "__main__":

@@ -29,30 +29,16 @@ run are printed so that a noisy run can be spotted and rerun.
 import argparse
 import dataclasses
 import functools
-import os
-import shlex
-import statistics
-import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import command, load, load_after, machine, table, time_calls
 
 from jaxllm.config import AttentionConfig, MLAConfig, ModelConfig
 from jaxllm.infer import decode_step, generate, init_cache
 from jaxllm.nn import Transformer
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """(median seconds of `repeats` blocking calls of fn, the last result)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "total_len"))
@@ -92,15 +78,17 @@ def bench_throughput(args, model, params, prompts) -> list[dict]:
         run_cached = functools.partial(
             generate, model, params, prompts.tolist(), max_new_tokens=length, temperature=0.0
         )
-        jax.block_until_ready(run_cached())  # compile
-        cached_s, cached = timed(run_cached, args.repeats)
+        timing = time_calls(run_cached, args.repeats)  # the warm-up compiles
+        cached_s, cached = timing.median, timing.out
 
         steps = min(length, args.recompute_steps)
         run_full = functools.partial(
             recompute_greedy, model, params, prompts, total_len=prompt_len + length
         )
         jax.block_until_ready(run_full(1))  # compile
-        full_s, full = timed(functools.partial(run_full, steps), 1)  # each step: same work
+        # One run of `steps` steps: each step does the same work.
+        timing = time_calls(functools.partial(run_full, steps), 1, warmup=0)
+        full_s, full = timing.median, timing.out
         agree = float(np.mean(np.asarray(cached.tokens[:, :steps]) == np.asarray(full[:, :steps])))
         row = dict(
             length=length, cached_s=cached_s, cached_tps=batch * length / cached_s,
@@ -125,19 +113,18 @@ def bench_latency(args, model, params, prompts) -> list[dict]:
     rows = []
     for position in args.positions:
         cache = filled_to(cache, position - args.step_repeats)
-        times = []
-        for slot in range(position - args.step_repeats, position):  # fill up to `position`
-            positions = jnp.full((batch,), slot, jnp.int32)
-            start = time.perf_counter()
-            logits, cache = step(variables, cache, tokens, positions)
-            jax.block_until_ready(logits)
-            times.append(time.perf_counter() - start)
-        cached_s = statistics.median(times)
+        slots = iter([jnp.full((batch,), slot, jnp.int32)  # fill up to `position`
+                      for slot in range(position - args.step_repeats, position)])
 
+        def next_step():
+            nonlocal cache
+            logits, cache = step(variables, cache, tokens, next(slots))
+            return logits
+
+        cached_s = time_calls(next_step, args.step_repeats, warmup=0).median
         context = jnp.asarray(np.resize(prompts, (batch, position)))
         run_full = functools.partial(recompute_next, model, params, context)
-        jax.block_until_ready(run_full())  # compile
-        full_s, _ = timed(run_full, args.repeats)
+        full_s = time_calls(run_full, args.repeats).median  # the warm-up compiles
         rows.append(dict(position=position, cached_s=cached_s, full_s=full_s))
         print(f"p={position:5d}: cached step {cached_s * 1e3:7.2f} ms; "
               f"recompute {full_s * 1e3:9.1f} ms")
@@ -193,30 +180,28 @@ def print_tables(args, config, throughput, latency, memory, command) -> None:
              f"{config.dtype}")
     print(f"\n`{command}`\n")
     print(f"Decode throughput, greedy, batch {args.batch}, prompt {args.prompt_len}; {model}\n")
-    print("| new tokens | cached tok/s | recompute tok/s | speedup | tokens agree |")
-    print("|---|---|---|---|---|")
+    cells = []
     for r in throughput:
         note = "" if r["steps"] == r["length"] else f" (first {r['steps']} steps, extrapolated)"
-        print(f"| {r['length']} | {r['cached_tps']:,.0f} | {r['full_tps']:,.1f}{note} | "
-              f"{r['speedup']:.1f} x | {r['agree']:.0%} of first {r['steps']} |")
+        cells.append((str(r["length"]), f"{r['cached_tps']:,.0f}", f"{r['full_tps']:,.1f}{note}",
+                      f"{r['speedup']:.1f} x", f"{r['agree']:.0%} of first {r['steps']}"))
+    print(table(("new tokens", "cached tok/s", "recompute tok/s", "speedup", "tokens agree"),
+                cells))
     print(f"\nPer-token latency by context length, batch {args.batch}; cache of "
           f"{args.cache_len} slots\n")
-    print(f"| context p | cached decode_step, {args.batch} rows | full recompute, "
-          f"{args.batch} rows | recompute / cached |")
-    print("|---|---|---|---|")
-    for r in latency:
-        print(f"| {r['position']} | {r['cached_s'] * 1e3:.2f} ms | {r['full_s'] * 1e3:.1f} ms | "
-              f"{r['full_s'] / r['cached_s']:.1f} x |")
+    cells = [(str(r["position"]), f"{r['cached_s'] * 1e3:.2f} ms", f"{r['full_s'] * 1e3:.1f} ms",
+              f"{r['full_s'] / r['cached_s']:.1f} x") for r in latency]
+    print(table(("context p", f"cached decode_step, {args.batch} rows",
+                 f"full recompute, {args.batch} rows", "recompute / cached"), cells))
     cached = [r["cached_s"] for r in latency]
     print(f"\nCached step, slowest / fastest over p: {max(cached) / min(cached):.2f}")
     print(f"\nKV-cache bytes, {config.num_layers} layers, head_dim "
           f"{config.resolved_head_dim}, {config.dtype}, context {args.context}\n")
-    print("| attention | heads q/kv | per sequence | per token per layer | "
-          "= the layout's formula |")
-    print("|---|---|---|---|---|")
-    for r in memory:
-        print(f"| {r['name']} | {r['heads']} | {r['total'] / 2**20:.2f} MiB | "
-              f"{r['per_token_layer']:,.0f} B | {'yes' if r['formula'] == r['total'] else 'NO'} |")
+    cells = [(r["name"], r["heads"], f"{r['total'] / 2**20:.2f} MiB",
+              f"{r['per_token_layer']:,.0f} B", "yes" if r["formula"] == r["total"] else "NO")
+             for r in memory]
+    print(table(("attention", "heads q/kv", "per sequence", "per token per layer",
+                 "= the layout's formula"), cells))
 
 
 def main() -> None:
@@ -247,12 +232,9 @@ def main() -> None:
     args.context = args.context or args.cache_len
     if max(args.positions) > args.cache_len or min(args.positions) < args.step_repeats:
         parser.error(f"--positions: each must lie in [{args.step_repeats}, {args.cache_len}]")
-    command = shlex.join(["python", *sys.argv])
 
-    device = jax.devices()[0]
-    load_before = os.getloadavg()
-    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPUs, load average {load_before[0]:.2f} before the run")
+    load_before = load()
+    print(machine(load_before))
 
     config = ModelConfig(
         vocab_size=args.vocab, embed_dim=args.embed, num_layers=args.layers,
@@ -270,10 +252,9 @@ def main() -> None:
     print("\n== per-token latency by context length")
     latency = bench_latency(args, model, params, prompts)
     memory = cache_bytes(config, args.context)
-    load_after = os.getloadavg()
-    print_tables(args, config, throughput, latency, memory, command)
-    print(f"\nLoad average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, "
-          f"on {os.cpu_count()} CPUs.")
+    loads = load_after(load_before)
+    print_tables(args, config, throughput, latency, memory, command())
+    print(f"\n{loads}")
 
 
 if __name__ == "__main__":

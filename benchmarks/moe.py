@@ -27,17 +27,14 @@ run and the CPU cores busy while timing are printed.
 import argparse
 import dataclasses
 import functools
-import os
-import shlex
-import statistics
-import sys
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from train_step import build, compile_step, cost_flops
+from timing import (command, cost_flops, load, load_after, machine, table, time_calls,
+                    time_interleaved)
+from train_step import build, compile_step
 
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
@@ -78,22 +75,6 @@ def fwd_bwd(apply):
     return jax.jit(jax.grad(lambda variables, x: jnp.sum(apply(variables, x)), argnums=(0, 1)))
 
 
-def time_interleaved(calls: dict[str, tuple], reps: int) -> dict[str, tuple[float, float]]:
-    """name -> (median seconds, CPU cores busy) of `reps` rounds that each time every call
-    (fn, args) once, so that the machine's drift hits all alike. Each timed call follows an
-    untimed one of the same fn: the caches and allocator then hold its own working set, not
-    the previous call's (a 10 s ragged_dot call slowed the next layer by half)."""
-    times, cpu = {name: [] for name in calls}, dict.fromkeys(calls, 0.0)
-    for _ in range(reps):
-        for name, (fn, args) in calls.items():
-            jax.block_until_ready(fn(*args))
-            cpu_start, start = time.process_time(), time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - start)
-            cpu[name] += time.process_time() - cpu_start
-    return {name: (statistics.median(t), cpu[name] / sum(t)) for name, t in times.items()}
-
-
 def dropped_fraction(moe: MoE, variables, x) -> float:
     """The fraction of token-choices `moe` drops on x, from its sown metrics."""
     _, sown = moe.apply(variables, x, mutable=["moe_metrics"])
@@ -122,7 +103,7 @@ def layer_results(moe_cfg: MoEConfig, args) -> dict[str, tuple[dict, float | Non
         {name: (fn, (layers[name][1], x)) for name, fn in compiled.items()}, args.reps
     )
     return {
-        name: (dict(seconds=timed[name][0], cores=timed[name][1],
+        name: (dict(seconds=timed[name].median, cores=timed[name].cores,
                     flops=cost_flops(fn) if layers[name][3] else None),
                layers[name][2])
         for name, fn in compiled.items()
@@ -195,22 +176,20 @@ def bench_train(model: config_lib.ModelConfig, args) -> dict:
     mesh, state, batch, step = build(config)
     total = count_params(state.params)
     compiled, _ = compile_step(mesh, state, batch, step)
-    with parallel.use_mesh(mesh):
+
+    def train_step():
+        nonlocal state
         state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times, cpu_start = [], time.process_time()
-        for _ in range(args.train_steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        cores = (time.process_time() - cpu_start) / sum(times)
+        return metrics
+
+    with parallel.use_mesh(mesh):
+        timing = time_calls(train_step, args.train_steps)
     unrolled = dataclasses.replace(config, model=dataclasses.replace(model, scan_layers=False))
     mesh_u, state_u, batch_u, step_u = build(unrolled)
     with parallel.use_mesh(mesh_u):
         xla = cost_flops(step_u.lower(state_u, batch_u))
-    step_s = statistics.median(times)
-    return dict(total=total, active=active_params(model, total), step_s=step_s, cores=cores,
+    step_s = timing.median
+    return dict(total=total, active=active_params(model, total), step_s=step_s, cores=timing.cores,
                 tokens_per_s=args.batch * args.train_seq_len / step_s, flops=xla)
 
 
@@ -238,11 +217,6 @@ def train_rows(args) -> list[tuple]:
     return rows
 
 
-def table(header: tuple[str, ...], rows: list[tuple]) -> str:
-    lines = [header, ("---",) * len(header), *rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per layer call")
@@ -254,13 +228,9 @@ def main() -> None:
     parser.add_argument("--train-seq-len", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=5, help="timed train steps")
     args = parser.parse_args()
-    command = shlex.join(["python", *sys.argv])
-    device = jax.devices()[0]
-    load_before = os.getloadavg()[0]
+    load_before = load()
     peak = measure_matmul_peak(2048)
-    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPUs, load average {load_before:.2f} before the run, "
-          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
+    print(f"{machine(load_before)}, float32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")
 
     d = args.embed
     shapes = (
@@ -273,9 +243,8 @@ def main() -> None:
           f"batch {args.batch} x seq {args.train_seq_len}, float32")
     steps = train_rows(args)
 
-    print(f"\n`{command}`\n\nload average {load_before:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after the run; {os.cpu_count()} CPUs; float32 matmul "
-          f"peak {peak / 1e9:.0f} GFLOP/s\n")
+    print(f"\n`{command()}`\n\n{load_after(load_before)} Float32 matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s.\n")
     print(table(("shape", "layer", "fwd+bwd ms", "time / dense-active", "XLA GFLOP",
                  "FLOPs / dense-active", "XLA FLOP/s / peak", "dropped", "cores busy"), layers))
     print()

@@ -26,21 +26,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
 import functools
-import shlex
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import MIB, command, load, resident_bytes, table, temp_bytes, time_calls
 
 from jaxllm import Config, MeshConfig, parallel
-from jaxllm.nn.attention import causal_segment_mask, dot_product_attention
+from jaxllm.nn.masks import causal_segment_mask
+from jaxllm.nn.naive import dot_product_attention
 from jaxllm.nn.context_order import permutation, to_context_order
 from jaxllm.nn.ring import all_gather_attention, ring_attention
-
-MIB = 2**20
-
 
 def inputs(length: int, heads: int, kv_heads: int, dim: int):
     """Abstract q, k, v, positions and segment ids for one sequence."""
@@ -74,9 +69,8 @@ def full_attention(q, k, v, pos, seg):
 
 def compiled_memory(attention, args) -> tuple[int, int]:
     """(temp bytes, arguments + outputs + temp bytes) per device of the compiled fwd+bwd."""
-    stats = fwd_bwd(attention).lower(*args).compile().memory_analysis()
-    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-    return stats.temp_size_in_bytes, total
+    compiled = fwd_bwd(attention).lower(*args).compile()
+    return temp_bytes(compiled), resident_bytes(compiled)
 
 
 def memory_table(length: int, shape: tuple[int, int, int]) -> list[str]:
@@ -103,27 +97,18 @@ def reach(n: int, budget: int, shape, max_length: int) -> int:
     return best
 
 
-def seconds(step, args, repeats: int) -> float:
-    jax.block_until_ready(step(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def time_table(length: int, shape, repeats: int) -> list[str]:
+def time_table(length: int, shape, repeats: int) -> str:
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, a.shape) for key, a in zip(keys, inputs(length, *shape)))
     pos = jnp.arange(length)[None]
     seg = jnp.zeros_like(pos)
     fns = kernels(8)
-    rows = ["| kernel (8 devices) | order | fwd+bwd (s) |", "|---|---|---|"]
+    rows = []
     for name, order in (("all-gather", "plain"), ("ring", "plain"), ("ring", "zigzag")):
         args = to_context_order((q, k, v, pos, seg), permutation(order, length, 8))
-        rows.append(f"| {name} | {order} | {seconds(fwd_bwd(fns[name]), args, repeats):.3f} |")
-    return rows
+        step = fwd_bwd(fns[name])
+        rows.append((name, order, f"{time_calls(lambda: step(*args), repeats).median:.3f}"))
+    return table(("kernel (8 devices)", "order", "fwd+bwd (s)"), rows)
 
 
 def main() -> None:
@@ -139,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     shape = (args.heads, args.kv_heads, args.head_dim)
 
-    print(f"command: python {shlex.join(sys.argv)}")
-    print(f"load average (1 min) before the run: {os.getloadavg()[0]:.2f}\n")
+    print(f"command: {command()}")
+    print(f"load average (1 min) before the run: {load():.2f}\n")
     print(f"## Memory: per-device temp of fwd+bwd, S={args.length}, heads {args.heads}/"
           f"{args.kv_heads}, head dim {args.head_dim}\n")
     print("\n".join(memory_table(args.length, shape)))
@@ -150,7 +135,7 @@ def main() -> None:
         print(f"| {n} | {reach(n, args.budget_mib * MIB, shape, args.reach_max)} |")
     print(f"\n## Time: S={args.time_length}, median of {args.repeats} (indicative: 8 simulated "
           "devices share the host's cores)\n")
-    print("\n".join(time_table(args.time_length, shape, args.repeats)))
+    print(time_table(args.time_length, shape, args.repeats))
 
 
 if __name__ == "__main__":

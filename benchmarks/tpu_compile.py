@@ -23,7 +23,7 @@ from importlib import metadata
 
 import jax
 
-from jaxllm import calculator, presets
+from jaxllm import calculator, parallel, presets
 from jaxllm import config as config_lib
 from jaxllm.compile import aot, topology
 
@@ -43,7 +43,7 @@ def preset_config(name: str, chips: int, kernel: str = "auto") -> config_lib.Con
 def arguments_fit(config: config_lib.Config, slice_: topology.Topology) -> bool:
     """Whether params and optimizer state alone (exactly the compiled arguments) fit: a slice
     that fails this is not worth a compile."""
-    memory = calculator.memory(config, config_lib.validate_for_devices(config, slice_.chips))
+    memory = calculator.memory(config, parallel.validate_for_devices(config, slice_.chips))
     return memory.params + memory.optimizer <= slice_.generation.hbm_bytes
 
 

@@ -18,15 +18,13 @@ the run is printed so that a noisy run can be spotted and rerun.
 import argparse
 import dataclasses
 import os
-import shlex
-import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
 import flax_reference
+from timing import command, cost_flops, load, machine, table, time_calls
 
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
@@ -63,15 +61,6 @@ def compile_step(mesh, state, batch, step):
     return compiled, time.perf_counter() - start
 
 
-def cost_flops(compiled) -> float:
-    """XLA's FLOP count of a compiled (or lowered) computation."""
-    cost = compiled.cost_analysis()
-    if cost is None:  # GPU: a lowered computation has no analysis until compiled
-        cost = compiled.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per module
-    return float(cost["flops"])
-
-
 def bench_step(args, peaks) -> dict:
     model = dataclasses.replace(presets.small_dense(), dtype=args.dtype, remat=args.remat)
     config = config_lib.Config(
@@ -86,19 +75,15 @@ def bench_step(args, peaks) -> dict:
     tokens = args.batch * args.seq_len
     compiled, compile_s = compile_step(mesh, state, batch, step)
 
-    with parallel.use_mesh(mesh):
-        for _ in range(args.warmup):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times, cpu_start = [], time.process_time()
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, metrics = compiled(state, batch)
-            jax.block_until_ready((state, metrics))
-            times.append(time.perf_counter() - start)
-        cores_used = (time.process_time() - cpu_start) / sum(times)
+    def train_step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return state, metrics
 
-    step_s = statistics.median(times)
+    with parallel.use_mesh(mesh):
+        timing = time_calls(train_step, args.steps, warmup=args.warmup)
+    times, metrics, cores_used = timing.times, timing.out[1], timing.cores
+    step_s = timing.median
     memory = compiled.memory_analysis()
     xla = cost_flops(compiled)
     # XLA counts a while loop's body once, so also cost the same step with unrolled layers
@@ -147,16 +132,14 @@ def bench_reference(args, peaks, per_token: float) -> dict:
     tokens = jax.random.randint(jax.random.key(0), (args.batch, args.seq_len + 1), 0,
                                 small.vocab_size)
     params, opt_state, step = flax_reference.make_step(model, tokens)
-    for _ in range(args.warmup + 1):
+
+    def train_step():
+        nonlocal params, opt_state
         params, opt_state, loss = step(params, opt_state, tokens)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, tokens)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+        return loss
+
+    timing = time_calls(train_step, args.steps, warmup=args.warmup + 1)  # the first compiles
+    times, step_s = timing.times, timing.median
     tokens_per_s = args.batch * args.seq_len / step_s
     mfu = tokens_per_s * per_token / peaks["float32"]
     print("\n== plain Flax reference, same shape, float32 (benchmarks/flax_reference.py)")
@@ -202,11 +185,7 @@ def main() -> None:
     parser.add_argument("--skip-unrolled", action="store_true",
                         help="compile check: scanned layers only")
     args = parser.parse_args()
-    command = shlex.join(["python", *sys.argv])
-
-    device = jax.devices()[0]
-    print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} before the run")
+    print(machine(load()))
 
     print(f"\n== matmul peak, {args.matmul_size}^3")
     peaks = {}
@@ -248,9 +227,8 @@ def main() -> None:
                 f"{scaling[scan, args.shallow]:.1f} -> {scaling[scan, args.deep]:.1f} s "
                 f"({scaling[scan, args.deep] / scaling[scan, args.shallow]:.2f} x)",
             ))
-    print(f"\n`{command}`\n\n| measure | value |\n|---|---|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print(f"\n`{command()}`\n")
+    print(table(("measure", "value"), rows))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from jax.sharding import AbstractMesh
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
 from jaxllm.compile.topology import GENERATIONS
-from jaxllm.nn.attention import resolve_kernel
+from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
-from jaxllm.nn.transformer import Transformer, layer_kinds, moe_layers
+from jaxllm.nn.transformer import Transformer, layer_kinds
 from jaxllm.train import flops
 from jaxllm.train.optimizer import make_optimizer
 
@@ -171,9 +171,9 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
     them: `jaxllm.train.step.cross_entropy`).
     """
     m, t = config.model, config.train
-    rows = t.batch_size // t.grad_accum // (mesh["data"] * mesh["fsdp"])
-    tokens = rows * (t.seq_len // mesh["context"])
-    tp, d, dh = mesh["tensor"], m.embed_dim, m.resolved_head_dim
+    rows = t.batch_size // t.grad_accum // (mesh[parallel.DATA] * mesh[parallel.FSDP])
+    tokens = rows * (t.seq_len // mesh[parallel.CONTEXT])
+    tp, d, dh = mesh[parallel.TENSOR], m.embed_dim, m.resolved_head_dim
     H, K = m.num_heads, m.num_kv_heads  # noqa: N806 (the docstring's names)
 
     def ffn(use_moe: bool) -> int:
@@ -212,14 +212,14 @@ def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int
     m = config.model
     total, _ = param_counts(m)
     attention = total.get("attention", 0) / m.num_layers + 2 * m.embed_dim
-    num_moe = sum(moe_layers(m))
+    num_moe = sum(m.moe_layers())
     layer = attention + total.get("dense_ffn", 0) / max(1, m.num_layers - num_moe)
     if num_moe:
-        routed = total["experts"] / num_moe / mesh["expert"]
+        routed = total["experts"] / num_moe / mesh[parallel.EXPERT]
         shared = (total.get("shared_experts", 0) + total.get("router", 0)) / num_moe
         layer = max(layer, attention + routed + shared)
     itemsize = jnp.dtype(m.dtype).itemsize + 4
-    return int(layer / mesh["tensor"] * itemsize)
+    return int(layer / mesh[parallel.TENSOR] * itemsize)
 
 
 def memory(config: config_lib.Config, mesh: dict[str, int]) -> Memory:
@@ -242,7 +242,7 @@ def memory(config: config_lib.Config, mesh: dict[str, int]) -> Memory:
 def calculate(config: config_lib.Config, devices: int, context_len: int | None = None) -> Report:
     """The figures for `config` trained on `devices` devices (the mesh's -1 axis resolved),
     with the KV cache sized for `context_len` tokens (default: train.seq_len)."""
-    mesh = config_lib.validate_for_devices(config, devices)
+    mesh = parallel.validate_for_devices(config, devices)
     total, active = param_counts(config.model)
     n_total, n_active = sum(total.values()), sum(active.values())
     per_token = kv_cache_bytes_per_token(config.model)

@@ -9,24 +9,25 @@ from jaxllm.compile.topology import NotFitting, TopologyError
 from jaxllm.convert.hf_config import FAMILIES, ConversionError
 
 
-def _experiment_config(args) -> config_lib.Config:
+def _initialize_processes(args) -> None:
     from jaxllm import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    config = config_lib.load_experiment(args.experiment)
-    return config_lib.apply_overrides(config, args.overrides)
 
 
 def _pretrain(args) -> None:
     from jaxllm.train.loop import pretrain
 
-    pretrain(_experiment_config(args))
+    _initialize_processes(args)
+    pretrain(_config_of(args.experiment, args.overrides))
 
 
 def _grpo(args) -> None:
     from jaxllm.rl.loop import grpo
 
-    grpo(_experiment_config(args))
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    grpo(config_lib.apply_overrides(config, args.overrides))
 
 
 def _sampler(workdir: str):
@@ -162,13 +163,14 @@ def _compile(args) -> None:
 
 
 def _config_of(target: str, overrides: list[str]) -> config_lib.Config:
-    """The config of an experiment file or of a preset's model, with `overrides` applied."""
+    """The config of an experiment file or of a preset (`presets.run_config`), with
+    `overrides` applied."""
     from jaxllm import presets
 
     if target.endswith(".py"):
         config = config_lib.load_experiment(target)
     elif target in presets.PRESETS:
-        config = config_lib.Config(model=presets.PRESETS[target]())
+        config = presets.run_config(target)
     else:
         raise config_lib.ConfigError(
             f"{target!r} is neither an experiment file (.py) nor a preset; "
@@ -186,9 +188,9 @@ def _convert(args) -> None:
         export_hf(args.source, args.out, args.family, args.overrides)
 
 
-def _add_experiment_command(commands, name: str, help: str, run) -> None:
+def _add_experiment_command(commands, name: str, help: str, run, target: str) -> None:
     command = commands.add_parser(name, help=help)
-    command.add_argument("experiment", help="path to an experiments/*.py file")
+    command.add_argument("experiment", help=target)
     command.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50")
     processes = command.add_argument_group(
         "multi-process", "for GPU clusters and local tests; TPU VMs are detected automatically"
@@ -208,10 +210,13 @@ def _add_sampling_options(command) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxllm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_experiment_command(commands, "pretrain", "pretrain the model an experiment file builds",
-                            _pretrain)
+    _add_experiment_command(commands, "pretrain", "pretrain the model of an experiment file "
+                            "or a preset", _pretrain,
+                            target="an experiments/*.py file, or a preset name: its model with "
+                            "the default settings, workdir runs/NAME")
     _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
-                            "from init_from=WORKDIR", _grpo)
+                            "from init_from=WORKDIR", _grpo,
+                            target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

@@ -1,7 +1,9 @@
 """Configs as frozen dataclasses: validation, `key.sub=value` overrides, experiment files.
 
 A `Config` is plain, hashable data. Every check that can fail runs before anything is
-compiled, and every error names the field at fault and says how to fix it.
+compiled, and every error names the field at fault and says how to fix it. Each section
+checks its own fields (`validate(prefix)`, where `prefix` is its path, e.g. "model.moe.");
+`validate` runs them all, then the checks that span sections.
 """
 
 from __future__ import annotations
@@ -21,12 +23,29 @@ class ConfigError(ValueError):
     """A config field holds a value that cannot work. The message names the field."""
 
 
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _require_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"{prefix}{name}", f"must be positive, got {value}")
+
+
+def _require_non_negative(section: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= 0, f"{prefix}{name}", f"must be >= 0, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """A mixture-of-experts feed-forward layer and where it goes in the stack.
 
     The routing conventions (softmax or sigmoid scores, group-limited selection, the
-    selection-only bias) follow `../shared/REFERENCES.md`, "Mixture of experts".
+    selection-only bias) follow `docs/references.md`, "Mixture of experts".
     """
 
     num_experts: int = 8
@@ -61,6 +80,54 @@ class MoEConfig:
     def resolved_shared_dim(self) -> int:
         return self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
 
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the placement in the stack is `ModelConfig`'s to check."""
+        _require_positive(self, prefix, ("num_experts", "experts_per_token", "expert_dim",
+                                         "n_group", "topk_group", "moe_every", "capacity_factor"))
+        self._validate_groups(prefix)
+        _require(self.num_shared_experts >= 0, f"{prefix}num_shared_experts", "must be >= 0")
+        _require(
+            self.shared_expert_dim is None or self.shared_expert_dim > 0,
+            f"{prefix}shared_expert_dim",
+            "must be positive or None",
+        )
+        for name in ("load_balance_loss", "seq_aux_loss", "router_z_loss", "bias_update_rate"):
+            _require(getattr(self, name) >= 0, f"{prefix}{name}", "must be >= 0")
+        _require(
+            self.bias_update_rate == 0 or self.router == "sigmoid",
+            f"{prefix}bias_update_rate",
+            f"the selection bias belongs to the sigmoid router; set {prefix}router=sigmoid",
+        )
+
+    def _validate_groups(self, prefix: str) -> None:
+        """Top-k selection, and group-limited routing, can pick enough experts."""
+        _require(
+            self.experts_per_token <= self.num_experts,
+            f"{prefix}experts_per_token",
+            f"{self.experts_per_token} exceeds {prefix}num_experts={self.num_experts}",
+        )
+        _require(
+            self.num_experts % self.n_group == 0,
+            f"{prefix}n_group",
+            f"{self.n_group} groups do not divide {prefix}num_experts={self.num_experts}",
+        )
+        _require(
+            self.n_group == 1 or self.num_experts // self.n_group >= 2,
+            f"{prefix}n_group",
+            "a group is scored by its top-2 experts, so each group needs at least 2",
+        )
+        _require(
+            self.topk_group <= self.n_group,
+            f"{prefix}topk_group",
+            f"{self.topk_group} exceeds {prefix}n_group={self.n_group}",
+        )
+        _require(
+            self.experts_per_token <= self.topk_group * (self.num_experts // self.n_group),
+            f"{prefix}topk_group",
+            f"{self.topk_group} groups hold fewer than experts_per_token={self.experts_per_token}"
+            " experts",
+        )
+
 
 ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse")
 POSITION_KINDS = ("rope", "alibi", "none")
@@ -71,7 +138,7 @@ class MLAConfig:
     """Multi-head Latent Attention (DeepSeek-V2/V3): K and V come from a shared latent.
 
     The KV cache holds only the kv_lora_rank latent and the qk_rope_head_dim rotary key per
-    token. `../shared/REFERENCES.md`, "Multi-head Latent Attention".
+    token. `docs/references.md`, "Multi-head Latent Attention".
     """
 
     q_lora_rank: int | None = None  # None: queries straight from the hidden state
@@ -80,6 +147,15 @@ class MLAConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     absorb: bool = True  # decode with W_uk folded into the query and W_uv into the output
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; how MLA fits the rest of attention is checked by its parents."""
+        _require_positive(self, prefix, ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                         "v_head_dim"))
+        _require(self.q_lora_rank is None or self.q_lora_rank > 0, f"{prefix}q_lora_rank",
+                 "must be positive or None")
+        _require(self.qk_rope_head_dim % 2 == 0, f"{prefix}qk_rope_head_dim",
+                 "RoPE needs an even dimension")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +172,11 @@ class SparseConfig:
     indexer_head_dim: int = 32
     stage: Literal["dense", "sparse"] = "sparse"
     loss_weight: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields."""
+        _require_positive(self, prefix, ("top_k", "indexer_heads", "indexer_head_dim"))
+        _require(self.loss_weight >= 0, f"{prefix}loss_weight", "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +200,7 @@ class AttentionConfig:
     # skipping the blocks a mask leaves empty; splash: the Pallas TPU flash kernel (global,
     # sliding and chunked layers without ALiBi; interpreted off TPU); backend:
     # jax.nn.dot_product_attention; auto: per layer, splash on TPU where it runs the layer,
-    # else blockwise, and naive off TPU (nn/attention.py resolve_kernel).
+    # else blockwise, and naive off TPU (nn/attention_kernels.py resolve_kernel).
     kernel: Literal["naive", "blockwise", "splash", "backend", "auto"] = "auto"
     block_size: int = 128
     rope_scaling: Literal["none", "linear", "yarn", "llama3"] = "none"
@@ -136,6 +217,32 @@ class AttentionConfig:
         """(attention kind, position kind) of layer `index`."""
         kinds, positions = self.pattern.split(","), self.positions.split(",")
         return kinds[index % len(kinds)], positions[index % len(positions)]
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields and the `sparse` and `mla` sections; the kernel against the
+        layers is `ModelConfig`'s to check."""
+        for field, choices in (("pattern", ATTENTION_KINDS), ("positions", POSITION_KINDS)):
+            text = getattr(self, field)
+            for kind in text.split(","):
+                _require(kind in choices, f"{prefix}{field}",
+                         f"{kind!r} in {text!r} is not one of {list(choices)}")
+        _require_positive(self, prefix, ("window", "chunk", "stride", "block_size",
+                                         "rope_original_len"))
+        _require(self.rope_factor >= 1, f"{prefix}rope_factor",
+                 f"extends the context, so must be >= 1, got {self.rope_factor}")
+        _require(self.rope_high_freq_factor > self.rope_low_freq_factor,
+                 f"{prefix}rope_high_freq_factor",
+                 f"must exceed rope_low_freq_factor={self.rope_low_freq_factor}")
+        _require("sparse" not in self.pattern or self.sparse is not None, f"{prefix}sparse",
+                 f"the pattern has sparse layers; set the indexer, e.g. {prefix}sparse.top_k=64")
+        if self.sparse is not None:
+            self.sparse.validate(f"{prefix}sparse.")
+        if self.mla is not None:
+            self.mla.validate(f"{prefix}mla.")
+            _require(self.qk_norm == "none", f"{prefix}qk_norm",
+                     "MLA normalises its latents instead; set qk_norm=none")
+            _require(not self.qkv_bias, f"{prefix}qkv_bias",
+                     "MLA projections have no biases; set qkv_bias=false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +271,76 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.embed_dim // self.num_heads
 
+    def moe_layers(self) -> tuple[bool, ...]:
+        """Whether each layer's feed-forward is MoE: after `first_dense_layers` dense layers
+        (DeepSeek-V3), the last of every `moe_every` layers (Llama 4 Maverick: 1, 3, 5, ...)."""
+        if self.moe is None:
+            return (False,) * self.num_layers
+        first, every = self.moe.first_dense_layers, self.moe.moe_every
+        return tuple(i >= first and (i - first + 1) % every == 0 for i in range(self.num_layers))
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields, the `moe` and `attention` sections, and how they fit the layers."""
+        _require_positive(self, prefix, ("vocab_size", "embed_dim", "num_layers", "num_heads",
+                                         "num_kv_heads", "mlp_dim"))
+        self._validate_heads(prefix)
+        if self.moe is not None:
+            self.moe.validate(f"{prefix}moe.")
+            self._validate_moe_placement(prefix)
+        self.attention.validate(f"{prefix}attention.")
+        self._validate_attention_layers(prefix)
+
+    def _validate_heads(self, prefix: str) -> None:
+        """The heads split the width (or `head_dim` is set) and the kv heads split the heads."""
+        if self.head_dim is None:
+            _require(
+                self.embed_dim % self.num_heads == 0,
+                f"{prefix}num_heads",
+                f"{self.num_heads} heads do not divide {prefix}embed_dim={self.embed_dim}; "
+                f"pick a divisor or set {prefix}head_dim explicitly",
+            )
+        else:
+            _require_positive(self, prefix, ("head_dim",))
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"{prefix}num_kv_heads",
+            f"{self.num_kv_heads} kv heads do not divide {prefix}num_heads={self.num_heads}",
+        )
+        _require(self.resolved_head_dim % 2 == 0, f"{prefix}head_dim",
+                 "RoPE needs an even head dimension")
+
+    def _validate_moe_placement(self, prefix: str) -> None:
+        """The dense layers fit the stack and the MoE layers after them repeat exactly."""
+        first = self.moe.first_dense_layers
+        _require(
+            0 <= first <= self.num_layers,
+            f"{prefix}moe.first_dense_layers",
+            f"must lie in [0, {prefix}num_layers={self.num_layers}]",
+        )
+        _require(
+            (self.num_layers - first) % self.moe.moe_every == 0,
+            f"{prefix}moe.moe_every",
+            f"must divide the {self.num_layers - first} layers after the dense ones, "
+            "so that the layer groups repeat exactly",
+        )
+
+    def _validate_attention_layers(self, prefix: str) -> None:
+        """MLA has a key and value per head; kernel=splash runs every layer's attention."""
+        a = self.attention
+        if a.mla is not None:
+            _require(self.num_kv_heads == self.num_heads, f"{prefix}num_kv_heads",
+                     "MLA gives every head its own key and value; set num_kv_heads=num_heads")
+        if a.kernel != "splash":
+            return
+        for index in range(self.num_layers):
+            kind, position = a.layer(index)
+            _require(position != "alibi", f"{prefix}attention.kernel",
+                     f"splash does not run alibi positions (layer {index}); "
+                     "use kernel=auto or blockwise")
+            _require(kind in ("global", "sliding", "chunked"), f"{prefix}attention.kernel",
+                     f"splash does not run {kind} layers (layer {index}); "
+                     "use kernel=auto or blockwise")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -189,6 +366,18 @@ class MeshConfig:
         """Axis name -> size, in mesh order."""
         return {axis: getattr(self, axis) for axis in ("data", "fsdp", "tensor", "expert", "context")}
 
+    def validate(self, prefix: str) -> None:
+        """Checks the sizes; `parallel.validate_for_devices` checks them against the devices."""
+        sizes = self.shape
+        _require(
+            list(sizes.values()).count(-1) <= 1,
+            prefix.rstrip("."),
+            f"at most one axis may be -1, got {sizes}",
+        )
+        for axis, size in sizes.items():
+            _require(size == -1 or size >= 1, f"{prefix}{axis}", f"must be -1 or >= 1, got {size}")
+        _require(self.slices >= 1, f"{prefix}slices", f"must be >= 1, got {self.slices}")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -213,6 +402,15 @@ class DataConfig:
     train_size: int = 20_000  # reasoning: problems per split
     validation_size: int = 500
     test_size: int = 500
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; files and datasets are checked when the source is made."""
+        _require(self.source != "tfds" or bool(self.name), f"{prefix}name",
+                 "source=tfds needs a dataset name")
+        _require(self.source != "text" or bool(self.paths), f"{prefix}paths",
+                 "source=text needs file paths")
+        _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
+                                         "test_size"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +438,25 @@ class TrainConfig:
     profile_start: int = 0  # first step of a jax.profiler trace into workdir/profile
     profile_steps: int = 0  # steps traced from profile_start; 0: no trace
 
+    def validate(self, prefix: str) -> None:
+        """Checks the fields."""
+        _require_positive(self, prefix, ("steps", "batch_size", "seq_len", "grad_accum",
+                                         "log_every"))
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            f"{prefix}grad_accum",
+            f"{self.grad_accum} micro-batches do not divide {prefix}batch_size={self.batch_size}",
+        )
+        _require_non_negative(self, prefix, ("warmup_steps",))
+        _require(self.learning_rate > 0, f"{prefix}learning_rate", "must be positive")
+        _require_non_negative(self, prefix, ("eval_every", "profile_start", "profile_steps"))
+        _require_positive(self, prefix, ("eval_batches",))
+        _require(
+            self.profile_steps == 0 or self.profile_start >= 1,
+            f"{prefix}profile_start",
+            "steps count from 1; set the first step to trace",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
@@ -252,12 +469,21 @@ class CheckpointConfig:
     keep: int = 3  # the newest `keep` checkpoints stay on disk
     resume_step: int | None = None  # resume from this step instead, deleting the later ones
 
+    def validate(self, prefix: str) -> None:
+        """Checks the fields."""
+        _require_positive(self, prefix, ("every", "keep"))
+        _require(
+            self.resume_step is None or self.resume_step >= 1,
+            f"{prefix}resume_step",
+            f"must be a saved step >= 1 or none, got {self.resume_step}",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """The RL phase: rollouts, rewards and the GRPO-family loss.
 
-    Formulas and defaults follow `../shared/REFERENCES.md`, "GRPO and its variants".
+    Formulas and defaults follow `docs/references.md`, "GRPO and its variants".
     """
 
     group_size: int = 8  # G completions per prompt
@@ -276,6 +502,25 @@ class GRPOConfig:
     eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
     eval_problems: int = 64  # validation problems per accuracy check
 
+    def validate(self, prefix: str) -> None:
+        """Checks the fields."""
+        _require(
+            self.group_size >= 2,
+            f"{prefix}group_size",
+            f"a group needs >= 2 completions to compare, got {self.group_size}",
+        )
+        _require_positive(self, prefix, ("max_completion_len", "num_iterations", "temperature"))
+        _require(0 <= self.epsilon_low < 1, f"{prefix}epsilon_low",
+                 f"must lie in [0, 1), got {self.epsilon_low}")
+        _require(self.eval_problems >= 1, f"{prefix}eval_problems",
+                 f"must be >= 1, got {self.eval_problems}")
+        _require_non_negative(self, prefix, ("epsilon_high", "beta", "format_reward", "eval_every"))
+        _require(
+            0 <= self.overlong_buffer <= self.max_completion_len,
+            f"{prefix}overlong_buffer",
+            f"must lie in [0, {prefix}max_completion_len={self.max_completion_len}]",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -292,286 +537,43 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------
-# Validation
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{field}: {message}")
-
-
-def _validate_moe(moe: MoEConfig, num_layers: int) -> None:
-    """Checks the `model.moe` section of a model with `num_layers` layers."""
-    for name in ("num_experts", "experts_per_token", "expert_dim", "n_group", "topk_group",
-                 "moe_every", "capacity_factor"):
-        value = getattr(moe, name)
-        _require(value > 0, f"model.moe.{name}", f"must be positive, got {value}")
-    _require(
-        moe.experts_per_token <= moe.num_experts,
-        "model.moe.experts_per_token",
-        f"{moe.experts_per_token} exceeds model.moe.num_experts={moe.num_experts}",
-    )
-    _require(
-        moe.num_experts % moe.n_group == 0,
-        "model.moe.n_group",
-        f"{moe.n_group} groups do not divide model.moe.num_experts={moe.num_experts}",
-    )
-    _require(
-        moe.n_group == 1 or moe.num_experts // moe.n_group >= 2,
-        "model.moe.n_group",
-        "a group is scored by its top-2 experts, so each group needs at least 2",
-    )
-    _require(
-        moe.topk_group <= moe.n_group,
-        "model.moe.topk_group",
-        f"{moe.topk_group} exceeds model.moe.n_group={moe.n_group}",
-    )
-    _require(
-        moe.experts_per_token <= moe.topk_group * (moe.num_experts // moe.n_group),
-        "model.moe.topk_group",
-        f"{moe.topk_group} groups hold fewer than experts_per_token={moe.experts_per_token} experts",
-    )
-    _require(moe.num_shared_experts >= 0, "model.moe.num_shared_experts", "must be >= 0")
-    _require(
-        moe.shared_expert_dim is None or moe.shared_expert_dim > 0,
-        "model.moe.shared_expert_dim",
-        "must be positive or None",
-    )
-    _require(
-        0 <= moe.first_dense_layers <= num_layers,
-        "model.moe.first_dense_layers",
-        f"must lie in [0, model.num_layers={num_layers}]",
-    )
-    _require(
-        (num_layers - moe.first_dense_layers) % moe.moe_every == 0,
-        "model.moe.moe_every",
-        f"must divide the {num_layers - moe.first_dense_layers} layers after the dense ones, "
-        "so that the layer groups repeat exactly",
-    )
-    for name in ("load_balance_loss", "seq_aux_loss", "router_z_loss", "bias_update_rate"):
-        _require(getattr(moe, name) >= 0, f"model.moe.{name}", "must be >= 0")
-    _require(
-        moe.bias_update_rate == 0 or moe.router == "sigmoid",
-        "model.moe.bias_update_rate",
-        "the selection bias belongs to the sigmoid router; set model.moe.router=sigmoid",
-    )
-
-
-def _validate_attention(a: AttentionConfig, model: ModelConfig) -> None:
-    """Checks the `model.attention` section."""
-    for field, text, choices in (("pattern", a.pattern, ATTENTION_KINDS),
-                                 ("positions", a.positions, POSITION_KINDS)):
-        for kind in text.split(","):
-            _require(kind in choices, f"model.attention.{field}",
-                     f"{kind!r} in {text!r} is not one of {list(choices)}")
-    for name in ("window", "chunk", "stride", "block_size", "rope_original_len"):
-        value = getattr(a, name)
-        _require(value > 0, f"model.attention.{name}", f"must be positive, got {value}")
-    _require(a.rope_factor >= 1, "model.attention.rope_factor",
-             f"extends the context, so must be >= 1, got {a.rope_factor}")
-    _require(a.rope_high_freq_factor > a.rope_low_freq_factor, "model.attention.rope_high_freq_factor",
-             f"must exceed rope_low_freq_factor={a.rope_low_freq_factor}")
-    _require("sparse" not in a.pattern or a.sparse is not None, "model.attention.sparse",
-             "the pattern has sparse layers; set the indexer, "
-             "e.g. model.attention.sparse.top_k=64")
-    if a.sparse is not None:
-        for name in ("top_k", "indexer_heads", "indexer_head_dim"):
-            value = getattr(a.sparse, name)
-            _require(value > 0, f"model.attention.sparse.{name}", f"must be positive, got {value}")
-        _require(a.sparse.loss_weight >= 0, "model.attention.sparse.loss_weight", "must be >= 0")
-    if a.mla is not None:
-        mla = a.mla
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            value = getattr(mla, name)
-            _require(value > 0, f"model.attention.mla.{name}", f"must be positive, got {value}")
-        _require(mla.q_lora_rank is None or mla.q_lora_rank > 0,
-                 "model.attention.mla.q_lora_rank", "must be positive or None")
-        _require(mla.qk_rope_head_dim % 2 == 0, "model.attention.mla.qk_rope_head_dim",
-                 "RoPE needs an even dimension")
-        _require(model.num_kv_heads == model.num_heads, "model.num_kv_heads",
-                 "MLA gives every head its own key and value; set num_kv_heads=num_heads")
-        _require(a.qk_norm == "none", "model.attention.qk_norm",
-                 "MLA normalises its latents instead; set qk_norm=none")
-        _require(not a.qkv_bias, "model.attention.qkv_bias",
-                 "MLA projections have no biases; set qkv_bias=false")
-    if a.kernel == "splash":
-        _validate_splash(a, model.num_layers)
-
-
-def _validate_splash(a: AttentionConfig, num_layers: int) -> None:
-    """kernel=splash runs global, sliding and chunked layers with RoPE or no positions."""
-    for index in range(num_layers):
-        kind, position = a.layer(index)
-        _require(position != "alibi", "model.attention.kernel",
-                 f"splash does not run alibi positions (layer {index}); "
-                 "use kernel=auto or blockwise")
-        _require(kind in ("global", "sliding", "chunked"), "model.attention.kernel",
-                 f"splash does not run {kind} layers (layer {index}); "
-                 "use kernel=auto or blockwise")
-
-
-def _validate_grpo(g: GRPOConfig) -> None:
-    """Checks the `grpo` section."""
-    _require(
-        g.group_size >= 2,
-        "grpo.group_size",
-        f"a group needs >= 2 completions to compare, got {g.group_size}",
-    )
-    for name in ("max_completion_len", "num_iterations", "temperature"):
-        _require(getattr(g, name) > 0, f"grpo.{name}", f"must be positive, got {getattr(g, name)}")
-    _require(0 <= g.epsilon_low < 1, "grpo.epsilon_low", f"must lie in [0, 1), got {g.epsilon_low}")
-    _require(g.eval_problems >= 1, "grpo.eval_problems", f"must be >= 1, got {g.eval_problems}")
-    for name in ("epsilon_high", "beta", "format_reward", "eval_every"):
-        _require(getattr(g, name) >= 0, f"grpo.{name}", f"must be >= 0, got {getattr(g, name)}")
-    _require(
-        0 <= g.overlong_buffer <= g.max_completion_len,
-        "grpo.overlong_buffer",
-        f"must lie in [0, grpo.max_completion_len={g.max_completion_len}]",
-    )
+# Validation of a whole config
 
 
 def validate(config: Config) -> Config:
     """Checks every field that can be checked without devices. Returns `config`."""
-    m, t = config.model, config.train
-    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
-        _require(getattr(m, name) > 0, f"model.{name}", f"must be positive, got {getattr(m, name)}")
-    if m.head_dim is None:
-        _require(
-            m.embed_dim % m.num_heads == 0,
-            "model.num_heads",
-            f"{m.num_heads} heads do not divide model.embed_dim={m.embed_dim}; "
-            "pick a divisor or set model.head_dim explicitly",
-        )
-    else:
-        _require(m.head_dim > 0, "model.head_dim", f"must be positive, got {m.head_dim}")
-    _require(
-        m.num_heads % m.num_kv_heads == 0,
-        "model.num_kv_heads",
-        f"{m.num_kv_heads} kv heads do not divide model.num_heads={m.num_heads}",
-    )
-    _require(m.resolved_head_dim % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
-    if m.moe is not None:
-        _validate_moe(m.moe, m.num_layers)
-    _validate_attention(m.attention, m)
-    sizes = config.mesh.shape
-    _require(
-        list(sizes.values()).count(-1) <= 1,
-        "mesh",
-        f"at most one axis may be -1, got {sizes}",
-    )
-    for axis, size in sizes.items():
-        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or >= 1, got {size}")
-    _require(config.mesh.slices >= 1, "mesh.slices", f"must be >= 1, got {config.mesh.slices}")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-        _require(getattr(t, name) > 0, f"train.{name}", f"must be positive, got {getattr(t, name)}")
-    _require(
-        t.batch_size % t.grad_accum == 0,
-        "train.grad_accum",
-        f"{t.grad_accum} micro-batches do not divide train.batch_size={t.batch_size}",
-    )
-    a = m.attention
+    config.model.validate("model.")
+    config.mesh.validate("mesh.")
+    config.train.validate("train.")
+    config.checkpoint.validate("checkpoint.")
+    if config.grpo is not None:
+        config.grpo.validate("grpo.")
+    config.data.validate("data.")
+    _validate_across_sections(config)
+    return config
+
+
+def _validate_across_sections(config: Config) -> None:
+    """The checks that read more than one section; each section has passed its own."""
+    t, a = config.train, config.model.attention
     _require(
         a.kernel != "blockwise" or t.seq_len % min(a.block_size, t.seq_len) == 0,
         "train.seq_len",
         f"{t.seq_len} must be a multiple of model.attention.block_size={a.block_size} for "
         "the blockwise kernel",
     )
-    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _require(t.learning_rate > 0, "train.learning_rate", "must be positive")
-    for name in ("eval_every", "profile_start", "profile_steps"):
-        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
-    _require(t.eval_batches > 0, "train.eval_batches", f"must be positive, got {t.eval_batches}")
-    _require(
-        t.profile_steps == 0 or t.profile_start >= 1,
-        "train.profile_start",
-        "steps count from 1; set the first step to trace",
-    )
     _require(
         t.profile_steps == 0 or config.workdir is not None,
         "train.profile_steps",
         "the trace goes to workdir/profile; set workdir",
     )
-    c = config.checkpoint
-    for name in ("every", "keep"):
-        value = getattr(c, name)
-        _require(value > 0, f"checkpoint.{name}", f"must be positive, got {value}")
-    _require(
-        c.resume_step is None or c.resume_step >= 1,
-        "checkpoint.resume_step",
-        f"must be a saved step >= 1 or none, got {c.resume_step}",
-    )
     if config.grpo is not None:
-        _validate_grpo(config.grpo)
         _require(
             t.batch_size % config.grpo.group_size == 0,
             "train.batch_size",
             f"an RL batch is whole groups: {t.batch_size} sequences do not split into groups "
             f"of grpo.group_size={config.grpo.group_size}",
         )
-    _validate_data(config.data)
-    return config
-
-
-def _validate_data(d: DataConfig) -> None:
-    """Checks the `data` section; files and datasets are checked when the source is made."""
-    _require(d.source != "tfds" or bool(d.name), "data.name", "source=tfds needs a dataset name")
-    _require(d.source != "text" or bool(d.paths), "data.paths", "source=text needs file paths")
-    for name in ("difficulty", "train_size", "validation_size", "test_size"):
-        _require(getattr(d, name) > 0, f"data.{name}", f"must be positive, got {getattr(d, name)}")
-
-
-def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
-    """Resolves -1 in the mesh and checks the mesh and batch against the device count.
-
-    Returns the concrete mesh shape.
-    """
-    sizes = dict(config.mesh.shape)
-    fixed = 1
-    for size in sizes.values():
-        fixed *= 1 if size == -1 else size
-    if -1 in sizes.values():
-        _require(
-            num_devices % fixed == 0,
-            "mesh",
-            f"the fixed axes {sizes} (product {fixed}) do not divide the {num_devices} devices",
-        )
-        sizes = {k: num_devices // fixed if v == -1 else v for k, v in sizes.items()}
-    product = 1
-    for size in sizes.values():
-        product *= size
-    _require(
-        product == num_devices,
-        "mesh",
-        f"the axis sizes {sizes} multiply to {product}, but there are {num_devices} devices; "
-        "make the product match or set one axis to -1",
-    )
-    moe = config.model.moe
-    _require(
-        moe is None or not moe.expert_parallel or moe.num_experts % sizes["expert"] == 0,
-        "model.moe.num_experts",
-        f"expert parallelism needs mesh.expert={sizes['expert']} to divide the experts; "
-        "change either, or set model.moe.expert_parallel=false",
-    )
-    _require(
-        sizes["data"] % config.mesh.slices == 0,
-        "mesh.slices",
-        f"the data axis ({sizes['data']}) must split evenly over {config.mesh.slices} slices",
-    )
-    t = config.train
-    batch_shards = sizes["data"] * sizes["fsdp"]
-    _require(
-        (t.batch_size // t.grad_accum) % batch_shards == 0,
-        "train.batch_size",
-        f"each of the {t.grad_accum} micro-batches of {t.batch_size // t.grad_accum} sequences "
-        f"must split evenly over mesh.data*mesh.fsdp={batch_shards} shards",
-    )
-    _require(
-        t.seq_len % (2 * sizes["context"]) == 0 or sizes["context"] == 1,
-        "train.seq_len",
-        f"{t.seq_len} must be a multiple of {2 * sizes['context']}: ring attention cuts each "
-        f"sequence into 2 chunks on each of the mesh.context={sizes['context']} devices",
-    )
-    return sizes
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`jaxllm demo`: the whole mission on a CPU in minutes.
 
 1. pretrain a tiny model on the offline reasoning corpus;
-2. measure its held-out accuracy on the test split;
+2. measure its held-out accuracy on the whole test split;
 3. improve it with GRPO, rewarded by the verifiers;
 4. measure again;
 5. sweep thinking budgets and self-consistency votes on the final model.
@@ -28,7 +28,6 @@ from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.loop import pretrain
 from jaxllm.train.run import load_run
 
-TEST_PROBLEMS = 512  # held-out test problems per accuracy measurement
 SWEEP_PROBLEMS = 128
 SWEEP_BUDGETS = "0,4,8,16,32"
 
@@ -123,7 +122,7 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
 
     log("== 1/5 pretraining on the offline reasoning corpus")
     pretrain(pre, log=log)
-    problems = reasoning_problems(rl.data, "test")[:TEST_PROBLEMS]
+    problems = reasoning_problems(rl.data, "test")  # all `data.test_size` of them
     length = rl.grpo.max_completion_len
     log("== 2/5 held-out accuracy of the pretrained model")
     results = {

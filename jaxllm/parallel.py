@@ -14,31 +14,33 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxllm.config import Config, ConfigError, validate_for_devices
+from jaxllm.config import Config, ConfigError
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "context")
-BATCH_AXES = ("data", "fsdp")
+# The mesh axes, by name; every module that names a mesh axis imports it from here.
+DATA, FSDP, TENSOR, EXPERT, CONTEXT = "data", "fsdp", "tensor", "expert", "context"
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT, CONTEXT)
+BATCH_AXES = (DATA, FSDP)  # the axes that split the batch of sequences
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("expert", "expert"),
+    ("vocab", TENSOR),
+    ("embed", FSDP),
+    ("heads", TENSOR),
+    ("kv_heads", TENSOR),
+    ("mlp", TENSOR),
+    ("expert", EXPERT),
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
     # activations
     ("act_batch", BATCH_AXES),
-    ("act_batch_replica", "data"),  # the batch over data only, whole per FSDP group
-    ("act_length", "context"),
+    ("act_batch_replica", DATA),  # the batch over data only, whole per FSDP group
+    ("act_length", CONTEXT),
     ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+    ("act_heads", TENSOR),
+    ("act_kv_heads", TENSOR),
+    ("act_mlp", TENSOR),
+    ("act_vocab", TENSOR),
 )
 
 
@@ -55,6 +57,54 @@ def make_mesh(config: Config, devices: Sequence[jax.Device] | None = None) -> Me
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
     )
+
+
+def validate_for_devices(config: Config, num_devices: int) -> dict[str, int]:
+    """Resolves -1 in the mesh and checks the mesh and batch against the device count.
+
+    Returns the concrete mesh shape.
+    """
+    sizes = _resolve_mesh_sizes(config.mesh.shape, num_devices)
+    _check_splits(config, sizes)
+    return sizes
+
+
+def _resolve_mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    """`sizes` with the -1 axis given the devices left over; they must tile the devices."""
+    fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+    if -1 in sizes.values():
+        if num_devices % fixed != 0:
+            raise ConfigError(f"mesh: the fixed axes {sizes} (product {fixed}) do not divide "
+                              f"the {num_devices} devices")
+        sizes = {axis: num_devices // fixed if size == -1 else size for axis, size in sizes.items()}
+    product = int(np.prod(list(sizes.values())))
+    if product != num_devices:
+        raise ConfigError(f"mesh: the axis sizes {sizes} multiply to {product}, but there are "
+                          f"{num_devices} devices; make the product match or set one axis to -1")
+    return sizes
+
+
+def _check_splits(config: Config, sizes: dict[str, int]) -> None:
+    """The experts, slices, batch and sequences split evenly over the mesh axes `sizes`."""
+    moe = config.model.moe
+    if moe is not None and moe.expert_parallel and moe.num_experts % sizes[EXPERT] != 0:
+        raise ConfigError(f"model.moe.num_experts: expert parallelism needs "
+                          f"mesh.expert={sizes[EXPERT]} to divide the experts; change either, "
+                          "or set model.moe.expert_parallel=false")
+    if sizes[DATA] % config.mesh.slices != 0:
+        raise ConfigError(f"mesh.slices: the data axis ({sizes[DATA]}) must split evenly over "
+                          f"{config.mesh.slices} slices")
+    t = config.train
+    batch_shards = sizes[DATA] * sizes[FSDP]
+    if (t.batch_size // t.grad_accum) % batch_shards != 0:
+        raise ConfigError(f"train.batch_size: each of the {t.grad_accum} micro-batches of "
+                          f"{t.batch_size // t.grad_accum} sequences must split evenly over "
+                          f"mesh.data*mesh.fsdp={batch_shards} shards")
+    context = sizes[CONTEXT]
+    if context != 1 and t.seq_len % (2 * context) != 0:
+        raise ConfigError(f"train.seq_len: {t.seq_len} must be a multiple of {2 * context}: "
+                          "ring attention cuts each sequence into 2 chunks on each of the "
+                          f"mesh.context={context} devices")
 
 
 def device_grid(shape: tuple[int, ...], slices: int, devices: Sequence) -> np.ndarray:
@@ -117,4 +167,4 @@ def shardings(boxed_tree, mesh: Mesh, rules=RULES):
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sequences split over (data, fsdp), positions over context."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, "context"))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, CONTEXT))

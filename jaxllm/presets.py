@@ -1,8 +1,9 @@
-"""Model presets. Experiment files compose these with mesh, data and training settings."""
+"""Model presets. Experiment files compose these with mesh, data and training settings;
+`jaxllm pretrain NAME` runs one with the default settings (`run_config`)."""
 
 import dataclasses
 
-from jaxllm.config import AttentionConfig, MLAConfig, ModelConfig, MoEConfig, SparseConfig
+from jaxllm.config import AttentionConfig, Config, MLAConfig, ModelConfig, MoEConfig, SparseConfig
 
 
 def tiny_dense() -> ModelConfig:
@@ -127,6 +128,25 @@ def llama3_8b() -> ModelConfig:
         mlp_dim=14_336,
         rope_theta=500_000.0,
         norm_eps=1e-5,
+        dtype="bfloat16",
+    )
+
+
+def llama3_1b() -> ModelConfig:
+    """A Llama 3 decoder of Llama-3.2-1B's dimensions (HF `meta-llama/Llama-3.2-1B`
+    config.json) without its long-context llama3 RoPE scaling: 1,235,814,400 parameters,
+    d 2048, 16 layers, GQA 32/8 heads, FFN 8192, tied 128256-token embedding, RoPE theta
+    500000, bf16 compute."""
+    return ModelConfig(
+        vocab_size=128_256,
+        embed_dim=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        mlp_dim=8192,
+        rope_theta=500_000.0,
+        norm_eps=1e-5,
+        tie_embeddings=True,
         dtype="bfloat16",
     )
 
@@ -279,6 +299,7 @@ PRESETS = {
     "tiny_deepseek_v32": tiny_deepseek_v32,
     "tiny_qwen3": tiny_qwen3,
     "tiny_local": tiny_local,
+    "llama3_1b": llama3_1b,
     "llama3_8b": llama3_8b,
     "mixtral_8x7b": mixtral_8x7b,
     "mixtral_8x22b": mixtral_8x22b,
@@ -290,3 +311,9 @@ PRESETS = {
     "qwen3_235b_a22b": qwen3_235b_a22b,
     "qwen3_30b_a3b": qwen3_30b_a3b,
 }
+
+
+def run_config(name: str) -> Config:
+    """The run of preset `name` that `jaxllm pretrain NAME` starts: the default data (the
+    offline reasoning corpus) and training settings, sized for a CPU, in runs/NAME."""
+    return Config(model=PRESETS[name](), workdir=f"runs/{name}")

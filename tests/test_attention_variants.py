@@ -14,7 +14,7 @@ from helpers import tiny_model
 from jaxllm import config as config_lib
 from jaxllm.config import AttentionConfig, ConfigError
 from jaxllm.nn import Mask, Transformer, alibi_slopes, attend
-from jaxllm.nn.attention import row_indices
+from jaxllm.nn.masks import row_indices
 from jaxllm import MeshConfig, calculator, presets
 from jaxllm.infer import init_cache
 from jaxllm.train.loop import pretrain

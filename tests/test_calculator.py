@@ -11,18 +11,22 @@ import numpy as np
 import pytest
 
 from jaxllm import Config, MeshConfig, TrainConfig, calculator, cli, presets
-from jaxllm.config import load_experiment, validate_for_devices
+from jaxllm.config import load_experiment
 from jaxllm.nn.transformer import Transformer
-from jaxllm.parallel import make_mesh
+from jaxllm.parallel import make_mesh, validate_for_devices
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.state import init_state
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
-def test_llama3_8b_counts_exactly():
-    total, active = calculator.param_counts(presets.llama3_8b())
-    assert sum(total.values()) == sum(active.values()) == 8_030_261_248
+@pytest.mark.parametrize("preset, count", [
+    (presets.llama3_8b, 8_030_261_248),
+    (presets.llama3_1b, 1_235_814_400),  # Llama-3.2-1B's count: its scaling has no weights
+])
+def test_llama3_counts_exactly(preset, count):
+    total, active = calculator.param_counts(preset())
+    assert sum(total.values()) == sum(active.values()) == count
 
 
 @pytest.mark.parametrize("preset, total, active", [
@@ -59,7 +63,7 @@ def test_mla_presets_cache_the_latent_and_rope_key_only():
 
 
 def test_categories_follow_the_worked_mixtral_formula():
-    """REFERENCES.md: V h + V h + h + L [attention + 2h + h E + E 3 h I]."""
+    """docs/references.md: V h + V h + h + L [attention + 2h + h E + E 3 h I]."""
     cfg = presets.mixtral_8x7b()
     V, h, L = cfg.vocab_size, cfg.embed_dim, cfg.num_layers  # noqa: N806
     E, I = cfg.moe.num_experts, cfg.moe.expert_dim  # noqa: E741,N806

@@ -174,6 +174,18 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(
     assert [resumed[s] for s in redone] == [killed[s] for s in redone]
 
 
+def test_a_run_with_checkpoints_shuts_down_cleanly(tmp_path, cache_env):
+    """Every async save has finished and the manager is closed before the process exits:
+    orbax reports no error or closed event loop at shutdown."""
+    process = start_run(tmp_path, run_config(tmp_path / "run", every=1), cache_env)
+    assert process.wait(timeout=300) == 0
+    output = (tmp_path / "output.txt").read_text()
+    assert f"step {STEPS:6d}/{STEPS}" in output
+    for sign in ("Event loop is closed", "Traceback", "ERROR:absl", "wait_until_finished"):
+        assert sign not in output, output
+    assert saved_steps(tmp_path / "run") == [STEPS - 1, STEPS]
+
+
 def test_sigterm_saves_at_the_current_step_and_returns(reference, tmp_path):
     def log(line: str) -> None:
         lines.append(line)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxllm import calculator, cli, presets
+from jaxllm import calculator, cli, parallel, presets
 from jaxllm import config as config_lib
 from jaxllm.compile import aot, search, topology
 
@@ -148,7 +148,7 @@ def test_the_calculator_estimates_the_compiled_memory(preset, slice_name, mesh, 
     config = config_lib.Config(model=model, mesh=config_lib.MeshConfig(**mesh),
                                train=config_lib.TrainConfig(batch_size=batch, seq_len=seq_len))
     report = aot.compile_for(config, topology.parse(slice_name), cost=False)
-    estimate = calculator.memory(config, config_lib.validate_for_devices(config, report.devices))
+    estimate = calculator.memory(config, parallel.validate_for_devices(config, report.devices))
     assert estimate.params + estimate.optimizer == pytest.approx(report.memory.arguments,
                                                                  rel=1e-3)
     assert estimate.total == pytest.approx(report.memory.total, rel=0.2)

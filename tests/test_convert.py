@@ -45,11 +45,11 @@ FAMILIES = {
 PROMPT, NEW_TOKENS = 8, 20
 
 
-def tiny_hf_model(kind: str):
-    """A seeded random HF model of family `kind`, with norm scales and biases away from
-    their init values so that a misplaced one shows."""
+def tiny_hf_model(kind: str, **changes):
+    """A seeded random HF model of family `kind` (its config with `changes`), with norm
+    scales and biases away from their init values so that a misplaced one shows."""
     name, extra = FAMILIES[kind]
-    config = getattr(transformers, f"{name}Config")(**{**COMMON, **extra})
+    config = getattr(transformers, f"{name}Config")(**{**COMMON, **extra, **changes})
     torch.manual_seed(0)
     model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
     with torch.no_grad():
@@ -82,9 +82,18 @@ def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
 def test_import_matches_transformers_and_exports_back(kind, tmp_path):
+    check_round_trip(tiny_hf_model(kind), kind, tmp_path)
+
+
+def test_mla_value_heads_narrower_than_key_heads_round_trip(tmp_path):
+    """kv_b_proj holds key_up and value_up of different widths per head."""
+    hf = tiny_hf_model("deepseek_v3", qk_nope_head_dim=16, v_head_dim=12)
+    check_round_trip(hf, "deepseek_v3", tmp_path)
+
+
+def check_round_trip(hf, kind: str, tmp_path) -> None:
     """Import: logits within 1e-4 and 20 identical greedy tokens; export: transformers
     loads the same tensors back, so its logits are identical."""
-    hf = tiny_hf_model(kind)
     hf.save_pretrained(tmp_path / "hf")
     imported = json.loads((tmp_path / "hf" / "config.json").read_text())
     model_cfg = from_hf(imported)

@@ -247,6 +247,27 @@ def test_any_tfds_dataset_by_name_split_and_feature(corpus_dir):
     assert documents(make_source(config), batches=10, seq_len=64) == want
 
 
+def test_reading_logs_no_tfds_dtype_deprecation(corpus_dir, monkeypatch, caplog):
+    """TFDS's PartialDecoding logs "`FeatureConnector.dtype` is deprecated" through absl on
+    every read (at most 10 times a process, so the test logs it on each call); other absl
+    records still show."""
+    from absl import logging as absl_logging
+    from tensorflow_datasets.core.features import feature
+
+    calls = []
+
+    def log(class_name: str) -> None:
+        calls.append(class_name)
+        absl_logging.warning(f"`{class_name}.dtype` is deprecated.")
+        absl_logging.warning("another absl warning")
+
+    monkeypatch.setattr(feature, "log_tf_warning", log)
+    readers.reasoning_texts(DataConfig(data_dir=str(corpus_dir), **SIZES), "test")
+    messages = [r.getMessage() for r in caplog.records]
+    assert calls and "another absl warning" in messages
+    assert not [m for m in messages if "is deprecated" in m]
+
+
 def test_processes_read_disjoint_shares_of_a_split(corpus_dir, monkeypatch):
     import jax
 

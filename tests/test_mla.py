@@ -77,7 +77,7 @@ def numpy_mask(segments):
 
 def module(q_lora_rank, scaling, **kw):
     mla = MLAConfig(**{**MLA.__dict__, "q_lora_rank": q_lora_rank})
-    return MLAttention(HEADS, mla, THETA, rope_scaling=scaling, **kw)
+    return MLAttention(num_heads=HEADS, mla=mla, rope_theta=THETA, rope_scaling=scaling, **kw)
 
 
 def random_params(model, seed=0):

@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -12,18 +11,16 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import arithmetic_batch, tiny_model
-from jaxllm import Config, MeshConfig, MoEConfig, TrainConfig, parallel
+from helpers import abstract_params, arithmetic_batch, dense_loss_sums, tiny_model
+from jaxllm import Config, MeshConfig, MoEConfig, TrainConfig, parallel, presets
 from jaxllm import config as config_lib
 from jaxllm.nn import Transformer, router
-from jaxllm.nn.transformer import layer_number, moe_layers
+from jaxllm.nn.transformer import layer_number
 from jaxllm.train.flops import matmul_params
 from jaxllm.train.loop import pretrain
 from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxllm.train.state import abstract_params, count_params, init_state
-from jaxllm.train.step import _sums, jit_train_step
-
-ROOT = Path(__file__).resolve().parents[1]
+from jaxllm.train.state import count_params, init_state
+from jaxllm.train.step import jit_train_step
 
 DEEPSEEK_LIKE = MoEConfig(
     num_experts=8, experts_per_token=2, expert_dim=32, num_shared_experts=1, router="sigmoid",
@@ -41,7 +38,7 @@ def init_variables(model, seed=0):
 
 def test_layer_pattern_puts_moe_after_the_dense_layers_every_nth_layer():
     cfg = tiny_model(num_layers=5, moe=DEEPSEEK_LIKE)
-    assert moe_layers(cfg) == (False, False, True, False, True)
+    assert cfg.moe_layers() == (False, False, True, False, True)
     variables = init_variables(Transformer(cfg))
     decoder = variables["params"]["decoder"]
     assert set(decoder) == {"dense_layers", "layers"}
@@ -154,7 +151,7 @@ def test_aux_losses_reach_the_router_gradient():
     grads = {}
     for name, weight in (("off", 0.0), ("on", 1.0)):
         cfg = tiny_model(num_layers=1, moe=dataclasses.replace(softmax, load_balance_loss=weight))
-        loss = functools.partial(_sums, batch=batch, model=Transformer(cfg), z_loss=0.0)
+        loss = functools.partial(dense_loss_sums, batch=batch, model=Transformer(cfg), z_loss=0.0)
         grad = jax.jit(jax.grad(loss, has_aux=True))
         grads[name] = grad(params)[0]["decoder"]["layers"]["moe"]["router"]["kernel"]
     assert not np.allclose(grads["on"], grads["off"])
@@ -202,8 +199,8 @@ def test_matmul_params_count_only_the_chosen_experts():
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek", "deepseek_v32", "llama4", "kimi",
                                     "qwen3"])
-def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
-    config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
+def test_moe_preset_run_configs_round_trip_through_json(family, tmp_path):
+    config = presets.run_config(f"tiny_{family}")
     assert config.model.moe is not None
     config_lib.save(config, tmp_path / "config.json")
     assert config_lib.from_dict(json.loads((tmp_path / "config.json").read_text())) == config
@@ -211,8 +208,8 @@ def test_moe_experiment_configs_round_trip_through_json(family, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["mixtral", "deepseek", "llama4", "kimi"])
-def test_each_tiny_moe_experiment_learns(family):
-    config = config_lib.load_experiment(ROOT / "experiments" / f"tiny_{family}.py")
+def test_each_tiny_moe_preset_learns(family):
+    config = presets.run_config(f"tiny_{family}")
     config = config_lib.apply_overrides(config, [
         "train.steps=30", "train.warmup_steps=5", "train.batch_size=8", "train.seq_len=32",
         "train.log_every=10", "mesh.data=2", "mesh.expert=4",

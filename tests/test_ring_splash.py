@@ -15,7 +15,8 @@ from test_ring import check_against_reference
 
 from jaxllm.nn import ring_splash
 from jaxllm.nn.context_order import permutation
-from jaxllm.nn.ring import ring_attention, visible
+from jaxllm.nn.masks import Mask, visible
+from jaxllm.nn.ring import ring_attention
 
 CHUNK = 128  # splash's smallest block
 
@@ -34,7 +35,7 @@ def test_causal_orders_give_every_nonempty_pair_to_splash(order, chunks, want):
     names = ("empty", *ring_splash.KINDS, "other")
     classify = jax.jit(ring_splash.classify)
     counts = Counter(
-        names[int(classify(visible(qp, seg, kp, seg, causal=True, window=None), seg, seg))]
+        names[int(classify(visible(Mask(), qp, seg, kp, seg), seg, seg))]
         for qp in pos for kp in pos)
     assert counts == want
 

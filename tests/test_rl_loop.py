@@ -1,6 +1,8 @@
 """The GRPO phase end to end: rollout layout, learning a toy reward, resuming."""
 
 import json
+import os
+import signal
 
 import jax
 import numpy as np
@@ -84,3 +86,17 @@ def test_grpo_raises_a_toy_reward_and_resumes_exactly(tmp_path):
     assert [r["reward"] for r in resumed] == rewards[6:]
     logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").open()]
     assert [r["step"] for r in logged] == list(range(1, 13))
+
+
+def test_sigterm_saves_at_the_current_rl_step_and_returns(tmp_path):
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step     1/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    lines, handler = [], signal.getsignal(signal.SIGTERM)
+    history = grpo(toy_config(tmp_path, 12), log=log, reward_fns=[letters], problems=PROBLEMS)
+    assert "stopped at RL step 2 on a preemption notice (SIGTERM)" in lines
+    assert [r["step"] for r in history] == [1, 2]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]
+    assert signal.getsignal(signal.SIGTERM) is handler

@@ -1,4 +1,4 @@
-"""GRPO losses against direct NumPy implementations of the formulas in REFERENCES.md."""
+"""GRPO losses against direct NumPy implementations of the formulas in docs/references.md."""
 
 import dataclasses
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import arithmetic_batch, init_params, tiny_model
+from helpers import arithmetic_batch, dense_loss_sums, init_params, tiny_model
 from jaxllm import Config, MeshConfig, parallel
 from jaxllm.nn import Transformer
-from jaxllm.train.step import _sums
 
 MESHES = {
     "data8": MeshConfig(data=8),
@@ -31,7 +30,7 @@ def loss_and_grads(model, params, batch, mesh):
         @jax.jit
         def fn(p, b):
             (_, (nll, tokens)), grads = jax.value_and_grad(
-                functools.partial(_sums, model=model, z_loss=1e-4), has_aux=True
+                functools.partial(dense_loss_sums, model=model, z_loss=1e-4), has_aux=True
             )(p, b)
             return nll / tokens, jax.tree.map(lambda g: g / tokens, grads)
 

@@ -24,7 +24,8 @@ POSITIONS = np.array([list(range(7)) + list(range(5)), list(range(S))], np.int32
 
 def layer(stage):
     sparse = SparseConfig(top_k=TOP_K, indexer_heads=3, indexer_head_dim=8, stage=stage)
-    return Attention(H, K, D, position="none", mask=Mask("sparse"), sparse=sparse)
+    return Attention(num_heads=H, num_kv_heads=K, head_dim=D, position="none", mask=Mask("sparse"),
+                     sparse=sparse)
 
 
 @functools.cache

@@ -18,7 +18,9 @@ from jaxllm import Config, ConfigError, MeshConfig, parallel
 from jaxllm import config as config_lib
 from jaxllm.config import AttentionConfig
 from jaxllm.nn import Mask, Transformer, attend
-from jaxllm.nn.attention import Attention, resolve_kernel, row_indices
+from jaxllm.nn.attention import Attention
+from jaxllm.nn.attention_kernels import resolve_kernel
+from jaxllm.nn.masks import row_indices
 from test_infer import random_variables
 from test_mla import mla_model
 
@@ -119,7 +121,8 @@ def test_config_accepts_splash_for_global_sliding_and_chunked_layers():
     attention = AttentionConfig(pattern="global,sliding,chunked", positions="rope,none",
                                 kernel="splash")
     config_lib.validate(Config(model=tiny_model(num_layers=3, attention=attention)))
-    assert AttentionConfig().kernel == "auto" and Attention(1, 1, 8).kernel == "auto"
+    layer = Attention(num_heads=1, num_kv_heads=1, head_dim=8)
+    assert AttentionConfig().kernel == "auto" and layer.kernel == "auto"
 
 
 def tpu_mesh():

@@ -18,7 +18,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX.proto import event_pb2
 
 from jaxllm.plot import plot_run
-from jaxllm.train import loop as loop_lib
+from jaxllm.train import scaffold
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import pretrain
@@ -117,7 +117,7 @@ def test_metrics_writer_mirrors_each_flush_and_keeps_lines_on_resume(fake_gcs, m
 def test_a_run_on_a_gs_workdir_logs_there_and_resumes(fake_gcs, monkeypatch, tmp_path):
     # Orbax would write gs:// through tensorstore's own GCS driver, which needs the
     # network: only the checkpoints stay local here.
-    monkeypatch.setattr(loop_lib, "checkpointer",
+    monkeypatch.setattr(scaffold, "checkpointer",
                         lambda config: Checkpointer(tmp_path / "checkpoints", config.checkpoint))
     config = run_config(REMOTE, steps=5, every=2)
     with compilation_cache(tmp_path / "xla_cache"):

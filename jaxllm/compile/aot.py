@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.compile.topology import NotFitting, Topology
-from jaxllm.nn.attention import resolve_kernel
+from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.transformer import Transformer, layer_kinds, layer_segments
 from jaxllm.rl.step import batch_shardings, jit_grpo_step

@@ -44,14 +44,21 @@ def load_variables(hf_dir: str | Path, model: config_lib.ModelConfig, mesh,
     boxed = {name: boxed[name] for name in ("params", "moe_bias") if name in boxed}
     shardings = parallel.shardings(boxed, mesh)
     abstract = nn.meta.unbox(boxed)
+    shapes = {_keys(path): x.shape
+              for path, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
 
-    def load(path, value, sharding):
-        leaf = hf_weights.leaf_of(tuple(k.key for k in path), model, layers, top)
-        return hf_weights.load_leaf(reader, leaf, value.shape, sharding)
+    def load(path, _, sharding):
+        leaf = hf_weights.leaf_of(_keys(path), model, layers, top)
+        return hf_weights.load_leaf(reader, leaf, shapes, sharding)
 
     variables = jax.tree_util.tree_map_with_path(load, abstract, shardings)
     _report_unused(reader, model.num_layers, log)
     return variables
+
+
+def _keys(path) -> tuple[str, ...]:
+    """A tree path as the tuple of its dict keys."""
+    return tuple(k.key for k in path)
 
 
 def _report_unused(reader: SafetensorsReader, num_layers: int, log) -> None:

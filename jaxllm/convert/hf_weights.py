@@ -173,10 +173,12 @@ def top_rules(tied: bool) -> dict[str, tuple[Rule, int]]:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
     """Where one of our variables comes from: its rule and its place in `rule.ours`, the
-    HF name prefix of each layer, and whether it is stacked over a scan axis."""
+    full paths of all of `rule.ours` in its block, the HF name prefix of each layer, and
+    whether it is stacked over a scan axis."""
 
     rule: Rule
     position: int
+    arrays: tuple[tuple[str, ...], ...]
     prefix: Callable[[int | None], str]  # scan index (None: unscanned) -> "model.layers.{i}."
     scanned: bool
 
@@ -189,14 +191,20 @@ def leaf_of(path: tuple[str, ...], cfg: ModelConfig, layers: dict, top: dict) ->
         key = "/".join(path)
         if key not in top:
             raise ConversionError(f"no HF tensor corresponds to our variable {key}")
-        return Leaf(*top[key], prefix=lambda _: "", scanned=False)
+        return _leaf(path, *top[key], prefix=lambda _: "", scanned=False)
     segment = rest[1]
     key = "/".join([collection, *path[1 + len(_block(path)):]])
     if key not in layers:
         raise ConversionError(f"no HF tensor corresponds to our variable {'/'.join(path)}")
     scanned = not segment.startswith("layers_")
-    return Leaf(*layers[key], scanned=scanned,
-                prefix=lambda i: f"model.layers.{layer_number(cfg, rest[1:], i or 0)}.")
+    return _leaf(path, *layers[key], scanned=scanned,
+                 prefix=lambda i: f"model.layers.{layer_number(cfg, rest[1:], i or 0)}.")
+
+
+def _leaf(path: tuple[str, ...], rule: Rule, position: int, prefix, scanned: bool) -> Leaf:
+    """The `Leaf` of the variable at `path`, whose rule's arrays are its block's siblings."""
+    arrays = tuple(_sibling(path, ours) for ours in rule.ours)
+    return Leaf(rule, position, arrays, prefix=prefix, scanned=scanned)
 
 
 def _pieces(leaf: Leaf, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -210,9 +218,10 @@ def _hf_names(leaf: Leaf, index: tuple[int, ...]) -> list[str]:
     return [leaf.prefix(layer) + name.format(x=expert) for name in leaf.rule.hf]
 
 
-def _hf_shapes(leaf: Leaf, piece_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The shapes the HF tensors of one piece must have."""
-    ours = [jax.ShapeDtypeStruct(piece_shape, jnp.float32)] * len(leaf.rule.ours)
+def _hf_shapes(leaf: Leaf, piece_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """The shapes the HF tensors of one piece must have, given the piece shapes of all of
+    the rule's arrays (e.g. MLA's key_up and value_up, whose head dims may differ)."""
+    ours = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in piece_shapes]
     return [x.shape for x in jax.eval_shape(leaf.rule.to_hf, *ours)]
 
 
@@ -228,12 +237,15 @@ def _read_piece(reader, leaf: Leaf, index: tuple[int, ...], expected: list) -> n
     return leaf.rule.to_ours(*(reader.get(name) for name in names))[leaf.position]
 
 
-def load_leaf(reader, leaf: Leaf, shape: tuple[int, ...], sharding) -> jax.Array:
-    """Our variable of `shape`, built straight into `sharding`: each device's shard is
-    assembled from the HF tensors of the pieces it covers, one tensor at a time."""
+def load_leaf(reader, leaf: Leaf, shapes: dict[tuple[str, ...], tuple[int, ...]],
+              sharding) -> jax.Array:
+    """Our variable, built straight into `sharding`: each device's shard is assembled from
+    the HF tensors of the pieces it covers, one tensor at a time. `shapes` maps the full
+    path of each of our variables to its shape."""
+    shape = shapes[leaf.arrays[leaf.position]]
     grid = _pieces(leaf, shape)
     piece_shape = shape[len(grid):]
-    expected = _hf_shapes(leaf, piece_shape)
+    expected = _hf_shapes(leaf, [shapes[path][len(grid):] for path in leaf.arrays])
 
     def shard(index: tuple[slice, ...]) -> np.ndarray:
         ranges = [range(*s.indices(n)) for s, n in zip(index, grid)]
@@ -280,7 +292,7 @@ def hf_tensors(variables: dict, cfg: ModelConfig, layers: dict, top: dict
         grid = _pieces(leaf, value.shape)
         if set(_hf_names(leaf, (0,) * len(grid))) <= done:
             continue
-        arrays = [flat[_sibling(path, ours)] for ours in leaf.rule.ours]
+        arrays = [flat[array] for array in leaf.arrays]
         for index in np.ndindex(*grid):
             names = _hf_names(leaf, index)
             done.update(names)

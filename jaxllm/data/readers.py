@@ -6,8 +6,10 @@ directory or file into a `ConfigError` that names the `data.*` field at fault. T
 imported only when a TFDS source is read.
 """
 
+import contextlib
 import glob
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -127,11 +129,12 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
                               f"it has {list(builder.info.splits)}")
     process = f"process {jax.process_index()} of {jax.process_count()}"
     try:
-        dataset = builder.as_dataset(
-            split=tfds.split_for_jax_process(split),
-            decoders=tfds.decode.PartialDecoding({key: True}),
-            shuffle_files=False,
-        )
+        with _without_dtype_deprecation_log():
+            dataset = builder.as_dataset(
+                split=tfds.split_for_jax_process(split),
+                decoders=tfds.decode.PartialDecoding({key: True}),
+                shuffle_files=False,
+            )
     except ValueError as error:  # e.g. an empty slice: "Instruction [] corresponds to no data!"
         raise ConfigError(f"data.split: cannot read {split!r} of {what} for {process}: "
                           f"{error}") from None
@@ -139,6 +142,22 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
     if not texts:
         raise ConfigError(f"data.split: {split!r} of {what} is empty for {process}")
     return texts
+
+
+@contextlib.contextmanager
+def _without_dtype_deprecation_log():
+    """Drops the "`FeatureConnector.dtype` is deprecated" record that TFDS's own
+    `PartialDecoding` logs through absl (a log record, not a Python warning) on every read."""
+    logger = logging.getLogger("absl")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "FeatureConnector.dtype` is deprecated" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _first_line(error: Exception) -> str:

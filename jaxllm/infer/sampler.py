@@ -12,6 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.cache import decode_step, left_pad, prefill
@@ -142,6 +143,13 @@ def generate(
     )
 
 
+def to_host(result: GenerationResult) -> GenerationResult:
+    """`result` as NumPy arrays, whole on every process, also when its rows span several."""
+    if jax.process_count() == 1:
+        return jax.device_get(result)
+    return multihost_utils.process_allgather(result, tiled=True)
+
+
 class Sampler:
     """A model, its variables and a tokenizer, for generating from text.
 
@@ -172,7 +180,7 @@ class Sampler:
                 raise ValueError("effort: the vocabulary has no <think> and </think> tokens")
             prompts = [p + [self.think.open] for p in prompts]
             kwargs.update(effort=effort_lib.resolve(effort, self.efforts), think=self.think)
-        result = jax.device_get(self.generate(prompts, **kwargs))
+        result = to_host(self.generate(prompts, **kwargs))
         return [
             self.tokenizer.decode(row[:length])
             for row, length in zip(result.tokens, result.lengths)

@@ -1,26 +1,25 @@
 """Flax Linen modules. Each is pure: init + apply over a params pytree, no I/O."""
 
-from jaxllm.nn.attention import (
-    Attention,
-    attend,
-    cache_positions,
-    causal_segment_mask,
-    dot_product_attention,
-)
+from jaxllm.nn.attention import Attention
+from jaxllm.nn.attention_base import AttentionBase
+from jaxllm.nn.attention_kernels import attend
 from jaxllm.nn.blockwise import blockwise_attention
-from jaxllm.nn.masks import Mask
+from jaxllm.nn.kv_cache import cache_positions
+from jaxllm.nn.masks import Mask, causal_segment_mask
 from jaxllm.nn.mla import MLAttention
 from jaxllm.nn.mlp import SwiGLU
 from jaxllm.nn.moe import MoE
+from jaxllm.nn.naive import dot_product_attention
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import RopeScaling, alibi_slopes, apply_rope
 from jaxllm.nn.ring import all_gather_attention, ring_attention
-from jaxllm.nn.sparse import Indexer, sparse_attention
+from jaxllm.nn.sparse import Indexer, SparseAttention, sparse_attention
 from jaxllm.nn.splash import splash_attention
 from jaxllm.nn.transformer import Block, Decoder, Transformer
 
 __all__ = [
     "Attention",
+    "AttentionBase",
     "Block",
     "Decoder",
     "Indexer",
@@ -29,6 +28,7 @@ __all__ = [
     "MoE",
     "RMSNorm",
     "RopeScaling",
+    "SparseAttention",
     "SwiGLU",
     "Transformer",
     "alibi_slopes",

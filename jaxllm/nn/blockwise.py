@@ -3,8 +3,9 @@
 The row is cut into n blocks of `block` tokens. Query block i and key block i - d (mod n)
 form diagonal d; one step computes a whole diagonal as a batch of n [block, block] score
 tiles and merges it into every query block's softmax state with the online softmax in
-float32 (`../shared/REFERENCES.md`, "Ring attention"). The tiles that wrap around hold
-keys after their queries, which the causal mask hides. A mask reaches only some diagonals:
+float32 (`online_softmax`; `docs/references.md`, "Ring attention"). The tiles that wrap
+around hold keys after their queries, which the causal mask hides. A mask reaches only some
+diagonals:
 
 - global: all n diagonals, in a `lax.scan` that reuses one step's buffers (XLA's
   `cost_analysis()` counts a scan body once, so it shows one diagonal's FLOPs);
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxllm.nn import online_softmax
 from jaxllm.nn.masks import Mask
 
 _F32 = jnp.float32
@@ -71,7 +73,8 @@ def blockwise_attention(q, k, v, segment_ids, *, mask: Mask = Mask(), slopes=Non
     if slopes is not None:
         grouped = np.asarray(slopes, np.float32).reshape(kv_heads, heads // kv_heads)
         slopes = tuple(tuple(float(s) for s in row) for row in grouped)
-    plan = _Plan(mask, slopes, q.shape[-1] ** -0.5 if scale is None else scale, block)
+    plan = _Plan(mask=mask, slopes=slopes, block=block,
+                 scale=q.shape[-1] ** -0.5 if scale is None else scale)
     return _attention(plan, q, k, v, segment_ids)
 
 
@@ -141,15 +144,9 @@ def _row(plan: _Plan, q, k, v, seg) -> _Row:
         s_idx = jnp.pad(idx[plan.mask.stride - 1::plan.mask.stride], (0, pad))
         strided = (*(_blocks(x, plan.block) for x in (sk, sv, s_seg)),
                    s_idx.reshape(-1, plan.block))
-    q = _grouped(q, kv_heads)
+    q = online_softmax.group_heads(q, kv_heads)
     q, k, v, seg = (_blocks(x, plan.block) for x in (q, k, v, seg))
-    return _Row(q, k, v, seg, idx.reshape(-1, plan.block), strided)
-
-
-def _grouped(x, kv_heads: int):
-    """[B, S, H, D] -> [B, S, K, H/K, D]."""
-    b, length, heads, dim = x.shape
-    return x.reshape(b, length, kv_heads, heads // kv_heads, dim)
+    return _Row(q=q, k=k, v=v, seg=seg, idx=idx.reshape(-1, plan.block), strided=strided)
 
 
 def _tiles(row: _Row, diagonal, gathered: bool):
@@ -193,26 +190,15 @@ def _run(plan: _Plan, length: int, update, carry):
 def _forward(plan: _Plan, q, k, v, seg):
     """(out [B, S, H, Dv], lse [n, B, K, G, b])."""
     row = _row(plan, q, k, v, seg)
-    n, b, t, kv_heads, g, _ = row.q.shape
-    m = jnp.full((n, b, kv_heads, g, t), -jnp.inf, _F32)
-    state = (m, jnp.zeros_like(m), jnp.zeros((n, b, kv_heads, g, t, v.shape[-1]), _F32))
 
     def update(state, diagonal, gathered, near):
-        m, l, acc = state
         k_t, v_t, k_seg, k_idx = _tiles(row, diagonal, gathered)
         s = _scores(plan, near, row.q, k_t, row.idx, row.seg, k_idx, k_seg)
-        m_new = jnp.maximum(m, s.max(-1))
-        m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(m - m_safe)
-        pv = jnp.einsum("nbkgts,nbskd->nbkgtd", p.astype(v.dtype), v_t,
-                        preferred_element_type=_F32)
-        return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+        return online_softmax.merge(state, s, v_t)
 
-    m, l, acc = _run(plan, q.shape[1], update, state)
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [n, B, K, G, t, Dv]
-    lse = jnp.where(l > 0, jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(l), jnp.inf)
-    out = _unblocks(out.transpose(0, 1, 4, 2, 3, 5))
+    state = online_softmax.initial_state(row.q, v.shape[-1])
+    out, lse = online_softmax.finalize(_run(plan, q.shape[1], update, state))
+    out = _unblocks(out.transpose(0, 1, 4, 2, 3, 5))  # [n, B, K, G, t, Dv] -> [B, S, K, G, Dv]
     return out.reshape(*q.shape[:3], v.shape[-1]).astype(q.dtype), lse
 
 
@@ -229,8 +215,9 @@ def _attention_fwd(plan: _Plan, q, k, v, seg):
 def _attention_bwd(plan: _Plan, residuals, d_out):
     q, k, v, seg, out, lse = residuals
     row = _row(plan, q, k, v, seg)
-    do, o = (_blocks(_grouped(x, k.shape[2]), plan.block) for x in (d_out, out))
-    delta = jnp.einsum("nbtkgd,nbtkgd->nbkgt", do, o, preferred_element_type=_F32)
+    do, o = (_blocks(online_softmax.group_heads(x, k.shape[2]), plan.block)
+             for x in (d_out, out))
+    delta = online_softmax.output_delta(do, o)
     zeros = lambda x: jnp.zeros(x.shape, _F32)  # noqa: E731
     strided = row.strided and (zeros(row.strided[0]), zeros(row.strided[1]))
     grads = (zeros(row.q), zeros(row.k), zeros(row.v), strided)
@@ -239,12 +226,9 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
         dq, dk, dv, strided = grads
         k_t, v_t, k_seg, k_idx = _tiles(row, diagonal, gathered)
         s = _scores(plan, near, row.q, k_t, row.idx, row.seg, k_idx, k_seg)
-        p = jnp.exp(s - lse[..., None])
-        d_v = jnp.einsum("nbkgts,nbtkgd->nbskd", p, do, preferred_element_type=_F32)
-        dp = jnp.einsum("nbtkgd,nbskd->nbkgts", do, v_t, preferred_element_type=_F32)
-        ds = p * (dp - delta[..., None]) * plan.scale
-        dq = dq + jnp.einsum("nbkgts,nbskd->nbtkgd", ds, k_t, preferred_element_type=_F32)
-        d_k = jnp.einsum("nbkgts,nbtkgd->nbskd", ds, row.q, preferred_element_type=_F32)
+        d_q, d_k, d_v = online_softmax.block_grads(s, lse, delta, row.q, k_t, v_t, do,
+                                                   plan.scale)
+        dq = dq + d_q
         if gathered:
             sk, sv = strided
             return dq, dk, dv, (sk.at[diagonal].add(d_k.sum(0)), sv.at[diagonal].add(d_v.sum(0)))

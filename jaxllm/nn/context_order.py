@@ -2,7 +2,7 @@
 
 Ring attention splits the sequence axis into n contiguous shards, one per device of the
 `context` axis. Under a causal mask the plain order leaves the first device mostly idle, so the
-batch is permuted before the model sees it (`../shared/REFERENCES.md`, "Causal load balance"):
+batch is permuted before the model sees it (`docs/references.md`, "Causal load balance"):
 
 - zigzag (dual-chunk-swap): 2n chunks, device r holds chunks r and 2n-1-r;
 - striped: device r holds tokens r, r+n, r+2n, ...

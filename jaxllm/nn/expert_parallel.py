@@ -2,7 +2,7 @@
 
 Inside `jax.shard_map`, each device holds a slice of the tokens and E/n of the experts (n the
 size of the `expert` axis). As in MaxText, the `expert` axis splits the tokens too, alongside
-the batch axes, so no device repeats another's work. Each device (`../shared/REFERENCES.md`,
+the batch axes, so no device repeats another's work. Each device (`docs/references.md`,
 "Expert parallelism"):
 1. sorts its token-choices by destination shard (the shard holding the chosen expert);
 2. exchanges them with `jax.lax.all_to_all` over `expert`, at a fixed capacity of C rows per
@@ -26,11 +26,11 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxllm.config import MoEConfig
 from jaxllm.nn.experts import resolve_kernel, routed_experts
+from jaxllm.parallel import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 
-EXPERT_AXIS = "expert"
 # The flattened tokens [B*S] split over every axis, in the order that matches the layout of
 # activations (batch over data and fsdp, positions over context), then tensor and expert.
-TOKEN_AXES = ("data", "fsdp", "context", "tensor", EXPERT_AXIS)
+TOKEN_AXES = (*BATCH_AXES, CONTEXT, TENSOR, EXPERT)
 
 
 def token_axes(mesh: AbstractMesh) -> tuple[str, ...]:
@@ -48,7 +48,7 @@ def expert_mesh(tokens: int) -> AbstractMesh | None:
     None (e.g. no `use_mesh`, or a one-sequence init) means the single-device dispatch.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.shape.get(EXPERT_AXIS, 1) == 1 or tokens % token_shards(mesh):
+    if mesh.empty or mesh.shape.get(EXPERT, 1) == 1 or tokens % token_shards(mesh):
         return None
     return mesh
 
@@ -63,7 +63,7 @@ def pair_capacity(cfg: MoEConfig, tokens: int, shards: int) -> int:
 
 def _exchange(x: jax.Array) -> jax.Array:
     """[n, C, ...] rows for each shard -> [n, C, ...] rows from each shard."""
-    return jax.lax.all_to_all(x, EXPERT_AXIS, split_axis=0, concat_axis=0, tiled=True)
+    return jax.lax.all_to_all(x, EXPERT, split_axis=0, concat_axis=0, tiled=True)
 
 
 def _pack(x, experts, shards: int, local: int, capacity: int):
@@ -97,7 +97,7 @@ def _local_dispatch(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     Returns:
       ([t, D] output, [1] number of dropped token-choices).
     """
-    shards, embed = jax.lax.axis_size(EXPERT_AXIS), x.shape[-1]
+    shards, embed = jax.lax.axis_size(EXPERT), x.shape[-1]
     send, ids, order, dest, slots = _pack(x, experts, shards, wi.shape[0], capacity)
     received, received_ids = _exchange(send), _exchange(ids).reshape(-1, 1)  # [n*C, 1]
     y, _ = routed_experts(
@@ -118,8 +118,8 @@ def routed_experts_parallel(x, weights, experts, wi, wo, *, mesh: AbstractMesh, 
     x [T, D], weights and experts [T, K], wi [E, D, 2, F], wo [E, F, D]; T must divide over
     the token shards. Returns ([T, D] output, the fraction of token-choices dropped).
     """
-    token_spec, expert_spec = PartitionSpec(token_axes(mesh)), PartitionSpec(EXPERT_AXIS)
-    capacity = pair_capacity(cfg, x.shape[0] // token_shards(mesh), mesh.shape[EXPERT_AXIS])
+    token_spec, expert_spec = PartitionSpec(token_axes(mesh)), PartitionSpec(EXPERT)
+    capacity = pair_capacity(cfg, x.shape[0] // token_shards(mesh), mesh.shape[EXPERT])
     local = jax.shard_map(
         lambda *args: _local_dispatch(*args, capacity=capacity, kernel=cfg.kernel),
         mesh=mesh,

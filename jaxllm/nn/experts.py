@@ -1,18 +1,19 @@
 """Routed SwiGLU experts: sort token-choices by expert, one grouped matmul, unsort, combine.
 
-Five kernels compute the grouped matmul (`../shared/REFERENCES.md`, "Dropless MoE via grouped
-matmul"; the README's MoE section has their measured speed):
-- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows (XLA:CPU and XLA:GPU, measured in
-  jax 0.11, compute it densely per group).
+Five kernels compute the grouped matmul (`docs/references.md`, "Dropless MoE via grouped
+matmul"; `docs/benchmarks.md` has their measured speed):
+- "ragged_dot": `jax.lax.ragged_dot` over the sorted rows (XLA:CPU and XLA:GPU compute it
+  densely per group).
 - "gmm": jax's Pallas TPU megablox grouped matmul over the sorted rows
   (`jaxllm.nn.gmm_experts`), per device inside `jax.shard_map` under a mesh; interpret mode
   off TPU.
 - "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
   matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
-  Dropless at most E*B rows of padding; the fastest dropless kernel measured on GPU.
+  Dropless at most E*B rows of padding, and every product is one large batched matmul.
 - "tiled": a loop over tiles of each expert's rows, one dense SwiGLU per tile, that
   gathers, weights and adds back its rows itself, with a hand-written VJP
-  (`jaxllm.nn.tiled_experts`); the fastest on CPU.
+  (`jaxllm.nn.tiled_experts`): no padding that no routing fills, no sorted copy of the
+  tokens.
 - "sorted_einsum": the sorted rows scattered into padded [E, C, D] blocks and a batched
   einsum. Dropless when C covers the largest group (C = T always does).
 "auto" picks by `target_platform()`: gmm on TPU (the kernel built for it; chosen because it
@@ -95,8 +96,8 @@ def resolve_kernel(kernel: str) -> str:
 
 
 def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
-    """The stable order that sorts the expert ids `flat` [N]: one sort of int32 keys
-    expert * N + index where they fit (4x faster than an argsort on CPU), else an argsort."""
+    """The stable order that sorts the expert ids `flat` [N]: one plain sort of int32 keys
+    expert * N + index where they fit (no stable key-value sort needed), else an argsort."""
     n = flat.shape[0]
     if num_experts * n < 2**31:
         return jnp.sort(flat * n + jnp.arange(n, dtype=flat.dtype)) % n

@@ -24,11 +24,11 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.nn.platform import target_platform
+from jaxllm.parallel import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 
-TENSOR_AXIS = "tensor"
 # The flattened tokens [B*S] split over these axes, in the order of the activations' layout
 # (batch over data and fsdp, positions over context), then expert.
-ROW_AXES = ("data", "fsdp", "context", "expert")
+ROW_AXES = (*BATCH_AXES, CONTEXT, EXPERT)
 
 
 def tiling(rows: int, k: int, n: int, num_experts: int) -> tuple[int, int, int]:
@@ -101,8 +101,8 @@ def per_device(routed, x, weights, experts, wi, wo, *, mesh: AbstractMesh, capac
     """
     row_axes = _row_axes(mesh, x.shape[0])
     rows = P(row_axes)
-    tensor = mesh.shape.get(TENSOR_AXIS, 1)
-    hidden_axis = TENSOR_AXIS if tensor > 1 and wi.shape[-1] % tensor == 0 else None
+    tensor = mesh.shape.get(TENSOR, 1)
+    hidden_axis = TENSOR if tensor > 1 and wi.shape[-1] % tensor == 0 else None
     local_capacity = -(-capacity // math.prod(mesh.shape[a] for a in row_axes))
 
     def local(x, weights, experts, wi, wo):

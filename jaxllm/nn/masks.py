@@ -17,7 +17,9 @@ class Mask:
 
     kind: global (every earlier key), sliding (the `window` keys ending at the query),
     chunked (Llama 4: earlier keys in the same block of `chunk` tokens), strided (the
-    sliding window plus every key at index stride-1 mod stride: Child et al. 2019).
+    sliding window plus every key at index stride-1 mod stride: Child et al. 2019),
+    bidirectional (not causal: the keys less than `window` away on either side, or every
+    key when window is 0; context-parallel attention offers it).
     """
 
     kind: str = "global"
@@ -37,14 +39,28 @@ class Mask:
             return causal & (q_idx // self.chunk == k_idx // self.chunk)
         if self.kind == "strided":
             return causal & ((delta < self.window) | (k_idx % self.stride == self.stride - 1))
+        if self.kind == "bidirectional":
+            return abs(delta) < self.window if self.window else True
         raise ValueError(f"unknown mask kind {self.kind!r}")
 
 
 def visible(mask: Mask, q_idx, q_seg, k_idx, k_seg) -> jax.Array:
     """[B, T] query and [B, S] key indices and segment ids -> [B, T, S] booleans: the key
-    lies in the query's segment and `mask` allows it."""
+    lies in the query's segment and `mask` allows it. Works on numpy and jax arrays alike."""
     same_segment = q_seg[:, :, None] == k_seg[:, None, :]
     return same_segment & mask.allows(q_idx[:, :, None], k_idx[:, None, :])
+
+
+def row_indices(tokens: jax.Array) -> jax.Array:
+    """[B, S] -> each token's index 0..S-1 in its row, the index masks compare."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+
+
+def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, S] segment ids -> [B, S, S] mask: key j is visible to query i iff j <= i and
+    both lie in the same packed document."""
+    idx = row_indices(segment_ids)
+    return visible(Mask(), idx, segment_ids, idx, segment_ids)
 
 
 def alibi_bias(slopes: jax.Array, q_idx: jax.Array, k_idx: jax.Array) -> jax.Array:

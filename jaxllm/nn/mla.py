@@ -1,56 +1,43 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3): keys and values expand from one normed
 latent per token, and a single rotary key is shared by all heads, so the KV cache holds
-only kv_lora_rank + qk_rope_head_dim values per token (`../shared/REFERENCES.md`,
+only kv_lora_rank + qk_rope_head_dim values per token (`docs/references.md`,
 "Multi-head Latent Attention")."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import MLAConfig, SparseConfig
-from jaxllm.nn.attention import attend, self_attention, write_cache
+from jaxllm.config import MLAConfig
+from jaxllm.nn.attention_base import AttentionBase
+from jaxllm.nn.attention_kernels import attend, self_attention
+from jaxllm.nn.kv_cache import write_cache
 from jaxllm.nn.linear import Einsum
-from jaxllm.nn.masks import Mask
+from jaxllm.nn.mesh_axes import context_shards
 from jaxllm.nn.norms import RMSNorm
-from jaxllm.nn.positions import RopeScaling, apply_rope, softmax_scale
-from jaxllm.nn.ring import context_shards
-from jaxllm.nn.sparse import indexed_attention
+from jaxllm.nn.positions import apply_rope, softmax_scale
 
 HEADS = ("act_batch", "act_length", "act_heads", None)
 
 
-class MLAttention(nn.Module):
+class MLAttention(AttentionBase, kw_only=True):
     """Self-attention with keys and values from a low-rank latent.
 
+    Fields as in `AttentionBase`, with num_heads query, key and value heads, positions "rope"
+    or "none" (NoPE: the rope parts of queries and keys stay unrotated), and norm_eps for the
+    query and latent RMSNorms; and:
+
     Attributes:
-      num_heads: query, key and value heads.
       mla: the latent ranks and head widths; `mla.absorb` picks the decoding path.
-      rope_theta, dtype, context_parallel, mask, rope_scaling, kernel, block_size: as in
-        `Attention`.
-      decode: attend over a cache of the normed latent `cached_latent` [B, L, kv_lora_rank]
-        and the rotated shared key `cached_rope_key` [B, L, qk_rope_head_dim] (`write_cache`).
-        absorb=True folds the key up-projection into the queries and attends as MQA over
-        the latent, then applies the value up-projection to the output; absorb=False
-        expands the whole cache into per-head keys and values every step. Both agree.
-      position: "rope", or "none" (NoPE: the rope parts of queries and keys stay unrotated).
-      norm_eps: epsilon of the query and latent RMSNorms.
-      sparse: DeepSeek sparse attention (V3.2) for a mask of kind "sparse"; its decoding
-        expands the cache (the absorbed path attends to every key).
+
+    Decoding caches the normed latent `cached_latent` [B, L, kv_lora_rank] and the rotated
+    shared key `cached_rope_key` [B, L, qk_rope_head_dim] (`write_cache`). absorb=True folds
+    the key up-projection into the queries and attends as MQA over the latent, then applies
+    the value up-projection to the output; absorb=False expands the whole cache into
+    per-head keys and values every step. Both agree. Sparse layers (mask "sparse") decode
+    by expanding the cache (the absorbed path attends to every key).
     """
 
-    num_heads: int
     mla: MLAConfig
-    rope_theta: float = 10_000.0
-    dtype: jnp.dtype = jnp.float32
-    decode: bool = False
-    context_parallel: str = "ring"
-    mask: Mask = Mask()
-    position: str = "rope"
-    rope_scaling: RopeScaling | None = None
-    kernel: str = "auto"
-    block_size: int = 128
-    norm_eps: float = 1e-6
-    sparse: SparseConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -77,8 +64,8 @@ class MLAttention(nn.Module):
         if self.decode and m.absorb and not sparse:
             q = jnp.concatenate([self._up("key_up", nope, "bthd,chd->bthc")(q_nope), q_rope], -1)
             k = jnp.concatenate([latent, rope_key], -1)[:, :, None]
-            out = attend(q, k, latent[:, :, None], positions, q_seg, k_pos, k_seg,
-                         mask=self.mask, scale=scale)  # [B, T, H, kv_lora_rank]
+            out = attend(q, k, latent[:, :, None], q_idx=positions, q_seg=q_seg, k_idx=k_pos,
+                         k_seg=k_seg, mask=self.mask, scale=scale)  # [B, T, H, kv_lora_rank]
             out = self._up("value_up", m.v_head_dim, "bthc,chd->bthd")(out)
         else:
             q = nn.with_logical_constraint(jnp.concatenate([q_nope, q_rope], -1), HEADS)
@@ -87,9 +74,10 @@ class MLAttention(nn.Module):
                 [k_nope, jnp.broadcast_to(rope_key[:, :, None], (*k_nope.shape[:3], rope))], -1)
             v = self._up("value_up", m.v_head_dim, "bsc,chd->bshd")(latent)
             if sparse:
-                out = indexed_attention(self, x, q, k, v, positions, segment_ids, scale)
+                out = self._sparse_attention(x, q, k, v, positions, segment_ids, scale)
             elif self.decode:
-                out = attend(q, k, v, positions, q_seg, k_pos, k_seg, mask=self.mask, scale=scale)
+                out = attend(q, k, v, q_idx=positions, q_seg=q_seg, k_idx=k_pos, k_seg=k_seg,
+                             mask=self.mask, scale=scale)
             else:
                 out = self._self_attention(q, k, v, positions, segment_ids, scale)
         out = nn.with_logical_constraint(out, HEADS)

@@ -3,8 +3,8 @@
 The sequence axis is split over the `context` mesh axis into n shards. In `ring_attention` each
 device keeps its queries and passes its K/V block (with the block's positions and segment ids)
 to device (i+1) mod n with `jax.lax.ppermute`; after n steps every query has met every key.
-Blocks are merged with the online softmax in float32 (`../shared/REFERENCES.md`, "Ring
-attention"), so per-device activation memory is O(S/n).
+Blocks are merged with the online softmax in float32 (`online_softmax`; `docs/references.md`,
+"Ring attention"), so per-device activation memory is O(S/n).
 
 Masks come from the true positions and segment ids that travel with the tokens, so any token
 order works; `context_order` provides the load-balanced ones (zigzag, striped). Each local block
@@ -14,9 +14,8 @@ every off-diagonal step and gives every device the same 2n+1 chunk pairs (`activ
 
 Backward: a custom VJP that recomputes the scores chunk by chunk from the saved log-sum-exp
 and passes dK/dV around the ring with their K/V, as flash attention does. It keeps O(S/n)
-residuals per device. Autodiff through the scan (`custom_vjp=False`) saves every step's
-probabilities, O(S^2/n) per device: `benchmarks/ring.py` measured 402 MiB against 43 MiB of
-temp per device for the fwd+bwd at S=8192, n=8 (8 heads, 2 kv heads, head dim 64).
+residuals per device, where autodiff through the scan (`custom_vjp=False`) saves every step's
+probabilities, O(S^2/n) per device (`benchmarks/ring.py` compares the two).
 
 On a TPU target each chunk pair whose mask splash attention's static masks express runs
 through that Pallas kernel, forward and backward (`ring_splash`); `block_kernel` chooses.
@@ -28,37 +27,29 @@ mismatch between the branches of `lax.cond` and the carries of `lax.scan`.
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxllm.nn import ring_splash
+from jaxllm.nn import online_softmax, ring_splash
+from jaxllm.nn.masks import Mask, visible
+from jaxllm.nn.mesh_axes import batch_and_head_axes
 from jaxllm.nn.platform import target_platform
+from jaxllm.parallel import CONTEXT
 
-CONTEXT_AXIS = "context"
-BATCH_AXES = ("data", "fsdp")
-TENSOR_AXIS = "tensor"
 BLOCK_KERNELS = ("jax", "splash")
 _F32 = jnp.float32
 
 
-def visible(q_pos, q_seg, k_pos, k_seg, *, causal: bool, window: int | None):
-    """[B, T] query and [B, S] key positions and segment ids -> [B, T, S] mask.
-
-    A key is visible iff it is in the query's segment and, when causal, not after it; with a
-    window w, a causal query sees the w keys ending at itself, a non-causal one the keys less
-    than w positions away. Works on numpy and jax arrays alike.
-    """
-    mask = q_seg[:, :, None] == k_seg[:, None, :]
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    if causal:
-        mask = mask & (delta >= 0)
-    if window is not None:
-        mask = mask & ((delta if causal else abs(delta)) < window)
-    return mask
+def ring_mask(*, causal: bool, window: int | None) -> Mask:
+    """The mask of `ring_attention`'s causal and window arguments: with a window w, a causal
+    query sees the w keys ending at itself, a non-causal one the keys less than w positions
+    away."""
+    if not causal:
+        return Mask("bidirectional", window=window or 0)
+    return Mask() if window is None else Mask("sliding", window=window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +58,7 @@ class _Ring:
     chunk pairs run splash attention (in Pallas interpret mode)."""
 
     axis: str
-    causal: bool
-    window: int | None
+    mask: Mask
     chunks: int
     splash: bool = False
     interpret: bool = False
@@ -76,7 +66,7 @@ class _Ring:
 
 def ring_attention(
     q, k, v, positions, segment_ids, *, causal: bool = True, window: int | None = None,
-    chunks: int = 2, mesh=None, axis_name: str = CONTEXT_AXIS, custom_vjp: bool = True,
+    chunks: int = 2, mesh=None, axis_name: str = CONTEXT, custom_vjp: bool = True,
     block_kernel: str | None = None,
 ):
     """Ring attention over the `axis_name` mesh axis; equals full attention on the same tokens.
@@ -85,7 +75,7 @@ def ring_attention(
       q: [B, S, H, D] queries; k, v: [B, S, K, D] keys and values, K divides H. Sequence axis
         in context order (`context_order.to_context_order`), split over `axis_name`.
       positions, segment_ids: [B, S] true positions and packed-document ids, in the same order.
-      causal, window: the mask, as in `visible`.
+      causal, window: the mask (`ring_mask`).
       chunks: query and key chunks per local block; empty chunk pairs skip their compute.
       mesh: the mesh; default the current one (`jax.set_mesh`). Batch splits over its data and
         fsdp axes when they divide it, heads over tensor when it divides both head counts.
@@ -101,7 +91,8 @@ def ring_attention(
     n = mesh.shape[axis_name]
     _check_shapes(q, k, v, positions, segment_ids, n * chunks)
     splash = _use_splash(block_kernel, q.shape[1] // (n * chunks), custom_vjp)
-    ring = _Ring(axis_name, causal, window, chunks, splash, target_platform() != "tpu")
+    ring = _Ring(axis=axis_name, mask=ring_mask(causal=causal, window=window), chunks=chunks,
+                 splash=splash, interpret=target_platform() != "tpu")
     layout = _layout(mesh, axis_name, q.shape, k.shape[2])
     if custom_vjp:
         return _ring_attention_vjp(ring, layout, q, k, v, positions, segment_ids)
@@ -125,7 +116,7 @@ def _use_splash(block_kernel: str | None, chunk: int, custom_vjp: bool) -> bool:
 
 def all_gather_attention(
     q, k, v, positions, segment_ids, *, causal: bool = True, window: int | None = None,
-    mesh=None, axis_name: str = CONTEXT_AXIS,
+    mesh=None, axis_name: str = CONTEXT,
 ):
     """Context-parallel baseline: queries stay sharded, K/V are all-gathered over `axis_name`.
 
@@ -134,11 +125,12 @@ def all_gather_attention(
     """
     mesh = _resolve_mesh(mesh, axis_name)
     _check_shapes(q, k, v, positions, segment_ids, mesh.shape[axis_name])
+    mask = ring_mask(causal=causal, window=window)
 
     def local(q, k, v, pos, seg):
         k, v, k_pos, k_seg = jax.lax.all_gather((k, v, pos, seg), axis_name, axis=1, tiled=True)
-        mask = visible(pos, seg, k_pos, k_seg, causal=causal, window=window)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+        allowed = visible(mask, pos, seg, k_pos, k_seg)
+        return jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None])
 
     layout = _layout(mesh, axis_name, q.shape, k.shape[2])
     return layout.map(local, layout.inputs, layout.heads)(q, k, v, positions, segment_ids)
@@ -151,6 +143,7 @@ def active_blocks(positions, segment_ids, n: int, *, causal: bool = True,
     Replays the ring on the host with the kernel's mask: at step s device r holds the K/V of
     device (r - s) mod n, and a (query chunk, key chunk) pair counts when any entry is visible.
     """
+    ring = ring_mask(causal=causal, window=window)
     shards = [np.split(np.asarray(x), n * chunks, axis=1) for x in (positions, segment_ids)]
     pos, seg = ([parts[r * chunks:(r + 1) * chunks] for r in range(n)] for parts in shards)
     counts = np.zeros(n, np.int64)
@@ -159,19 +152,12 @@ def active_blocks(positions, segment_ids, n: int, *, causal: bool = True,
             src = (r - step) % n
             for i in range(chunks):
                 for j in range(chunks):
-                    mask = visible(pos[r][i], seg[r][i], pos[src][j], seg[src][j],
-                                   causal=causal, window=window)
+                    mask = visible(ring, pos[r][i], seg[r][i], pos[src][j], seg[src][j])
                     counts[r] += bool(mask.any())
     return counts
 
 
 # --- sharding -------------------------------------------------------------------------------
-
-
-def context_shards(axis_name: str = CONTEXT_AXIS) -> int:
-    """Devices on the current mesh's `axis_name` axis (`jax.set_mesh`); 1 without one."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or axis_name not in mesh.axis_names else mesh.shape[axis_name]
 
 
 def _resolve_mesh(mesh, axis_name: str):
@@ -203,17 +189,11 @@ class _Layout:
 
 
 def _layout(mesh, axis_name: str, q_shape: tuple[int, ...], kv_heads: int) -> _Layout:
-    """Sequence over `axis_name`; batch over the data/fsdp axes and heads over `tensor` where
-    those divide them (as `parallel` shards the activations), else replicated, e.g. the single
-    row that initialises a model."""
-    batch_size, _, heads, _ = q_shape
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not batch or batch_size % math.prod(mesh.shape[a] for a in batch):
-        batch = None
-    tensor = mesh.shape.get(TENSOR_AXIS, 1)
-    head_axis = TENSOR_AXIS if tensor > 1 and heads % tensor == kv_heads % tensor == 0 else None
-    return _Layout(mesh, P(batch, axis_name, head_axis, None), P(batch, axis_name),
-                   P(batch, head_axis, None, axis_name))
+    """Sequence over `axis_name`; batch and heads as `batch_and_head_axes` splits them."""
+    batch, head_axis = batch_and_head_axes(mesh, batch=q_shape[0], heads=q_shape[2],
+                                           kv_heads=kv_heads)
+    return _Layout(mesh=mesh, heads=P(batch, axis_name, head_axis, None),
+                   tokens=P(batch, axis_name), lse=P(batch, head_axis, None, axis_name))
 
 
 def _check_shapes(q, k, v, positions, segment_ids, parts: int) -> None:
@@ -259,14 +239,7 @@ def _scores(q, k, mask):
 
 def _merge(state, q, k, v, mask):
     """Online-softmax update of (m, l, acc) with one key chunk."""
-    m, l, acc = state
-    s = _scores(q, k, mask)
-    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))  # the result does not depend on m
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)  # rows with nothing visible yet
-    p = jnp.exp(s - m_safe[..., None])
-    alpha = jnp.exp(m - m_safe)
-    pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v.dtype), v, preferred_element_type=_F32)
-    return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
+    return online_softmax.merge(state, _scores(q, k, mask), v)
 
 
 def _skip_if_empty(update, carry, mask, *operands):
@@ -289,35 +262,17 @@ def _forward_step(ring: _Ring, states, q, q_pos, q_seg, block):
     new = []
     for state, qi, pi, si in zip(states, q, q_pos, q_seg):
         for kj, vj, pj, sj in zip(ks, vs, k_pos, k_seg):
-            mask = visible(pi, si, pj, sj, causal=ring.causal, window=ring.window)
+            mask = visible(ring.mask, pi, si, pj, sj)
             state = _pair(ring, _merge, ring_splash.merge, state, mask, (si, sj), qi, kj, vj)
         new.append(state)
     return tuple(new)
 
 
-def _group(x, kv_heads: int):
-    """[B, t, H, D] -> [B, t, K, H/K, D]."""
-    b, t, h, d = x.shape
-    return x.reshape(b, t, kv_heads, h // kv_heads, d)
-
-
-def _empty_state(q):
-    """(m, l, acc) for grouped queries [B, t, K, G, D] that have seen no key yet."""
-    b, t, kh, g, d = q.shape
-    return (jnp.full((b, kh, g, t), -jnp.inf, _F32), jnp.zeros((b, kh, g, t), _F32),
-            jnp.zeros((b, kh, g, t, d), _F32))
-
-
 def _finalize(states, q):
-    """Per-chunk softmax states -> (out [B, T, H, D] in q's dtype, lse [B, K, G, T]).
-
-    lse is +inf for a query that sees no key, so that the backward's exp(s - lse) is 0.
-    """
-    m, l, acc = (jnp.concatenate(parts, axis=3) for parts in zip(*states))
-    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-    out = out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-    lse = jnp.where(l > 0, jnp.where(jnp.isneginf(m), 0.0, m) + jnp.log(l), jnp.inf)
-    return out, lse
+    """Per-chunk softmax states -> (out [B, T, H, D] in q's dtype, lse [B, K, G, T])."""
+    state = tuple(jnp.concatenate(parts, axis=3) for parts in zip(*states))
+    out, lse = online_softmax.finalize(state)
+    return out.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype), lse
 
 
 def _ring_forward(ring: _Ring, q, k, v, pos, seg):
@@ -327,13 +282,15 @@ def _ring_forward(ring: _Ring, q, k, v, pos, seg):
     # stacked over all n steps, O(S^2/n) per device. Tying them to q keeps them in the loop.
     q, k, v, pos, seg = jax.lax.optimization_barrier((q, k, v, pos, seg))
     c = ring.chunks
-    q_args = (_chunk(_group(q, k.shape[2]), c), _chunk(pos, c), _chunk(seg, c))
+    q_args = (_chunk(online_softmax.group_heads(q, k.shape[2]), c), _chunk(pos, c),
+              _chunk(seg, c))
 
     def step(carry, _):
         states, block = carry
         return (_forward_step(ring, states, *q_args, block), _pass(block, ring.axis)), None
 
-    carry = (tuple(map(_empty_state, q_args[0])), _kv_block(k, v, pos, seg, c))
+    states = tuple(online_softmax.initial_state(qi, qi.shape[-1]) for qi in q_args[0])
+    carry = (states, _kv_block(k, v, pos, seg, c))
     (states, block), _ = jax.lax.scan(step, carry, length=jax.lax.axis_size(ring.axis) - 1)
     return _finalize(_forward_step(ring, states, *q_args, block), q)
 
@@ -358,14 +315,9 @@ def _vjp_backward(ring: _Ring, layout: _Layout, residuals, dout):
 
 def _grad_update(grads, q, k, v, dout, lse, delta, mask):
     """Adds one (query chunk, key chunk) pair's share to (dq, dk, dv), from recomputed scores."""
-    dq, dk, dv = grads
-    p = jnp.exp(_scores(q, k, mask) - lse[..., None])
-    dv = dv + jnp.einsum("bkgts,btkgd->bskd", p, dout, preferred_element_type=_F32)
-    dp = jnp.einsum("btkgd,bskd->bkgts", dout, v, preferred_element_type=_F32)
-    ds = p * (dp - delta[..., None]) * q.shape[-1] ** -0.5
-    dq = dq + jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=_F32)
-    dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=_F32)
-    return dq, dk, dv
+    shares = online_softmax.block_grads(_scores(q, k, mask), lse, delta, q, k, v, dout,
+                                        q.shape[-1] ** -0.5)
+    return tuple(g + share for g, share in zip(grads, shares))
 
 
 def _backward_step(ring: _Ring, dq, q_args, block, dkv):
@@ -375,7 +327,7 @@ def _backward_step(ring: _Ring, dq, q_args, block, dkv):
     dq = list(dq)
     for i, (qi, pi, si, doi, lsei, deltai) in enumerate(zip(*q_args)):
         for j, (kj, vj, pj, sj) in enumerate(zip(ks, vs, k_pos, k_seg)):
-            mask = visible(pi, si, pj, sj, causal=ring.causal, window=ring.window)
+            mask = visible(ring.mask, pi, si, pj, sj)
             dq[i], dks[j], dvs[j] = _pair(
                 ring, _grad_update, ring_splash.grad_update, (dq[i], dks[j], dvs[j]), mask,
                 (si, sj), qi, kj, vj, doi, lsei, deltai)
@@ -386,8 +338,8 @@ def _ring_backward(ring: _Ring, q, k, v, pos, seg, out, lse, dout):
     """Local (dq, dk, dv). dK/dV travel with their K/V; after n passes they are back on the
     owning device."""
     c, kh = ring.chunks, k.shape[2]
-    qg, dog = _group(q, kh), _group(dout, kh)
-    delta = jnp.einsum("btkgd,btkgd->bkgt", dog, _group(out, kh), preferred_element_type=_F32)
+    qg, dog, og = (online_softmax.group_heads(x, kh) for x in (q, dout, out))
+    delta = online_softmax.output_delta(dog, og)
     q_args = (_chunk(qg, c), _chunk(pos, c), _chunk(seg, c), _chunk(dog, c),
               tuple(jnp.split(lse, c, axis=3)), tuple(jnp.split(delta, c, axis=3)))
     zeros_kv = _chunk(jnp.zeros(k.shape, _F32), c)

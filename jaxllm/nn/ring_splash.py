@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
+from jaxllm.nn import online_softmax
+
 LANES = 128  # the kernel's block sizes are multiples of this
 BLOCKS = (512, 256, 128)
 # Static masks by name: key index <= query index + offset, or every key (None).
@@ -80,13 +82,8 @@ def merge(kind: str, state, q, k, v, mask, q_seg, k_seg, *, interpret: bool):
     """
     out, lse = _forward(kind, q, k, v, q_seg, k_seg, interpret=interpret)
     seen = mask.any(-1)[:, None, None]  # [B, 1, 1, t]: rows with a visible key
-    lse = jnp.where(seen, lse, -jnp.inf)
-    m, l, acc = state
-    m_new = jnp.maximum(m, lse)
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    alpha, beta = jnp.exp(m - m_safe), jnp.exp(lse - m_safe)
-    out = jnp.where(seen[..., None], out, 0.0)
-    return m_new, alpha * l + beta, alpha[..., None] * acc + beta[..., None] * out
+    return online_softmax.merge_attended(state, jnp.where(seen[..., None], out, 0.0),
+                                         jnp.where(seen, lse, -jnp.inf))
 
 
 def grad_update(kind: str, grads, q, k, v, dout, lse, delta, mask, q_seg, k_seg, *,

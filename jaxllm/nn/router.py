@@ -1,6 +1,6 @@
 """Top-k routing and the balancing losses of mixture-of-experts layers, all in float32.
 
-Conventions follow `../shared/REFERENCES.md`, "Mixture of experts":
+Conventions follow `docs/references.md`, "Mixture of experts":
 - softmax: Mixtral / Qwen3. With norm_topk_prob, the weights are the softmax over the top-k
   logits (softmax, then renormalise over the chosen experts).
 - sigmoid: DeepSeek-V3. s = sigmoid(logits); s + bias chooses the experts, the unbiased s of

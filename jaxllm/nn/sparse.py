@@ -1,5 +1,5 @@
 """DeepSeek Sparse Attention (V3.2-Exp): a lightning indexer scores every earlier key, and
-each query attends only to its top-k keys. `../shared/REFERENCES.md`, "DeepSeek Sparse
+each query attends only to its top-k keys. `docs/references.md`, "DeepSeek Sparse
 Attention".
 
 The indexer reads the layer input detached: the LM loss never trains it, and its own loss,
@@ -10,9 +10,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.nn import attention  # a module import: attention.py imports this one
+from jaxllm.config import SparseConfig
+from jaxllm.nn.kv_cache import write_cache
 from jaxllm.nn.linear import Einsum
-from jaxllm.nn.masks import Mask, visible
+from jaxllm.nn.masks import Mask, row_indices, visible
+from jaxllm.nn.mesh_axes import context_shards
+from jaxllm.nn.naive import dot_product_attention
 
 
 class Indexer(nn.Module):
@@ -43,10 +46,10 @@ class Indexer(nn.Module):
         k = project((self.head_dim,), "bse,ed->bsd", "key")
         w = project((self.heads,), "bte,eh->bth", "weights")
         if self.decode:
-            cache, k_idx, k_seg = attention.write_cache(self, positions, key=k)
+            cache, k_idx, k_seg = write_cache(self, positions, key=k)
             k, q_idx, q_seg = cache["key"], positions, jnp.ones_like(positions)
         else:
-            q_idx = k_idx = attention.row_indices(segment_ids)
+            q_idx = k_idx = row_indices(segment_ids)
             q_seg = k_seg = segment_ids
         dots = jnp.einsum("bthd,bsd->bths", q, k, preferred_element_type=jnp.float32)
         scores = jnp.einsum("bth,bths->bts", w.astype(jnp.float32), jax.nn.relu(dots))
@@ -106,26 +109,44 @@ def indexer_loss(q, k, scores, scale: float | None = None, indices=None) -> jax.
     return kl.sum(axis=-1).mean()
 
 
-def indexed_attention(module: nn.Module, x, q, k, v, positions, segment_ids, scale=None):
-    """DeepSeek sparse attention inside an attention module's compact `__call__` (whose
-    `sparse`, `dtype`, `decode` and `position` fields it reads): each query's top-k keys by
-    the module's new `indexer` ("sparse" stage), or all its visible keys ("dense" warm-up).
-    k and v [B, S, K, D] are the layer's keys and values (the whole cache when decoding).
-    Sows the unweighted indexer loss as "attention_metrics" `indexer_loss`."""
-    cfg = module.sparse
-    if module.position == "alibi":
-        raise ValueError("sparse attention layers take RoPE or no positions, not ALiBi")
-    if attention.context_shards() > 1:
-        raise ValueError("sparse attention layers do not run context-parallel; set mesh.context=1")
-    scores = Indexer(cfg.indexer_heads, cfg.indexer_head_dim, module.dtype, module.decode,
-                     name="indexer")(x, positions, segment_ids)
-    if cfg.stage == "dense":
-        out = attention.dot_product_attention(q, k, v, jnp.isfinite(scores), scale=scale)
-        loss = indexer_loss(q, k, scores, scale)
-    else:
-        indices, valid, top = select(scores, cfg.top_k)
-        out = sparse_attention(q, k, v, indices, valid, scale)
-        loss = indexer_loss(q, k, top, scale, indices)
-    module.sow("attention_metrics", "indexer_loss", loss, init_fn=lambda: 0.0,
-               reduce_fn=lambda _, new: new)
-    return out
+class SparseAttention(nn.Module):
+    """DeepSeek sparse attention of one layer: each query's top-k keys by a new lightning
+    `indexer` ("sparse" stage), or all its visible keys ("dense" warm-up).
+
+    Attention layers run it in their own scope (`AttentionBase`, `nn.share_scope`), so the
+    indexer's parameters and cache, and the sown loss, sit under the layer.
+
+    Attributes:
+      config: the indexer and the stage.
+      dtype: compute dtype of the indexer.
+      decode: the indexer scores the keys of its cache (`Indexer`).
+    """
+
+    config: SparseConfig
+    dtype: jnp.dtype = jnp.float32
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, q, k, v, *, positions, segment_ids, scale: float | None = None):
+        """Queries q [B, T, H, D] of the layer input x [B, T, E] against the layer's keys k and
+        values v [B, S, K, D] (the whole cache when decoding) -> [B, T, H, Dv].
+
+        Sows the unweighted indexer loss as "attention_metrics" `indexer_loss`.
+        """
+        if context_shards() > 1:
+            raise ValueError("sparse attention layers do not run context-parallel; "
+                             "set mesh.context=1")
+        cfg = self.config
+        scores = Indexer(heads=cfg.indexer_heads, head_dim=cfg.indexer_head_dim,
+                         dtype=self.dtype, decode=self.decode,
+                         name="indexer")(x, positions, segment_ids)
+        if cfg.stage == "dense":
+            out = dot_product_attention(q, k, v, jnp.isfinite(scores), scale=scale)
+            loss = indexer_loss(q, k, scores, scale=scale)
+        else:
+            indices, valid, top = select(scores, cfg.top_k)
+            out = sparse_attention(q, k, v, indices, valid, scale=scale)
+            loss = indexer_loss(q, k, top, scale=scale, indices=indices)
+        self.sow("attention_metrics", "indexer_loss", loss, init_fn=lambda: 0.0,
+                 reduce_fn=lambda _, new: new)
+        return out

@@ -22,8 +22,6 @@
 - Gradients: the kernel's own custom VJP (flash-style backward kernels for dq and dk/dv).
 """
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
@@ -31,8 +29,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from jaxllm.nn.masks import Mask
+from jaxllm.nn.mesh_axes import batch_and_head_axes
 from jaxllm.nn.platform import target_platform
-from jaxllm.nn.ring import BATCH_AXES, TENSOR_AXIS
 
 MASKS = ("global", "sliding", "chunked")
 LANES = 128  # the kernel's block sizes are multiples of this
@@ -126,12 +124,8 @@ def _block_sizes(length: int, block_size: int) -> kernel_lib.BlockSizes:
 
 
 def _specs(mesh, q_shape: tuple[int, ...], kv_heads: int) -> tuple[P, P]:
-    """shard_map specs of [B, S, H, D] arrays and [B, S] segment ids: batch over the data/fsdp
-    axes and heads over `tensor` where the axes divide them, else replicated."""
-    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not batch or q_shape[0] % math.prod(mesh.shape[a] for a in batch):
-        batch = None
-    tensor = mesh.shape.get(TENSOR_AXIS, 1)
-    head_axis = TENSOR_AXIS if tensor > 1 and q_shape[2] % tensor == kv_heads % tensor == 0 \
-        else None
+    """shard_map specs of [B, S, H, D] arrays and [B, S] segment ids: batch and heads as
+    `batch_and_head_axes` splits them, the sequence whole."""
+    batch, head_axis = batch_and_head_axes(mesh, batch=q_shape[0], heads=q_shape[2],
+                                           kv_heads=kv_heads)
     return P(batch, None, head_axis, None), P(batch, None)

@@ -26,16 +26,6 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
     return jnp.dtype(config.dtype)
 
 
-def moe_layers(config: ModelConfig) -> tuple[bool, ...]:
-    """Whether each layer's feed-forward is MoE: after `first_dense_layers` dense layers
-    (DeepSeek-V3), the last of every `moe_every` layers (Llama 4 Maverick: 1, 3, 5, ...)."""
-    moe = config.moe
-    if moe is None:
-        return (False,) * config.num_layers
-    first, every = moe.first_dense_layers, moe.moe_every
-    return tuple(i >= first and (i - first + 1) % every == 0 for i in range(config.num_layers))
-
-
 class LayerKind(NamedTuple):
     """What one layer is: MoE or dense feed-forward, its attention pattern and positions."""
 
@@ -47,7 +37,7 @@ class LayerKind(NamedTuple):
 def layer_kinds(config: ModelConfig) -> tuple[LayerKind, ...]:
     """Each layer's kind, from the MoE placement and the attention patterns."""
     return tuple(LayerKind(moe, *config.attention.layer(i))
-                 for i, moe in enumerate(moe_layers(config)))
+                 for i, moe in enumerate(config.moe_layers()))
 
 
 def _period(kinds: tuple[LayerKind, ...]) -> int:
@@ -94,21 +84,20 @@ def layer_number(config: ModelConfig, path: tuple[str, ...], index: int) -> int:
 def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Module:
     """The attention module of a layer of `kind`."""
     a = config.attention
-    mask = Mask(kind.attention, a.window, a.chunk, a.stride)
     scaling = None if a.rope_scaling == "none" else RopeScaling(
-        a.rope_scaling, a.rope_factor, a.rope_original_len,
+        kind=a.rope_scaling, factor=a.rope_factor, original_max_len=a.rope_original_len,
         low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
-    if a.mla is not None:
-        return MLAttention(
-            config.num_heads, a.mla, config.rope_theta, compute_dtype(config), decode,
-            config.context_parallel, mask, kind.position, scaling, a.kernel, a.block_size,
-            config.norm_eps, a.sparse, name="attn",
-        )
-    return Attention(
-        config.num_heads, config.num_kv_heads, config.resolved_head_dim, config.rope_theta,
-        compute_dtype(config), decode, config.context_parallel, mask, kind.position, scaling,
-        a.kernel, a.block_size, a.qk_norm, a.sparse, a.qkv_bias, config.norm_eps, name="attn",
+    common = dict(
+        num_heads=config.num_heads, rope_theta=config.rope_theta, dtype=compute_dtype(config),
+        decode=decode, context_parallel=config.context_parallel,
+        mask=Mask(kind=kind.attention, window=a.window, chunk=a.chunk, stride=a.stride),
+        position=kind.position, rope_scaling=scaling, kernel=a.kernel,
+        block_size=a.block_size, norm_eps=config.norm_eps, sparse=a.sparse, name="attn",
     )
+    if a.mla is not None:
+        return MLAttention(mla=a.mla, **common)
+    return Attention(num_kv_heads=config.num_kv_heads, head_dim=config.resolved_head_dim,
+                     qk_norm=a.qk_norm, qkv_bias=a.qkv_bias, **common)
 
 
 class Block(nn.Module):

@@ -8,6 +8,7 @@ import numpy as np
 from jaxllm.data import tasks
 from jaxllm.infer import Sampler, extract_answer, majority_vote
 from jaxllm.infer import effort as effort_lib
+from jaxllm.infer.sampler import to_host
 from jaxllm.rl.rollout import prompt_tokens, stop_ids
 from jaxllm.rl.verify import is_correct
 
@@ -45,7 +46,7 @@ def evaluate(
     answers, thinking, lengths = [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        result = jax.device_get(sampler.generate(
+        result = to_host(sampler.generate(
             chunk + [chunk[-1]] * (batch_size - len(chunk)),  # one shape, one compilation
             max_new_tokens=max_new_tokens, temperature=temperature,
             rng=jax.random.fold_in(rng, start), stop_ids=stop_ids(tokenizer),

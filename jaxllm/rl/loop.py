@@ -6,6 +6,8 @@ train split (in a fixed order, so a resumed run sees the same problems), samples
 `grpo.num_iterations` optimizer steps on the GRPO loss of that rollout.
 """
 
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,25 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import config as config_lib
-from jaxllm import parallel
 from jaxllm.data import tasks
 from jaxllm.data.readers import reasoning_problems
-from jaxllm.data.tokenizer import load_tokenizer
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxllm.infer import Sampler
-from jaxllm.nn import Transformer
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
 from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout
 from jaxllm.rl.step import batch_shardings, jit_grpo_step, jit_logprobs
 from jaxllm.train import workdir as workdir_lib
-from jaxllm.train.checkpoint import checkpointer
-from jaxllm.train.metrics import MetricsWriter
-from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxllm.train.preemption import stop_on_sigterm
-from jaxllm.train.progress import Progress
-from jaxllm.train.run import restore_weights
-from jaxllm.train.state import TrainState, init_state
+from jaxllm.train.optimizer import learning_rate_schedule
+from jaxllm.train.scaffold import Run, run_phase
+from jaxllm.train.state import TrainState
 
 
 def reward_functions(cfg: config_lib.GRPOConfig) -> tuple[list, list[float]]:
@@ -49,17 +45,6 @@ def problems_of_step(problems: list[tasks.Problem], step: int, count: int) -> li
     """The `count` problems of RL step `step` (1-based), cycling through `problems` in order."""
     first = (step - 1) * count
     return [problems[(first + i) % len(problems)] for i in range(count)]
-
-
-def load_pretrained(workdir: str, state: TrainState, config: config_lib.Config, tx) -> TrainState:
-    """`state` with the params (and MoE biases) of the latest checkpoint in `workdir`, a fresh
-    optimizer state and step 0. The checkpoint's model must equal `config.model`."""
-    restored = restore_weights(workdir, state, config)
-    shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
-    opt_state = jax.jit(tx.init, out_shardings=shardings)
-    return restored.replace(
-        step=jnp.zeros_like(restored.step), opt_state=opt_state(restored.params)
-    )
 
 
 def _batch(ro: Rollout, advantages: np.ndarray, keep: np.ndarray) -> dict[str, np.ndarray]:
@@ -110,119 +95,126 @@ def grpo(
 
     The policy starts from the latest checkpoint of `config.init_from` (a pretraining
     workdir), unless this run's own workdir holds checkpoints: then it resumes from those.
-    On SIGTERM, or after step `stop_after`, it saves at the step it reached and returns.
+    On SIGTERM (in a multi-host run: at the step the hosts agree on after a preemption
+    notice), or after step `stop_after`, it saves at the step it reached and returns.
 
     `reward_fns` (TRL/Tunix interface, summed with `weights`) default to the verifiers'
     accuracy reward and the configured format reward; `problems` default to the reasoning
     corpus's train split.
     """
     config = config_lib.validate(config)
-    cfg, rl = config.train, config.grpo
+    rl = config.grpo
     if rl is None:
         raise config_lib.ConfigError("grpo: the experiment sets no GRPOConfig")
-    mesh = parallel.make_mesh(config)
-    model = Transformer(config.model)
-    tx = make_optimizer(cfg)
     tokenizer = load_tokenizer(config.data.tokenizer)
     problems = problems or reasoning_problems(config.data, "train")
     eval_problems = (
         reasoning_problems(config.data, "validation")[: rl.eval_problems] if rl.eval_every else []
     )
     prompt_len = max(len(prompt_tokens(p, tokenizer)) for p in problems + eval_problems)
-    seq_len = prompt_len + rl.max_completion_len
-    state, shardings = init_state(model, tx, seq_len, mesh, jax.random.key(cfg.seed))
-
-    checkpoints = checkpointer(config)
-    start = 0
-    if checkpoints is not None and checkpoints.latest_step() is not None:
-        state, start = checkpoints.resume(state, config)
-        log(f"resumed from the checkpoint at RL step {start} in {checkpoints.directory}")
-    elif config.init_from is not None:
-        state = load_pretrained(config.init_from, state, config, tx)
-        log(f"starting from the weights in {config.init_from}")
-    if config.workdir:
-        workdir_lib.save_config(config, config.workdir)
-
-    with parallel.use_mesh(mesh):
-        step_fn = jit_grpo_step(model, tx, rl, learning_rate_schedule(cfg), mesh, shardings)
-        logprob_fn = jit_logprobs(model, mesh, shardings)
-        ref = (state.params, state.moe_bias) if rl.beta > 0 else None
-        if ref is not None:
-            ref = jax.tree.map(jnp.copy, ref)
-    device_batch = batch_shardings(mesh, rl)
     if reward_fns is None:
         reward_fns, weights = reward_functions(rl)
-    prompts_per_step = cfg.batch_size // rl.group_size
-    writer = MetricsWriter(config.workdir, start)
-    progress = Progress(cfg.steps, start, log)
-    samples_log = None
-    if config.workdir and jax.process_index() == 0:  # a remote run's earlier samples first
-        samples_log = workdir_lib.pull(config.workdir, "samples.txt")
-    history = []
-    with parallel.use_mesh(mesh), stop_on_sigterm() as sigterm:
-        try:
-            for step in range(start + 1, cfg.steps + 1):
-                rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
-                chosen = problems_of_step(problems, step, prompts_per_step)
-                sampler = Sampler(model, state.params, tokenizer, moe_bias=state.moe_bias)
-                began = time.perf_counter()
-                ro = rollout(sampler, chosen, group_size=rl.group_size,
-                             max_new_tokens=rl.max_completion_len, temperature=rl.temperature,
-                             rng=rng, prompt_len=prompt_len)
-                rollout_s = time.perf_counter() - began
-                columns = _columns(chosen, rl.group_size)
-                rewards = rewards_lib.score(reward_fns, ro.prompts, ro.completions, weights,
-                                            **columns)
-                total = rewards.total
-                if rl.overlong_buffer:
-                    total = total + np.asarray(loss_lib.overlong_penalty(
-                        ro.lengths, rl.max_completion_len, rl.overlong_buffer))
-                advantages = np.asarray(loss_lib.group_advantages(
-                    total, rl.group_size, rl.scale_rewards))
-                keep = (np.asarray(loss_lib.informative_groups(total, rl.group_size))
-                        if rl.dynamic_sampling else np.ones(len(total), bool))
-                batch = jax.device_put(_batch(ro, advantages, keep),
-                                       {k: device_batch[k] for k in ("tokens", "positions",
-                                        "segment_ids", "completion_mask", "advantages")})
-                began = time.perf_counter()
-                args = (batch["tokens"], batch["positions"], batch["segment_ids"])
-                if rl.num_iterations > 1:
-                    batch["old_logprobs"] = logprob_fn(state.params, state.moe_bias, *args)
-                if ref is not None:
-                    batch["ref_logprobs"] = logprob_fn(*ref, *args)
-                for _ in range(rl.num_iterations):
-                    state, metrics = step_fn(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                record = {
-                    "step": step, **_rollout_metrics(ro, rewards, total, keep), **metrics,
-                    "rollout_s": rollout_s, "update_s": time.perf_counter() - began,
-                }
-                preempted = sigterm.is_set()
-                stopping = preempted or step == stop_after
-                final = stopping or step == cfg.steps
-                if rl.eval_every and (step % rl.eval_every == 0 or final):
-                    sampler = Sampler(model, state.params, tokenizer, moe_bias=state.moe_bias)
-                    accuracy = evaluate(sampler, eval_problems, rng=jax.random.key(0),
-                                        temperature=rl.temperature,
-                                        max_new_tokens=rl.max_completion_len)
-                    record.update({f"eval/{k}": v for k, v in accuracy.items()})
-                    _write_samples(samples_log, step, ro)
-                writer.write(record)  # also copies the samples log to a remote workdir
-                history.append(record)
-                if step == start + 1 or step % cfg.log_every == 0 or final:
-                    progress.write(format_line(record, cfg.steps))
-                progress.advance(step)
-                if checkpoints is not None:
-                    checkpoints.save(step, state, config, force=final)
-                if stopping:
-                    progress.write(f"stopped at RL step {step}")
-                    break
-        finally:
-            progress.close()
-            writer.close()
-            if checkpoints is not None:
-                checkpoints.close()
-    return history
+    task = _Task(tokenizer=tokenizer, problems=problems, eval_problems=eval_problems,
+                 prompt_len=prompt_len, reward_fns=reward_fns, weights=weights)
+    return run_phase(config, build=functools.partial(_GRPOStep, task=task),
+                     seq_len=prompt_len + rl.max_completion_len, unit="RL step", log=log,
+                     stop_after=stop_after)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    """What GRPO samples and scores: the problems, their tokenizer and the rewards."""
+
+    tokenizer: Tokenizer
+    problems: list[tasks.Problem]
+    eval_problems: list[tasks.Problem]
+    prompt_len: int
+    reward_fns: Sequence[rewards_lib.RewardFunction]
+    weights: Sequence[float] | None
+
+
+class _GRPOStep:
+    """GRPO's step: rollout, reward, update (and a held-out evaluation now and then)."""
+
+    def __init__(self, run: Run, task: _Task):
+        self.run, self.task, rl = run, task, run.config.grpo
+        self.update = jit_grpo_step(run.model, run.tx, rl,
+                                    learning_rate_schedule(run.config.train), run.mesh,
+                                    run.shardings)
+        self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings)
+        self.ref = None
+        if rl.beta > 0:
+            self.ref = jax.tree.map(jnp.copy, (run.state.params, run.state.moe_bias))
+        self.device_batch = batch_shardings(run.mesh, rl)
+        self.samples_log = None
+        if run.config.workdir and jax.process_index() == 0:  # a remote run's samples first
+            self.samples_log = workdir_lib.pull(run.config.workdir, "samples.txt")
+
+    def __call__(self, state: TrainState, number: int, *, final: bool
+                 ) -> tuple[TrainState, dict]:
+        cfg, rl = self.run.config.train, self.run.config.grpo
+        chosen = problems_of_step(self.task.problems, number, cfg.batch_size // rl.group_size)
+        began = time.perf_counter()
+        ro = rollout(self._sampler(state), chosen, group_size=rl.group_size,
+                     max_new_tokens=rl.max_completion_len, temperature=rl.temperature,
+                     rng=jax.random.fold_in(jax.random.key(cfg.seed), number),
+                     prompt_len=self.task.prompt_len)
+        rollout_s = time.perf_counter() - began
+        rewards, total, keep = self._score(ro, chosen)
+        began = time.perf_counter()
+        state, metrics = self._update(state, ro, total=total, keep=keep)
+        record = {
+            "step": number, **_rollout_metrics(ro, rewards, total, keep), **metrics,
+            "rollout_s": rollout_s, "update_s": time.perf_counter() - began,
+        }
+        if rl.eval_every and (number % rl.eval_every == 0 or final):
+            record.update(self._evaluate(state))
+            _write_samples(self.samples_log, number, ro)
+        self.run.writer.write(record)  # also copies the samples log to a remote workdir
+        if number == self.run.start + 1 or number % cfg.log_every == 0 or final:
+            self.run.progress.write(format_line(record, cfg.steps))
+        return state, record
+
+    def _score(self, ro: Rollout, chosen: list[tasks.Problem]
+               ) -> tuple[rewards_lib.Rewards, np.ndarray, np.ndarray]:
+        """The rewards, their total with any overlong penalty, and which rows to keep."""
+        rl = self.run.config.grpo
+        rewards = rewards_lib.score(self.task.reward_fns, ro.prompts, ro.completions,
+                                    self.task.weights, **_columns(chosen, rl.group_size))
+        total = rewards.total
+        if rl.overlong_buffer:
+            total = total + np.asarray(loss_lib.overlong_penalty(
+                ro.lengths, rl.max_completion_len, rl.overlong_buffer))
+        keep = (np.asarray(loss_lib.informative_groups(total, rl.group_size))
+                if rl.dynamic_sampling else np.ones(len(total), bool))
+        return rewards, total, keep
+
+    def _evaluate(self, state: TrainState) -> dict[str, float]:
+        """Held-out accuracy, as `eval/...` metrics."""
+        rl = self.run.config.grpo
+        accuracy = evaluate(self._sampler(state), self.task.eval_problems, rng=jax.random.key(0),
+                            temperature=rl.temperature, max_new_tokens=rl.max_completion_len)
+        return {f"eval/{k}": v for k, v in accuracy.items()}
+
+    def _sampler(self, state: TrainState) -> Sampler:
+        return Sampler(self.run.model, state.params, self.task.tokenizer, moe_bias=state.moe_bias)
+
+    def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
+                ) -> tuple[TrainState, dict[str, float]]:
+        """`num_iterations` optimizer steps on the GRPO loss of the rollout."""
+        rl = self.run.config.grpo
+        advantages = np.asarray(loss_lib.group_advantages(total, rl.group_size, rl.scale_rewards))
+        names = ("tokens", "positions", "segment_ids", "completion_mask", "advantages")
+        batch = jax.device_put(_batch(ro, advantages, keep),
+                               {k: self.device_batch[k] for k in names})
+        args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+        if rl.num_iterations > 1:
+            batch["old_logprobs"] = self.logprobs(state.params, state.moe_bias, *args)
+        if self.ref is not None:
+            batch["ref_logprobs"] = self.logprobs(*self.ref, *args)
+        for _ in range(rl.num_iterations):
+            state, metrics = self.update(state, batch)
+        return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 def _columns(problems: list[tasks.Problem], group_size: int) -> dict[str, list]:

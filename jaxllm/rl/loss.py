@@ -1,6 +1,6 @@
 """GRPO-family losses: group advantages, clipped ratios, KL estimators, aggregation modes.
 
-All formulas follow `../shared/REFERENCES.md`, "GRPO and its variants". Per-token arrays
+All formulas follow `docs/references.md`, "GRPO and its variants". Per-token arrays
 are [B, S] with `mask` 1 on the completion tokens whose log-probs count; the B rows are
 consecutive groups of `group_size` completions of one prompt.
 """

@@ -15,6 +15,7 @@ import numpy as np
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
+from jaxllm.infer.sampler import to_host
 
 WIDTH_STEP = 16
 
@@ -69,7 +70,7 @@ def rollout(
     tokenizer = sampler.tokenizer
     prompts = [prompt_tokens(p, tokenizer) for p in problems for _ in range(group_size)]
     prompt_len = prompt_len or max(len(p) for p in prompts)
-    result = jax.device_get(sampler.generate(
+    result = to_host(sampler.generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
         stop_ids=stop_ids(tokenizer), prompt_len=prompt_len,
     ))

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
-from jaxllm.nn.transformer import moe_layers
 
 # Dense bf16 peak per chip, from the vendors' spec sheets.
 KNOWN_PEAK_FLOPS = {
@@ -33,7 +32,7 @@ def matmul_params(cfg: ModelConfig, num_params: int) -> int:
     if cfg.moe is not None:
         per_expert = 3 * cfg.embed_dim * cfg.moe.expert_dim
         unchosen = cfg.moe.num_experts - cfg.moe.experts_per_token
-        inactive = sum(moe_layers(cfg)) * unchosen * per_expert
+        inactive = sum(cfg.moe_layers()) * unchosen * per_expert
     return num_params - embedding - inactive
 
 

@@ -1,7 +1,6 @@
 """The pretraining loop: build everything from a Config, resume from the workdir's latest
 checkpoint, then step, log, evaluate and checkpoint until the last step or a preemption."""
 
-import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -13,17 +12,14 @@ from jax.sharding import Mesh, NamedSharding
 from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.data import make_source
-from jaxllm.nn import Transformer
 from jaxllm.nn.context_order import permutation, to_context_order
 from jaxllm.train import flops
 from jaxllm.train import workdir as workdir_lib
-from jaxllm.train.checkpoint import checkpointer
 from jaxllm.train.evaluate import evaluate, jit_eval_step
-from jaxllm.train.metrics import MetricsWriter, format_eval_line
-from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxllm.train.preemption import stop_on_sigterm
-from jaxllm.train.progress import Progress
-from jaxllm.train.state import count_params, init_state
+from jaxllm.train.metrics import format_eval_line
+from jaxllm.train.optimizer import learning_rate_schedule
+from jaxllm.train.scaffold import Run, Step, run_phase
+from jaxllm.train.state import count_params
 from jaxllm.train.step import jit_train_step
 
 
@@ -42,7 +38,7 @@ def context_ordered(batches: Iterator[dict], mesh: Mesh, order: str) -> Iterator
     Positions and segment ids move with the tokens, and the loss is a sum over tokens, so
     nothing needs putting back.
     """
-    n = mesh.shape["context"]
+    n = mesh.shape[parallel.CONTEXT]
     if n == 1:
         return batches
     return (to_context_order(b, permutation(order, b["inputs"].shape[1], n)) for b in batches)
@@ -138,77 +134,47 @@ def pretrain(
     `checkpoint.resume_step`) and saves every `checkpoint.every` steps and at the end. On
     SIGTERM, or after step `stop_after`, it saves at the step it reached and returns.
     """
-    config = config_lib.validate(config)
-    cfg = config.train
-    mesh = parallel.make_mesh(config)
-    with contextlib.ExitStack() as cleanup:
-        checkpoints = checkpointer(config)
-        if checkpoints is not None:
-            cleanup.callback(checkpoints.close)
-            checkpoints.resume_step(config)  # a bad checkpoint fails before the state is built
-        model, tx = Transformer(config.model), make_optimizer(cfg)
-        state, state_shardings = init_state(model, tx, cfg.seq_len, mesh, jax.random.key(cfg.seed))
-        meter = _Meter(config, count_params(state.params), mesh, log)
-        position = 0
-        if checkpoints is not None:
-            state, position = checkpoints.resume(state, config)
-        start = int(state.step)
-        if start:
-            log(f"resumed from the checkpoint at step {start} in {checkpoints.directory}")
-        if config.workdir:
-            workdir_lib.save_config(config, config.workdir)
-        if start >= cfg.steps:
-            log(f"nothing to do: the run already reached train.steps={cfg.steps}")
-            return []
+    return run_phase(config, build=_pretrain_step, seq_len=config.train.seq_len, log=log,
+                     stop_after=stop_after)
 
-        batch_sharding = parallel.batch_sharding(mesh)
-        batches = make_source(config).batches(cfg.batch_size, cfg.seq_len, start=position)
-        batches = context_ordered(batches, mesh, config.mesh.context_order)
-        eval_set = _eval_set(config, batch_sharding)
-        writer = MetricsWriter(config.workdir, start)
-        cleanup.callback(writer.close)
-        trace = cleanup.enter_context(_Trace(cfg, config.workdir))
-        cleanup.enter_context(parallel.use_mesh(mesh))
-        sigterm = cleanup.enter_context(stop_on_sigterm())
 
-        batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
-        compile_start = time.perf_counter()
-        step_fn = jit_train_step(
-            model, tx, cfg, learning_rate_schedule(cfg), mesh, state_shardings
-        ).lower(state, batch).compile()
-        eval_step = jit_eval_step(model, mesh, state_shardings)
-        log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
+def _pretrain_step(run: Run) -> Step:
+    """Compiles the train step on the run's first batch; returns the phase's step."""
+    config, cfg, mesh = run.config, run.config.train, run.mesh
+    batch_sharding = parallel.batch_sharding(mesh)
+    position = run.start  # batches consumed: one per step
+    batches = make_source(config).batches(cfg.batch_size, cfg.seq_len, start=position)
+    batches = context_ordered(batches, mesh, config.mesh.context_order)
+    eval_set = _eval_set(config, batch_sharding)
+    meter = _Meter(config, count_params(run.state.params), mesh, run.log)
+    trace = run.cleanup.enter_context(_Trace(cfg, config.workdir))
 
-        progress = Progress(cfg.steps, start, log)
-        cleanup.callback(progress.close)
+    batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
+    compile_start = time.perf_counter()
+    train_step = jit_train_step(
+        run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings
+    ).lower(run.state, batch).compile()
+    eval_step = jit_eval_step(run.model, mesh, run.shardings)
+    run.log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
+    meter.restart(run.start)
 
-        history = []
-        meter.restart(start)
-        for step in range(start + 1, cfg.steps + 1):
-            trace.before(step)
-            state, metrics = step_fn(state, batch)
-            trace.after(step, metrics)
-            preempted = sigterm.is_set() or (
-                checkpoints is not None and checkpoints.reached_preemption(step)
-            )
-            stopping = preempted or step == stop_after
-            final = stopping or step == cfg.steps
-            if not final:
-                batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
-            if step == start + 1 or step % cfg.log_every == 0 or final:
-                history.append(meter.record(metrics, step))
-                writer.write(history[-1])
-                progress.report(history[-1])
-            progress.advance(step)
-            if checkpoints is not None:
-                checkpoints.save(step, state, config, force=final)
-            if eval_set and step % cfg.eval_every == 0:
-                record = {"step": step, **evaluate(eval_step, state, eval_set)}
-                writer.write(record)
-                progress.write(format_eval_line(record))
-                meter.restart(step)
-            if stopping:
-                reason = "a preemption notice (SIGTERM)" if preempted else "stop_after"
-                progress.write(f"stopped at step {step} on {reason}")
-                break
-    return history
+    def step(state, number: int, *, final: bool):
+        nonlocal batch
+        trace.before(number)
+        state, metrics = train_step(state, batch)
+        trace.after(number, metrics)
+        if not final:  # the host reads the next batch while the device computes this step
+            batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
+        record = None
+        if number == run.start + 1 or number % cfg.log_every == 0 or final:
+            record = meter.record(metrics, number)
+            run.writer.write(record)
+            run.progress.report(record)
+        if eval_set and number % cfg.eval_every == 0:
+            evaluation = {"step": number, **evaluate(eval_step, state, eval_set)}
+            run.writer.write(evaluation)
+            run.progress.write(format_eval_line(evaluation))
+            meter.restart(number)
+        return state, record
+
+    return step

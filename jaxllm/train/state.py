@@ -62,12 +62,5 @@ def abstract_state(model, tx, seq_len: int, mesh: Mesh) -> TrainState:
                         nn.meta.unbox(boxed), state_shardings)
 
 
-def abstract_params(model, seq_len: int = 8):
-    """Param shapes without allocating anything (through `jax.eval_shape`)."""
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
-    return nn.meta.unbox(boxed)
-
-
 def count_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -36,8 +36,9 @@ def indexer_loss(attention_metrics) -> jnp.ndarray:
     return sum((x.sum() for x in leaves), jnp.zeros((), jnp.float32))
 
 
-def _moe_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
-    """(summed loss, (summed nll, tokens, moe_metrics, indexer loss)) of one micro-batch.
+def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
+    """The train step's loss of one micro-batch, differentiated for params:
+    (summed loss, (summed nll, tokens, moe_metrics, indexer loss)).
 
     The loss is the summed cross-entropy and z-loss, plus the MoE layers' aux losses and the
     weighted sparse-attention indexer losses times the token count, so that dividing by the
@@ -54,12 +55,6 @@ def _moe_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
     aux = moe.aux_loss(moe_metrics) + (sparse.loss_weight * indexer if sparse else 0.0)
     nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
     return nll + z_term + aux * tokens, (nll, tokens, moe_metrics, indexer)
-
-
-def _sums(params, batch, model: nn.Module, z_loss: float):
-    """(summed loss, (summed nll, tokens)) of a model without MoE selection biases."""
-    loss, (nll, tokens, *_) = _moe_sums(params, {}, batch, model, z_loss)
-    return loss, (nll, tokens)
 
 
 def _split_micro_batches(batch, k: int):
@@ -81,7 +76,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConf
     losses join the loss; after the
     update, the MoE selection biases take one aux-loss-free step on the whole batch's load.
     """
-    grad_fn = jax.grad(functools.partial(_moe_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
+    grad_fn = jax.grad(functools.partial(loss_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
 
     def accumulate(carry, micro_batch):
         grads, nll, tokens, moe_metrics, indexer = carry

@@ -386,10 +386,12 @@ class DataConfig:
     reasoning:  the offline reasoning corpus, built on first use into `data_dir`;
     tfds:       the prepared TFDS dataset `name`, feature `text_key`, from `data_dir` (or gs://);
     text:       local files `paths` (comma-separated, globs allowed); `.jsonl` reads `text_key`;
-    arithmetic: bare arithmetic problems generated in memory, without TensorFlow.
+    arithmetic: bare arithmetic problems generated in memory, without TensorFlow;
+    chat:       chat or prompt/response records (SFT): JSONL files `paths`, or the TFDS
+                dataset `name`; the loss is on assistant tokens only.
     """
 
-    source: Literal["reasoning", "tfds", "text", "arithmetic"] = "reasoning"
+    source: Literal["reasoning", "tfds", "text", "arithmetic", "chat"] = "reasoning"
     seed: int = 0  # the corpus and the order of the documents
     split: str = "train"
     eval_split: str | None = "validation"  # None: no evaluation split
@@ -402,6 +404,9 @@ class DataConfig:
     train_size: int = 20_000  # reasoning: problems per split
     validation_size: int = 500
     test_size: int = 500
+    messages_key: str = "messages"  # chat: the list of {"role", "content"} messages
+    prompt_key: str = "prompt"  # chat: a user turn, in records without messages
+    response_key: str = "response"  # chat: the assistant's answer to prompt_key
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -409,6 +414,13 @@ class DataConfig:
                  "source=tfds needs a dataset name")
         _require(self.source != "text" or bool(self.paths), f"{prefix}paths",
                  "source=text needs file paths")
+        _require(self.source != "chat" or bool(self.paths) != bool(self.name), f"{prefix}paths",
+                 "source=chat reads JSONL files data.paths or the TFDS dataset data.name; set "
+                 "exactly one")
+        _require(self.source != "chat" or not self.paths or self.eval_split is None,
+                 f"{prefix}eval_split", "JSONL files are one split; set data.eval_split=none")
+        for key in ("messages_key", "prompt_key", "response_key"):
+            _require(bool(getattr(self, key)), f"{prefix}{key}", "must name a record field")
         _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
                                          "test_size"))
 

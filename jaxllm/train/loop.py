@@ -1,6 +1,7 @@
 """The pretraining loop: build everything from a Config, resume from the workdir's latest
 checkpoint, then step, log, evaluate and checkpoint until the last step or a preemption."""
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -126,24 +127,28 @@ def _eval_set(config: config_lib.Config, sharding: NamedSharding) -> list[dict]:
 
 
 def pretrain(
-    config: config_lib.Config, log: Callable[[str], None] = print, stop_after: int | None = None
+    config: config_lib.Config, log: Callable[[str], None] = print, stop_after: int | None = None,
+    source=None,
 ) -> list[dict]:
     """Trains `config.model` up to step `config.train.steps`; returns this run's logged metrics.
 
     With a workdir, the run resumes from its latest complete checkpoint (or from
     `checkpoint.resume_step`) and saves every `checkpoint.every` steps and at the end. On
     SIGTERM, or after step `stop_after`, it saves at the step it reached and returns.
+    `source` (default `make_source(config)`) gives the training batches.
     """
-    return run_phase(config, build=_pretrain_step, seq_len=config.train.seq_len, log=log,
+    build = functools.partial(_pretrain_step, source=source)
+    return run_phase(config, build=build, seq_len=config.train.seq_len, log=log,
                      stop_after=stop_after)
 
 
-def _pretrain_step(run: Run) -> Step:
+def _pretrain_step(run: Run, source=None) -> Step:
     """Compiles the train step on the run's first batch; returns the phase's step."""
     config, cfg, mesh = run.config, run.config.train, run.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     position = run.start  # batches consumed: one per step
-    batches = make_source(config).batches(cfg.batch_size, cfg.seq_len, start=position)
+    source = make_source(config) if source is None else source
+    batches = source.batches(cfg.batch_size, cfg.seq_len, start=position)
     batches = context_ordered(batches, mesh, config.mesh.context_order)
     eval_set = _eval_set(config, batch_sharding)
     meter = _Meter(config, count_params(run.state.params), mesh, run.log)

@@ -30,6 +30,14 @@ def _grpo(args) -> None:
     grpo(config_lib.apply_overrides(config, args.overrides))
 
 
+def _dpo(args) -> None:
+    from jaxllm.post.dpo import dpo
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    dpo(config_lib.apply_overrides(config, args.overrides))
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -217,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
                             "from init_from=WORKDIR", _grpo,
                             target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "dpo", "DPO on preference pairs (dpo.paths), from "
+                            "init_from=WORKDIR", _dpo, target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

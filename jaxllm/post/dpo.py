@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxllm import config as config_lib
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
+from jaxllm.infer.sampler import to_host
 from jaxllm.post import preferences
 from jaxllm.post import reference as reference_lib
 from jaxllm.post.dpo_loss import dpo_loss
@@ -120,9 +121,7 @@ class _DPOStep:
         indices = pair_indices(number, self.pairs_per_step, len(self.data.splits["train"]),
                                cfg.data.seed)
         rows = self._device_rows(self._rows("train", indices))
-        ref_logps = jax.device_put(self.reference("train", indices, rows),
-                                   self.shardings["ref_logps"])
-        batch = {**rows, "ref_logps": ref_logps}
+        batch = {**rows, "ref_logps": self.reference("train", indices, rows)}
         began = time.perf_counter()
         state, metrics = self.update(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -143,14 +142,16 @@ class _DPOStep:
     def _device_rows(self, rows: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return jax.device_put(rows, {k: self.shardings[k] for k in rows})
 
-    def _reference(self) -> Callable[[str, np.ndarray, dict], jax.Array | np.ndarray]:
+    def _reference(self) -> Callable[[str, np.ndarray, dict], jax.Array]:
         """(split, pair indices, their rows on the devices) -> the reference's [2P] log-probs
-        of the rows: computed from the frozen weights, or read from the cache."""
+        of the rows, on the devices: computed from the frozen weights, or read from the
+        cache."""
         if self.run.config.dpo.reference == "batch":
             weights = reference_lib.reference_weights(self.run)
             return lambda split, indices, rows: self.logps(*weights, rows)
         table = self._cached_table()
-        return lambda split, indices, rows: table[split][indices].T.reshape(-1)
+        return lambda split, indices, rows: jax.device_put(
+            table[split][indices].T.reshape(-1), self.shardings["ref_logps"])
 
     def _cached_table(self) -> dict[str, np.ndarray]:
         """The reference's [N, 2] (chosen, rejected) log-probs of every pair of each split:
@@ -169,7 +170,7 @@ class _DPOStep:
         size, scores = self.pairs_per_step, []
         for indices, kept in _chunks(len(self.data.splits[split]), size):
             logps = self.logps(*weights, self._device_rows(self._rows(split, indices)))
-            scores.append(np.asarray(logps).reshape(2, size).T[:kept])
+            scores.append(to_host(logps).reshape(2, size).T[:kept])
         return np.concatenate(scores)
 
     def _evaluate(self, state: TrainState) -> dict[str, float]:
@@ -179,9 +180,9 @@ class _DPOStep:
             rows = self._rows("eval", indices)
             on_devices = self._device_rows(rows)
             logps = self.logps(state.params, state.moe_bias, on_devices)
-            policy.append(np.asarray(logps).reshape(2, size)[:, :kept])
+            policy.append(to_host(logps).reshape(2, size)[:, :kept])
             ref_logps = self.reference("eval", indices, on_devices)
-            ref.append(np.asarray(ref_logps).reshape(2, size)[:, :kept])
+            ref.append(to_host(ref_logps).reshape(2, size)[:, :kept])
             lengths.append(rows["response_mask"].sum(-1).reshape(2, size)[:, :kept])
         policy, ref, lengths = (jnp.asarray(np.concatenate(x, 1).reshape(-1))
                                 for x in (policy, ref, lengths))

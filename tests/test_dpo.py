@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_model
+from runs import quiet
 from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.cli import main
@@ -134,7 +135,7 @@ def test_a_bad_pair_is_named_by_file_and_line_and_nothing_is_written(tmp_path, l
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' + line + "\n")
     config = toy_config(tmp_path / "run", paths=str(path), steps=2)
     with pytest.raises(config_lib.ConfigError, match="dpo.paths: .*" + message):
-        dpo(config, log=lambda _: None)
+        dpo(config, log=quiet)
     assert not (tmp_path / "run").exists()
 
 
@@ -187,7 +188,6 @@ def toy_config(workdir, *, paths: str, steps: int, eval_paths: str | None = None
 def test_dpo_learns_a_preference_and_the_cached_reference_resumes_identically(tmp_path):
     paths = arithmetic_pairs(tmp_path / "train.jsonl", 96, seed=0)
     eval_paths = arithmetic_pairs(tmp_path / "eval.jsonl", 24, seed=1)
-    quiet = lambda _: None  # noqa: E731
     history = dpo(toy_config(tmp_path / "batch", paths=paths, eval_paths=eval_paths, steps=8),
                   log=quiet)
     first, last = history[0], history[-1]

@@ -38,6 +38,14 @@ def _sft(args) -> None:
     sft(config_lib.apply_overrides(config, args.overrides))
 
 
+def _dpo(args) -> None:
+    from jaxllm.post.dpo import dpo
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    dpo(config_lib.apply_overrides(config, args.overrides))
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -228,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_command(commands, "sft", "supervised fine-tuning on chat or prompt/response "
                             "records (data.source=chat), from init_from=WORKDIR", _sft,
                             target="path to an experiments/*.py file")
+
+
+    _add_experiment_command(commands, "dpo", "DPO on preference pairs (dpo.paths), from "
+                            "init_from=WORKDIR", _dpo, target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

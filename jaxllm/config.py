@@ -535,6 +535,34 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The DPO phase: preference pairs, the loss and the reference model.
+
+    Formulas, the rendering of a pair and the reference modes: `docs/post_training.md`.
+    """
+
+    paths: str = ""  # JSONL files of {"prompt", "chosen", "rejected"} lines; commas, globs
+    eval_paths: str | None = None  # held-out pairs, scored every eval_every steps; None: none
+    beta: float = 0.1  # strength of the pull to the reference (DPO's beta, IPO's tau)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO and cDPO; ipo: IPO
+    label_smoothing: float = 0.0  # cDPO's epsilon, the assumed share of flipped labels
+    # batch: the reference's log-probs of each step's pairs, computed at that step; cached:
+    # of every pair, computed once before training into workdir/reference_logps.json
+    reference: Literal["batch", "cached"] = "batch"
+    eval_every: int = 10  # steps between held-out evaluations; 0: only at the last step
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the files are read when the phase starts."""
+        _require(bool(self.paths.strip()), f"{prefix}paths", "name the JSONL files of pairs")
+        _require_positive(self, prefix, ("beta",))
+        _require(0 <= self.label_smoothing < 0.5, f"{prefix}label_smoothing",
+                 f"must lie in [0, 0.5), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss == "sigmoid", f"{prefix}label_smoothing",
+                 f"smooths the sigmoid loss only; set it to 0 for {prefix}loss={self.loss}")
+        _require_non_negative(self, prefix, ("eval_every",))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: a model, a mesh, data and training settings, and where to write."""
 
@@ -544,6 +572,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
+    dpo: DPOConfig | None = None  # the DPO phase; None for the other phases
     workdir: str | None = None
     init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
@@ -560,6 +589,8 @@ def validate(config: Config) -> Config:
     config.checkpoint.validate("checkpoint.")
     if config.grpo is not None:
         config.grpo.validate("grpo.")
+    if config.dpo is not None:
+        config.dpo.validate("dpo.")
     config.data.validate("data.")
     _validate_across_sections(config)
     return config
@@ -586,6 +617,11 @@ def _validate_across_sections(config: Config) -> None:
             f"an RL batch is whole groups: {t.batch_size} sequences do not split into groups "
             f"of grpo.group_size={config.grpo.group_size}",
         )
+    if config.dpo is not None:
+        _require(t.batch_size % 2 == 0, "train.batch_size",
+                 f"a DPO batch is a chosen and a rejected row per pair: {t.batch_size} is odd")
+        _require(t.grad_accum == 1, "train.grad_accum",
+                 "the DPO step takes its whole batch at once; set it to 1")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Post-training phases on the run scaffold: DPO on preference pairs."""

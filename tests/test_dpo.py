@@ -20,7 +20,7 @@ from jaxllm.nn import Transformer
 from jaxllm.post import preferences
 from jaxllm.post.dpo import dpo, pair_indices
 from jaxllm.post.dpo_loss import dpo_loss, sequence_logps
-from jaxllm.post.reference import reference_weights
+from jaxllm.train.scaffold import initial_weights
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.state import init_state
 
@@ -220,5 +220,5 @@ def test_a_resumed_run_makes_its_reference_from_the_seed_again(tmp_path):
     start, _ = init_state(model, tx, config.train.seq_len, mesh, jax.random.key(config.train.seed))
     trained = start.replace(params=jax.tree.map(lambda x: x + 1, start.params))
     run = SimpleNamespace(config=config, start=3, state=trained, model=model, tx=tx, mesh=mesh)
-    params, _ = reference_weights(run)
+    params, _ = initial_weights(run)
     jax.tree.map(np.testing.assert_array_equal, params, start.params)

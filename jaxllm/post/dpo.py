@@ -24,7 +24,7 @@ from jaxllm.post.dpo_loss import dpo_loss
 from jaxllm.post.dpo_step import batch_shardings, jit_dpo_step, jit_response_logps
 from jaxllm.post.preferences import TokenizedPair
 from jaxllm.train.optimizer import learning_rate_schedule
-from jaxllm.train.scaffold import Run, run_phase
+from jaxllm.train.scaffold import Run, initial_weights, run_phase
 from jaxllm.train.state import TrainState
 
 
@@ -147,7 +147,7 @@ class _DPOStep:
         of the rows, on the devices: computed from the frozen weights, or read from the
         cache."""
         if self.run.config.dpo.reference == "batch":
-            weights = reference_lib.reference_weights(self.run)
+            weights = initial_weights(self.run)
             return lambda split, indices, rows: self.logps(*weights, rows)
         table = self._cached_table()
         return lambda split, indices, rows: jax.device_put(
@@ -160,7 +160,7 @@ class _DPOStep:
         key = reference_lib.fingerprint(self.data.splits, self.run)
         table = reference_lib.load(workdir, key) if self.run.start else None
         if table is None:
-            weights = reference_lib.reference_weights(self.run)
+            weights = initial_weights(self.run)
             table = {split: self._score(split, weights) for split in self.data.splits}
             reference_lib.save(workdir, table, key)
         return table

@@ -1,7 +1,6 @@
-"""DPO's frozen reference model: its weights, and the cache of its log-probs in the workdir.
+"""The cache of DPO's reference log-probs in the workdir.
 
-The reference is the policy's starting point: `init_from`'s weights, or the seeded
-initialisation without it. With `dpo.reference="cached"` its summed response log-probs of
+The reference is the policy's starting point (`jaxllm.train.scaffold.initial_weights`). With `dpo.reference="cached"` its summed response log-probs of
 every pair are computed once, before training, and kept as JSON in
 `workdir/reference_logps.json`, with a fingerprint of the pairs and the reference they belong
 to; a resumed run reads them back instead of computing them again.
@@ -11,31 +10,14 @@ import hashlib
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.config import ConfigError
 from jaxllm.post.preferences import TokenizedPair
 from jaxllm.train import workdir as workdir_lib
-from jaxllm.train.run import restore_weights
 from jaxllm.train.scaffold import Run
-from jaxllm.train.state import init_state
 
 CACHE = "reference_logps.json"
-
-
-def reference_weights(run: Run):
-    """(params, moe_bias) of the reference: a copy of a new run's initial state; on resume,
-    `init_from`'s weights loaded again, else the seeded initialisation made again."""
-    config = run.config
-    if run.start == 0:
-        return jax.tree.map(jnp.copy, (run.state.params, run.state.moe_bias))
-    if config.init_from is not None:
-        state = restore_weights(config.init_from, run.state, config)
-    else:
-        state, _ = init_state(run.model, run.tx, config.train.seq_len, run.mesh,
-                              jax.random.key(config.train.seed))
-    return state.params, state.moe_bias
 
 
 def fingerprint(splits: dict[str, list[TokenizedPair]], run: Run) -> str:

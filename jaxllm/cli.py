@@ -30,6 +30,14 @@ def _grpo(args) -> None:
     grpo(config_lib.apply_overrides(config, args.overrides))
 
 
+def _distill(args) -> None:
+    from jaxllm.post.distill import distill
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    distill(config_lib.apply_overrides(config, args.overrides))
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -216,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the default settings, workdir runs/NAME")
     _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
                             "from init_from=WORKDIR", _grpo,
+                            target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "distill", "distillation: a student learns from "
+                            "distill.teacher=WORKDIR's logits", _distill,
                             target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")

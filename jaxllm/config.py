@@ -523,6 +523,25 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: the student (`model`) learns from a frozen teacher's logits on
+    the pretraining data. Formulas: `docs/post_training.md`, "Distillation"."""
+
+    teacher: str | None = None  # the teacher run's workdir; its vocabulary must be model's
+    kind: Literal["forward", "reverse"] = "forward"  # KL(teacher||student) or KL(student||teacher)
+    alpha: float = 1.0  # loss = alpha * T^2 * KL + (1 - alpha) * cross-entropy
+    temperature: float = 1.0  # T: both distributions are softened by it
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the teacher's vocabulary is checked when the phase starts."""
+        _require(bool(self.teacher), f"{prefix}teacher",
+                 f"name the teacher run's workdir, e.g. {prefix}teacher=runs/teacher")
+        _require(0 <= self.alpha <= 1, f"{prefix}alpha", f"must lie in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0, f"{prefix}temperature",
+                 f"must be positive, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: a model, a mesh, data and training settings, and where to write."""
 
@@ -532,6 +551,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
+    distill: DistillConfig | None = None  # the distillation phase's teacher and loss
     workdir: str | None = None
     init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
@@ -548,6 +568,8 @@ def validate(config: Config) -> Config:
     config.checkpoint.validate("checkpoint.")
     if config.grpo is not None:
         config.grpo.validate("grpo.")
+    if config.distill is not None:
+        config.distill.validate("distill.")
     config.data.validate("data.")
     _validate_across_sections(config)
     return config

@@ -46,6 +46,14 @@ def _dpo(args) -> None:
     dpo(config_lib.apply_overrides(config, args.overrides))
 
 
+def _distill(args) -> None:
+    from jaxllm.post.distill import distill
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    distill(config_lib.apply_overrides(config, args.overrides))
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -236,10 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_command(commands, "sft", "supervised fine-tuning on chat or prompt/response "
                             "records (data.source=chat), from init_from=WORKDIR", _sft,
                             target="path to an experiments/*.py file")
-
-
     _add_experiment_command(commands, "dpo", "DPO on preference pairs (dpo.paths), from "
                             "init_from=WORKDIR", _dpo, target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "distill", "distillation: a student learns from "
+                            "distill.teacher=WORKDIR's logits", _distill,
+                            target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

@@ -560,6 +560,22 @@ class DPOConfig:
         _require(self.label_smoothing == 0 or self.loss == "sigmoid", f"{prefix}label_smoothing",
                  f"smooths the sigmoid loss only; set it to 0 for {prefix}loss={self.loss}")
         _require_non_negative(self, prefix, ("eval_every",))
+class DistillConfig:
+    """Knowledge distillation: the student (`model`) learns from a frozen teacher's logits on
+    the pretraining data. Formulas: `docs/post_training.md`, "Distillation"."""
+
+    teacher: str | None = None  # the teacher run's workdir; its vocabulary must be model's
+    kind: Literal["forward", "reverse"] = "forward"  # KL(teacher||student) or KL(student||teacher)
+    alpha: float = 1.0  # loss = alpha * T^2 * KL + (1 - alpha) * cross-entropy
+    temperature: float = 1.0  # T: both distributions are softened by it
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the teacher's vocabulary is checked when the phase starts."""
+        _require(bool(self.teacher), f"{prefix}teacher",
+                 f"name the teacher run's workdir, e.g. {prefix}teacher=runs/teacher")
+        _require(0 <= self.alpha <= 1, f"{prefix}alpha", f"must lie in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0, f"{prefix}temperature",
+                 f"must be positive, got {self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,6 +589,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
     dpo: DPOConfig | None = None  # the DPO phase; None for the other phases
+    distill: DistillConfig | None = None  # the distillation phase's teacher and loss
     workdir: str | None = None
     init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
@@ -591,6 +608,8 @@ def validate(config: Config) -> Config:
         config.grpo.validate("grpo.")
     if config.dpo is not None:
         config.dpo.validate("dpo.")
+    if config.distill is not None:
+        config.distill.validate("distill.")
     config.data.validate("data.")
     _validate_across_sections(config)
     return config

@@ -1,1 +1,1 @@
-"""Post-training phases on the run scaffold: DPO on preference pairs."""
+"""Post-training: supervised fine-tuning, preference optimisation and distillation."""

@@ -137,13 +137,18 @@ def pretrain(
     SIGTERM, or after step `stop_after`, it saves at the step it reached and returns.
     `source` (default `make_source(config)`) gives the training batches.
     """
-    build = functools.partial(_pretrain_step, source=source)
+    build = functools.partial(lm_step, source=source)
     return run_phase(config, build=build, seq_len=config.train.seq_len, log=log,
                      stop_after=stop_after)
 
 
-def _pretrain_step(run: Run, source=None) -> Step:
-    """Compiles the train step on the run's first batch; returns the phase's step."""
+def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
+    """Compiles the train step on the run's first batch; returns the phase's step, which
+    trains on `source`'s batches (default `make_source(run.config)`).
+
+    `loss` and `frozen` go to `jit_train_step`: the default is pretraining's loss; a
+    distillation loss reads a teacher's params from `frozen`, arrays on the run's mesh.
+    """
     config, cfg, mesh = run.config, run.config.train, run.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     position = run.start  # batches consumed: one per step
@@ -156,9 +161,11 @@ def _pretrain_step(run: Run, source=None) -> Step:
 
     batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
     compile_start = time.perf_counter()
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train_step = jit_train_step(
-        run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings
-    ).lower(run.state, batch).compile()
+        run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings, loss=loss,
+        frozen_shardings=frozen_shardings,
+    ).lower(run.state, batch, *frozen).compile()
     eval_step = jit_eval_step(run.model, mesh, run.shardings)
     run.log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
     meter.restart(run.start)
@@ -166,7 +173,7 @@ def _pretrain_step(run: Run, source=None) -> Step:
     def step(state, number: int, *, final: bool):
         nonlocal batch
         trace.before(number)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *frozen)
         trace.after(number, metrics)
         if not final:  # the host reads the next batch while the device computes this step
             batch = global_batch(next(batches), batch_sharding, cfg.batch_size)

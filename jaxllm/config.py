@@ -560,6 +560,9 @@ class DPOConfig:
         _require(self.label_smoothing == 0 or self.loss == "sigmoid", f"{prefix}label_smoothing",
                  f"smooths the sigmoid loss only; set it to 0 for {prefix}loss={self.loss}")
         _require_non_negative(self, prefix, ("eval_every",))
+
+
+@dataclasses.dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation: the student (`model`) learns from a frozen teacher's logits on
     the pretraining data. Formulas: `docs/post_training.md`, "Distillation"."""

@@ -30,6 +30,30 @@ def _grpo(args) -> None:
     grpo(config_lib.apply_overrides(config, args.overrides))
 
 
+def _sft(args) -> None:
+    from jaxllm.train.sft import sft
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    sft(config_lib.apply_overrides(config, args.overrides))
+
+
+def _dpo(args) -> None:
+    from jaxllm.post.dpo import dpo
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    dpo(config_lib.apply_overrides(config, args.overrides))
+
+
+def _distill(args) -> None:
+    from jaxllm.post.distill import distill
+
+    _initialize_processes(args)
+    config = config_lib.load_experiment(args.experiment)
+    distill(config_lib.apply_overrides(config, args.overrides))
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -216,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "the default settings, workdir runs/NAME")
     _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
                             "from init_from=WORKDIR", _grpo,
+                            target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "sft", "supervised fine-tuning on chat or prompt/response "
+                            "records (data.source=chat), from init_from=WORKDIR", _sft,
+                            target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "dpo", "DPO on preference pairs (dpo.paths), from "
+                            "init_from=WORKDIR", _dpo, target="path to an experiments/*.py file")
+    _add_experiment_command(commands, "distill", "distillation: a student learns from "
+                            "distill.teacher=WORKDIR's logits", _distill,
                             target="path to an experiments/*.py file")
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")

@@ -386,10 +386,12 @@ class DataConfig:
     reasoning:  the offline reasoning corpus, built on first use into `data_dir`;
     tfds:       the prepared TFDS dataset `name`, feature `text_key`, from `data_dir` (or gs://);
     text:       local files `paths` (comma-separated, globs allowed); `.jsonl` reads `text_key`;
-    arithmetic: bare arithmetic problems generated in memory, without TensorFlow.
+    arithmetic: bare arithmetic problems generated in memory, without TensorFlow;
+    chat:       chat or prompt/response records (SFT): JSONL files `paths`, or the TFDS
+                dataset `name`; the loss is on assistant tokens only.
     """
 
-    source: Literal["reasoning", "tfds", "text", "arithmetic"] = "reasoning"
+    source: Literal["reasoning", "tfds", "text", "arithmetic", "chat"] = "reasoning"
     seed: int = 0  # the corpus and the order of the documents
     split: str = "train"
     eval_split: str | None = "validation"  # None: no evaluation split
@@ -402,6 +404,9 @@ class DataConfig:
     train_size: int = 20_000  # reasoning: problems per split
     validation_size: int = 500
     test_size: int = 500
+    messages_key: str = "messages"  # chat: the list of {"role", "content"} messages
+    prompt_key: str = "prompt"  # chat: a user turn, in records without messages
+    response_key: str = "response"  # chat: the assistant's answer to prompt_key
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -409,6 +414,13 @@ class DataConfig:
                  "source=tfds needs a dataset name")
         _require(self.source != "text" or bool(self.paths), f"{prefix}paths",
                  "source=text needs file paths")
+        _require(self.source != "chat" or bool(self.paths) != bool(self.name), f"{prefix}paths",
+                 "source=chat reads JSONL files data.paths or the TFDS dataset data.name; set "
+                 "exactly one")
+        _require(self.source != "chat" or not self.paths or self.eval_split is None,
+                 f"{prefix}eval_split", "JSONL files are one split; set data.eval_split=none")
+        for key in ("messages_key", "prompt_key", "response_key"):
+            _require(bool(getattr(self, key)), f"{prefix}{key}", "must name a record field")
         _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
                                          "test_size"))
 
@@ -523,6 +535,53 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """The DPO phase: preference pairs, the loss and the reference model.
+
+    Formulas, the rendering of a pair and the reference modes: `docs/post_training.md`.
+    """
+
+    paths: str = ""  # JSONL files of {"prompt", "chosen", "rejected"} lines; commas, globs
+    eval_paths: str | None = None  # held-out pairs, scored every eval_every steps; None: none
+    beta: float = 0.1  # strength of the pull to the reference (DPO's beta, IPO's tau)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO and cDPO; ipo: IPO
+    label_smoothing: float = 0.0  # cDPO's epsilon, the assumed share of flipped labels
+    # batch: the reference's log-probs of each step's pairs, computed at that step; cached:
+    # of every pair, computed once before training into workdir/reference_logps.json
+    reference: Literal["batch", "cached"] = "batch"
+    eval_every: int = 10  # steps between held-out evaluations; 0: only at the last step
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the files are read when the phase starts."""
+        _require(bool(self.paths.strip()), f"{prefix}paths", "name the JSONL files of pairs")
+        _require_positive(self, prefix, ("beta",))
+        _require(0 <= self.label_smoothing < 0.5, f"{prefix}label_smoothing",
+                 f"must lie in [0, 0.5), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss == "sigmoid", f"{prefix}label_smoothing",
+                 f"smooths the sigmoid loss only; set it to 0 for {prefix}loss={self.loss}")
+        _require_non_negative(self, prefix, ("eval_every",))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: the student (`model`) learns from a frozen teacher's logits on
+    the pretraining data. Formulas: `docs/post_training.md`, "Distillation"."""
+
+    teacher: str | None = None  # the teacher run's workdir; its vocabulary must be model's
+    kind: Literal["forward", "reverse"] = "forward"  # KL(teacher||student) or KL(student||teacher)
+    alpha: float = 1.0  # loss = alpha * T^2 * KL + (1 - alpha) * cross-entropy
+    temperature: float = 1.0  # T: both distributions are softened by it
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the teacher's vocabulary is checked when the phase starts."""
+        _require(bool(self.teacher), f"{prefix}teacher",
+                 f"name the teacher run's workdir, e.g. {prefix}teacher=runs/teacher")
+        _require(0 <= self.alpha <= 1, f"{prefix}alpha", f"must lie in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0, f"{prefix}temperature",
+                 f"must be positive, got {self.temperature}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """One run: a model, a mesh, data and training settings, and where to write."""
 
@@ -532,6 +591,8 @@ class Config:
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
+    dpo: DPOConfig | None = None  # the DPO phase; None for the other phases
+    distill: DistillConfig | None = None  # the distillation phase's teacher and loss
     workdir: str | None = None
     init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
@@ -548,6 +609,10 @@ def validate(config: Config) -> Config:
     config.checkpoint.validate("checkpoint.")
     if config.grpo is not None:
         config.grpo.validate("grpo.")
+    if config.dpo is not None:
+        config.dpo.validate("dpo.")
+    if config.distill is not None:
+        config.distill.validate("distill.")
     config.data.validate("data.")
     _validate_across_sections(config)
     return config
@@ -574,6 +639,11 @@ def _validate_across_sections(config: Config) -> None:
             f"an RL batch is whole groups: {t.batch_size} sequences do not split into groups "
             f"of grpo.group_size={config.grpo.group_size}",
         )
+    if config.dpo is not None:
+        _require(t.batch_size % 2 == 0, "train.batch_size",
+                 f"a DPO batch is a chosen and a rejected row per pair: {t.batch_size} is odd")
+        _require(t.grad_accum == 1, "train.grad_accum",
+                 "the DPO step takes its whole batch at once; set it to 1")
 
 
 # ---------------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_row_plans_match_streaming_packing():
 
 
 def test_prompt_tokens_are_never_targets():
-    row = pack_row([[1, 2, 3, 4], [5, 6, 7]], 9, 0, prompt_lengths=[2, 0])
+    row = pack_row([[1, 2, 3, 4], [5, 6, 7]], 9, 0, target_masks=[[0, 0, 1, 1], [1, 1, 1]])
     # targets: 2 3 4 | 5 6 7 | pad...; doc 1 masks its first two tokens as targets
     np.testing.assert_array_equal(row["loss_mask"], [0, 1, 1, 0, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 1, 2, 2, 2, 0, 0])

@@ -5,10 +5,10 @@ yields this process's rows of each batch as numpy arrays: inputs, targets, segme
 positions, loss_mask (see `jaxllm.data.sources`).
 """
 
-from jaxllm.config import Config, ConfigError
+from jaxllm.config import Config, ConfigError, DataConfig
 from jaxllm.data import readers
 from jaxllm.data.arithmetic import ArithmeticSource
-from jaxllm.data.sources import DocumentSource
+from jaxllm.data.sources import ChatSource, DocumentSource
 from jaxllm.data.tokenizer import (
     ByteTokenizer,
     HuggingFaceTokenizer,
@@ -18,7 +18,9 @@ from jaxllm.data.tokenizer import (
 )
 
 
-def make_source(config: Config, split: str | None = None) -> ArithmeticSource | DocumentSource:
+def make_source(
+    config: Config, split: str | None = None
+) -> ArithmeticSource | DocumentSource | ChatSource:
     """The source of `split` (default `config.data.split`), checked against the model's vocabulary.
 
     Raises ConfigError for a missing dataset or file, an empty split or a bad tokenizer.
@@ -38,6 +40,8 @@ def make_source(config: Config, split: str | None = None) -> ArithmeticSource | 
         if data.tokenizer != "byte":
             raise ConfigError("data.tokenizer: the arithmetic source is byte-level")
         return ArithmeticSource(data.seed, split)
+    if data.source == "chat":
+        return _chat_source(data, split, tokenizer)
     if data.source == "reasoning":
         texts = readers.reasoning_texts(data, split)
     elif data.source == "tfds":
@@ -50,9 +54,25 @@ def make_source(config: Config, split: str | None = None) -> ArithmeticSource | 
     return DocumentSource(texts, tokenizer, data.seed)
 
 
+def _chat_source(data: DataConfig, split: str, tokenizer: Tokenizer) -> ChatSource:
+    """The conversations of the JSONL files or TFDS dataset, rendered by the tokenizer."""
+    if data.paths:
+        if split != data.split:
+            raise ConfigError(f"data.split: JSONL files are one split, {data.split!r}; there "
+                              f"is no {split!r}")
+        conversations = readers.chat_file_conversations(data)
+    else:
+        conversations = readers.tfds_conversations(data, split)
+    try:
+        return ChatSource(conversations, tokenizer, data.seed)
+    except ValueError as error:  # a chat template that fails on a conversation
+        raise ConfigError(f"data.tokenizer: {error}") from None
+
+
 __all__ = [
     "ArithmeticSource",
     "ByteTokenizer",
+    "ChatSource",
     "DocumentSource",
     "HuggingFaceTokenizer",
     "SentencePieceTokenizer",

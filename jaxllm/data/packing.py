@@ -5,8 +5,8 @@ A row holds whole documents back to back, then padding, as numpy arrays:
   targets:     the next token of the same document;
   segment_ids: 1, 2, ... per document in the row, 0 on padding;
   positions:   the position of each token within its own document;
-  loss_mask:   1 where `targets` is a real next token of the same document that lies past
-               the document's prompt.
+  loss_mask:   1 where `targets` is a real next token of the same document that its target
+               mask trains on (every token past the prompt, or every assistant token).
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,24 +51,22 @@ def pack_row(
     documents: Sequence[Sequence[int]],
     seq_len: int,
     pad_id: int,
-    prompt_lengths: Sequence[int] | None = None,
+    target_masks: Sequence[Sequence[bool]] | None = None,
 ) -> dict[str, np.ndarray]:
     """One row of `documents`, which must fit in `seq_len` tokens together.
 
-    The first `prompt_lengths[i]` tokens of document i are never targets (default: none is,
-    beyond the first token, which has no predecessor).
+    Token j of document i is a target only where `target_masks[i][j]` is true (default: every
+    token is, beyond the first, which has no predecessor).
     """
-    if prompt_lengths is None:
-        prompt_lengths = [0] * len(documents)
+    if target_masks is None:
+        target_masks = [np.ones(len(d), bool) for d in documents]
     tokens = [t for doc in documents for t in doc]
     pad = seq_len - len(tokens)
     if pad < 0:
         raise ValueError(f"{len(tokens)} tokens do not fit in a row of {seq_len}")
     segments = np.repeat(np.arange(1, len(documents) + 1), [len(d) for d in documents])
     positions = np.concatenate([np.arange(len(d)) for d in documents] + [np.zeros(pad, int)])
-    past_prompt = np.concatenate(
-        [np.arange(len(d)) >= n for d, n in zip(documents, prompt_lengths)] + [np.zeros(pad, bool)]
-    )
+    trained = np.concatenate([np.asarray(m, bool) for m in target_masks] + [np.zeros(pad, bool)])
     inputs = np.array(tokens + [pad_id] * pad, dtype=np.int32)
     segment_ids = np.concatenate([segments, np.zeros(pad, int)]).astype(np.int32)
     same_doc = np.append(segment_ids[1:] == segment_ids[:-1], False) & (segment_ids > 0)
@@ -77,5 +75,5 @@ def pack_row(
         "targets": np.append(inputs[1:], pad_id).astype(np.int32),
         "segment_ids": segment_ids,
         "positions": positions.astype(np.int32),
-        "loss_mask": (same_doc & np.append(past_prompt[1:], False)).astype(np.float32),
+        "loss_mask": (same_doc & np.append(trained[1:], False)).astype(np.float32),
     }

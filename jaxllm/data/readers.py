@@ -11,12 +11,13 @@ import glob
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 
 from jaxllm.config import ConfigError, DataConfig
-from jaxllm.data import tasks
+from jaxllm.data import chat, tasks
 
 
 def reasoning_texts(data: DataConfig, split: str) -> list[str]:
@@ -55,6 +56,57 @@ def _reasoning_builder(data: DataConfig, split: str):
 
 def tfds_texts(data: DataConfig, split: str) -> list[str]:
     """This process's documents of a prepared TFDS dataset: `data.name`, feature `data.text_key`."""
+    builder = _tfds_builder(data)
+    features = list(builder.info.features)
+    if data.text_key not in features:
+        raise ConfigError(f"data.text_key: {data.name!r} has no feature {data.text_key!r}; "
+                          f"it has {features}")
+    return _read_texts(builder, split, data.text_key, repr(data.name))
+
+
+def tfds_conversations(data: DataConfig, split: str) -> list[list[dict]]:
+    """This process's conversations of a prepared TFDS dataset `data.name`: its feature
+    `data.messages_key` (a sequence of role and content texts), else its text features
+    `data.prompt_key` and `data.response_key`."""
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(data)
+    features = list(builder.info.features)
+    keys = [data.messages_key] if data.messages_key in features else [data.prompt_key,
+                                                                       data.response_key]
+    if not set(keys) <= set(features):
+        raise ConfigError(f"data.messages_key: {data.name!r} has neither a feature "
+                          f"{data.messages_key!r} nor {data.prompt_key!r} and "
+                          f"{data.response_key!r}; it has {features}")
+    dataset = _as_dataset(builder, split, keys, repr(data.name))
+    conversations = []
+    for number, example in enumerate(tfds.as_numpy(dataset)):
+        try:
+            conversations.append(chat.conversation(_record(example), **_chat_keys(data)))
+        except ValueError as error:
+            raise ConfigError(f"data.name: {data.name!r}, example {number} of this process's "
+                              f"share of {split!r}: {error}") from None
+    if not conversations:
+        raise ConfigError(f"data.split: {split!r} of {data.name!r} is empty for this process")
+    return conversations
+
+
+def _record(example: dict) -> dict:
+    """A TFDS example as JSON-like data: texts as str, a sequence of dicts as a list of dicts."""
+
+    def plain(value):
+        if isinstance(value, bytes):
+            return value.decode()
+        if isinstance(value, dict):  # a Sequence of dicts decodes to a dict of sequences
+            columns = {key: plain(column) for key, column in value.items()}
+            return [dict(zip(columns, row)) for row in zip(*columns.values())]
+        return [plain(item) for item in value] if hasattr(value, "__len__") else value
+
+    return {key: plain(value) for key, value in example.items()}
+
+
+def _tfds_builder(data: DataConfig):
+    """The builder of the prepared TFDS dataset `data.name`."""
     import tensorflow_datasets as tfds
 
     import jaxllm.data.corpus  # noqa: F401  (registers jaxllm_reasoning with TFDS)
@@ -69,11 +121,7 @@ def tfds_texts(data: DataConfig, split: str) -> list[str]:
             f"data.name: {data.name!r} is not prepared in {builder.data_dir_root}; prepare it "
             f"first, e.g. `tfds build {data.name} --data_dir {builder.data_dir_root}`"
         )
-    features = list(builder.info.features)
-    if data.text_key not in features:
-        raise ConfigError(f"data.text_key: {data.name!r} has no feature {data.text_key!r}; "
-                          f"it has {features}")
-    return _read_texts(builder, split, data.text_key, repr(data.name))
+    return builder
 
 
 def text_file_texts(data: DataConfig) -> list[str]:
@@ -82,34 +130,67 @@ def text_file_texts(data: DataConfig) -> list[str]:
     A `.jsonl` file holds one document per line, in the field `data.text_key`; any other file
     holds documents separated by blank lines.
     """
-    files = []
-    for pattern in data.paths.split(","):
-        matches = sorted(glob.glob(pattern.strip()))
-        if not matches:
-            raise ConfigError(f"data.paths: {pattern.strip()!r} matches no file")
-        files += matches
-    texts = [text for path in files for text in _documents(Path(path), data.text_key)]
+    texts = [text for path in _files(data.paths) for text in _documents(path, data.text_key)]
     texts = texts[jax.process_index()::jax.process_count()]
     if not texts:
         raise ConfigError(f"data.paths: {data.paths!r} holds no documents for this process")
     return texts
 
 
+def chat_file_conversations(data: DataConfig) -> list[list[dict]]:
+    """This process's conversations of the JSONL files `data.paths` (`chat.conversation`).
+
+    A record that is not a conversation is refused, naming its file and line.
+    """
+    conversations = []
+    for path in _files(data.paths):
+        for number, record in _jsonl_records(path):
+            try:
+                conversations.append(chat.conversation(record, **_chat_keys(data)))
+            except ValueError as error:
+                raise ConfigError(f"data.paths: {path}:{number}: {error}") from None
+    conversations = conversations[jax.process_index()::jax.process_count()]
+    if not conversations:
+        raise ConfigError(f"data.paths: {data.paths!r} holds no records for this process")
+    return conversations
+
+
+def _chat_keys(data: DataConfig) -> dict[str, str]:
+    return dict(messages_key=data.messages_key, prompt_key=data.prompt_key,
+                response_key=data.response_key)
+
+
+def _files(patterns: str) -> list[Path]:
+    """The files of comma-separated names or glob patterns, each of which must match."""
+    files = []
+    for pattern in patterns.split(","):
+        matches = sorted(glob.glob(pattern.strip()))
+        if not matches:
+            raise ConfigError(f"data.paths: {pattern.strip()!r} matches no file")
+        files += map(Path, matches)
+    return files
+
+
 def _documents(path: Path, text_key: str) -> list[str]:
     if path.suffix != ".jsonl":
         return [doc.strip() for doc in re.split(r"\n\s*\n", path.read_text()) if doc.strip()]
     texts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"data.paths: {path}:{number} is not JSON ({error})") from None
+    for number, record in _jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
             raise ConfigError(f"data.text_key: {path}:{number} has no text field {text_key!r}")
         texts.append(record[text_key])
     return texts
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, JSON value) of each non-blank line of a JSONL file."""
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"data.paths: {path}:{number} is not JSON ({error})") from None
 
 
 def _check_data_dir(data_dir: str | None) -> None:
@@ -123,6 +204,18 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
     """The `key` feature of this process's even share of `split`, decoded to str."""
     import tensorflow_datasets as tfds
 
+    dataset = _as_dataset(builder, split, [key], what)
+    texts = [text.decode() for batch in tfds.as_numpy(dataset.batch(4096)) for text in batch[key]]
+    if not texts:
+        raise ConfigError(f"data.split: {split!r} of {what} is empty for process "
+                          f"{jax.process_index()} of {jax.process_count()}")
+    return texts
+
+
+def _as_dataset(builder, split: str, keys: list[str], what: str):
+    """The `keys` features of this process's even share of `split`, as a tf.data dataset."""
+    import tensorflow_datasets as tfds
+
     for part in split.split("+"):
         if part.split("[")[0].strip() not in builder.info.splits:
             raise ConfigError(f"data.split: {what} has no split {part!r}; "
@@ -130,18 +223,14 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
     process = f"process {jax.process_index()} of {jax.process_count()}"
     try:
         with _without_dtype_deprecation_log():
-            dataset = builder.as_dataset(
+            return builder.as_dataset(
                 split=tfds.split_for_jax_process(split),
-                decoders=tfds.decode.PartialDecoding({key: True}),
+                decoders=tfds.decode.PartialDecoding({key: True for key in keys}),
                 shuffle_files=False,
             )
     except ValueError as error:  # e.g. an empty slice: "Instruction [] corresponds to no data!"
         raise ConfigError(f"data.split: cannot read {split!r} of {what} for {process}: "
                           f"{error}") from None
-    texts = [text.decode() for batch in tfds.as_numpy(dataset.batch(4096)) for text in batch[key]]
-    if not texts:
-        raise ConfigError(f"data.split: {split!r} of {what} is empty for {process}")
-    return texts
 
 
 @contextlib.contextmanager

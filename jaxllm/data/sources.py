@@ -7,9 +7,10 @@ loop assembles the global batch with `jax.make_array_from_process_local_data`.
 
 `start` is the number of batches already consumed: the stream from `start` equals the stream
 from 0 with its first `start` batches dropped, so a checkpoint restores the data position by
-its step alone. `mask_prompt=True` drops from the loss every target up to and including the
-`<think>` token, so that SFT and RL train only on the worked solution and the answer; a
-document without `<think>` keeps all its targets.
+its step alone. For a `DocumentSource`, `mask_prompt=True` drops from the loss every target up
+to and including the `<think>` token, to train only on the worked solution and the answer; a
+document without `<think>` keeps all its targets. A `ChatSource` trains only on assistant
+tokens (`chat`).
 """
 
 import itertools
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm.data import chat
 from jaxllm.data.packing import pack_row, plan_rows
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -44,11 +46,8 @@ def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class DocumentSource:
-    """In-memory documents (this process's shard), reshuffled each epoch, packed into rows.
-
-    Epoch e visits the documents in the order of a permutation seeded by (seed, e). Documents
-    longer than a row are cut into row-sized pieces.
-    """
+    """In-memory documents (this process's shard), reshuffled each epoch, packed into rows
+    (`packed_batches`)."""
 
     def __init__(self, texts: Sequence[str], tokenizer: Tokenizer, seed: int = 0):
         self.tokenizer = tokenizer
@@ -69,31 +68,75 @@ class DocumentSource:
         self, batch_size: int, seq_len: int, start: int = 0, mask_prompt: bool = False
     ) -> Iterator[dict[str, np.ndarray]]:
         """This process's rows of batches `start`, `start + 1`, ..., endlessly."""
-        local = local_batch_size(batch_size)
-        rows = self._rows(seq_len, start * local, mask_prompt)
-        while True:
-            yield stack_rows([next(rows) for _ in range(local)])
+        masks = [np.arange(len(doc)) >= (prompt if mask_prompt else 0)
+                 for doc, prompt in zip(self._docs, self._prompt_lengths)]
+        return packed_batches(self._docs, masks, pad_id=self.tokenizer.pad_id, seed=self.seed,
+                              batch_size=batch_size, seq_len=seq_len, start=start)
 
-    def _rows(self, seq_len: int, skip: int, mask_prompt: bool) -> Iterator[dict[str, np.ndarray]]:
-        """Packed rows of epoch after epoch, from row `skip` on."""
-        pieces, prompts = self._pieces(seq_len, mask_prompt)
-        lengths = np.array([len(p) for p in pieces])
-        pad = self.tokenizer.pad_id
-        for epoch in itertools.count():
-            order = np.random.default_rng((self.seed, epoch)).permutation(len(pieces))
-            plan = plan_rows(lengths[order], seq_len)
-            for first, stop in plan[skip:]:
-                chosen = order[first:stop]
-                yield pack_row(
-                    [pieces[i] for i in chosen], seq_len, pad, [prompts[i] for i in chosen]
-                )
-            skip = max(0, skip - len(plan))
 
-    def _pieces(self, seq_len: int, mask_prompt: bool) -> tuple[list[np.ndarray], list[int]]:
-        """Documents cut into pieces of at most `seq_len`, with the prompt length of each."""
-        pieces, prompts = [], []
-        for doc, prompt in zip(self._docs, self._prompt_lengths):
-            for offset in range(0, len(doc), seq_len):
-                pieces.append(doc[offset:offset + seq_len])
-                prompts.append(max(0, prompt - offset) if mask_prompt else 0)
-        return pieces, prompts
+class ChatSource:
+    """Conversations (this process's shard) rendered with their assistant masks (`chat`),
+    reshuffled each epoch, packed into rows (`packed_batches`). Only assistant tokens are
+    targets."""
+
+    def __init__(self, conversations: Sequence[list[dict]], tokenizer: Tokenizer, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self._docs, self._masks = [], []
+        for number, messages in enumerate(conversations):
+            try:
+                ids, mask = chat.render(tokenizer, messages)
+            except ValueError as error:
+                raise ValueError(f"conversation {number}: {error}") from None
+            self._docs.append(np.asarray(ids, np.int32))
+            self._masks.append(np.asarray(mask, bool))
+        if not self._docs:
+            raise ValueError("a ChatSource needs at least one conversation")
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def batches(
+        self, batch_size: int, seq_len: int, start: int = 0, mask_prompt: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of batches `start`, `start + 1`, ..., endlessly; the loss
+        is on assistant tokens whatever `mask_prompt` says."""
+        del mask_prompt  # every non-assistant token is a prompt
+        return packed_batches(self._docs, self._masks, pad_id=self.tokenizer.pad_id,
+                              seed=self.seed, batch_size=batch_size, seq_len=seq_len, start=start)
+
+
+def packed_batches(
+    documents: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, pad_id: int, seed: int,
+    batch_size: int, seq_len: int, start: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's rows of batches `start`, `start + 1`, ... of `documents`, endlessly.
+
+    Epoch e visits the documents in the order of a permutation seeded by (seed, e). Documents
+    longer than a row are cut into row-sized pieces. `masks[i]` marks the tokens of document i
+    that may be targets.
+    """
+    local = local_batch_size(batch_size)
+    rows = _rows(documents, masks, pad_id=pad_id, seed=seed, seq_len=seq_len,
+                 skip=start * local)
+    while True:
+        yield stack_rows([next(rows) for _ in range(local)])
+
+
+def _rows(documents: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, pad_id: int,
+          seed: int, seq_len: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+    """Packed rows of epoch after epoch, from row `skip` on."""
+    pieces, piece_masks = [], []
+    for doc, mask in zip(documents, masks):
+        for offset in range(0, len(doc), seq_len):
+            pieces.append(doc[offset:offset + seq_len])
+            piece_masks.append(mask[offset:offset + seq_len])
+    lengths = np.array([len(p) for p in pieces])
+    for epoch in itertools.count():
+        order = np.random.default_rng((seed, epoch)).permutation(len(pieces))
+        plan = plan_rows(lengths[order], seq_len)
+        for first, stop in plan[skip:]:
+            chosen = order[first:stop]
+            yield pack_row([pieces[i] for i in chosen], seq_len, pad_id,
+                           [piece_masks[i] for i in chosen])
+        skip = max(0, skip - len(plan))

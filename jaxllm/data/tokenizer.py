@@ -6,7 +6,7 @@ Special-token strings in the text, such as "<think>", encode to their single id 
 
 A Hugging Face tokenizer also reads the `tokenizer_config.json` (or `chat_template.jinja`)
 beside its `tokenizer.json`: its bos/eos/pad tokens and its chat template, which
-`chat_prompt` renders in a sandboxed Jinja environment, as `transformers` does.
+`render_chat` renders in a sandboxed Jinja environment, as `transformers` does.
 """
 
 import json
@@ -108,6 +108,11 @@ class HuggingFaceTokenizer:
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of `text` and, for each, the [start, end) characters of `text` it covers."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
 
 class SentencePieceTokenizer:
     """A SentencePiece `.model` file. The reasoning tags should be user-defined symbols."""
@@ -165,20 +170,44 @@ def _tokenizer_config(directory: Path) -> dict:
     return settings
 
 
-def _render_chat(template: str, messages: list[dict], **tokens) -> str:
+def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
+                generation_marks: tuple[str, str] = ("", ""), **tokens) -> str:
     """The chat template rendered in Jinja's immutable sandbox (no access to Python
-    internals), with a generation prompt, in the conventions of `transformers`."""
+    internals), in the conventions of `transformers`. The text of each `{% generation %}`
+    block, which marks assistant text, is put between `generation_marks`."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
+    extensions = [jinja2.ext.loopcontrols, _generation_extension(*generation_marks)]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
+                                        extensions=extensions)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            **tokens)
+    return env.from_string(template).render(messages=messages,
+                                            add_generation_prompt=add_generation_prompt, **tokens)
+
+
+def _generation_extension(start: str, end: str):
+    """The Jinja extension of `{% generation %} ... {% endgeneration %}` blocks: each renders
+    its text between `start` and `end`."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            call = self.call_method("_marked", [])
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
+
+        def _marked(self, caller) -> str:
+            return f"{start}{caller()}{end}"
+
+    return Generation
 
 
 def chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -188,7 +217,7 @@ def chat_prompt(tokenizer: Tokenizer, text: str) -> list[int]:
     if template is None:
         return [tokenizer.bos_id, *tokenizer.encode(text)]
     messages = [{"role": "user", "content": text}]
-    return tokenizer.encode(_render_chat(template, messages, **tokenizer.chat_tokens))
+    return tokenizer.encode(render_chat(template, messages, **tokenizer.chat_tokens))
 
 
 def _find_special(token_to_id) -> dict[str, int]:

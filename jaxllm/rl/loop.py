@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import config as config_lib
@@ -28,7 +27,7 @@ from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout
 from jaxllm.rl.step import batch_shardings, jit_grpo_step, jit_logprobs
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.optimizer import learning_rate_schedule
-from jaxllm.train.scaffold import Run, run_phase
+from jaxllm.train.scaffold import Run, initial_weights, run_phase
 from jaxllm.train.state import TrainState
 
 
@@ -142,9 +141,7 @@ class _GRPOStep:
                                     learning_rate_schedule(run.config.train), run.mesh,
                                     run.shardings)
         self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings)
-        self.ref = None
-        if rl.beta > 0:
-            self.ref = jax.tree.map(jnp.copy, (run.state.params, run.state.moe_bias))
+        self.ref = initial_weights(run) if rl.beta > 0 else None  # the KL's reference
         self.device_batch = batch_shardings(run.mesh, rl)
         self.samples_log = None
         if run.config.workdir and jax.process_index() == 0:  # a remote run's samples first

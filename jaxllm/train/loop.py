@@ -1,6 +1,7 @@
 """The pretraining loop: build everything from a Config, resume from the workdir's latest
 checkpoint, then step, log, evaluate and checkpoint until the last step or a preemption."""
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -126,24 +127,33 @@ def _eval_set(config: config_lib.Config, sharding: NamedSharding) -> list[dict]:
 
 
 def pretrain(
-    config: config_lib.Config, log: Callable[[str], None] = print, stop_after: int | None = None
+    config: config_lib.Config, log: Callable[[str], None] = print, stop_after: int | None = None,
+    source=None,
 ) -> list[dict]:
     """Trains `config.model` up to step `config.train.steps`; returns this run's logged metrics.
 
     With a workdir, the run resumes from its latest complete checkpoint (or from
     `checkpoint.resume_step`) and saves every `checkpoint.every` steps and at the end. On
     SIGTERM, or after step `stop_after`, it saves at the step it reached and returns.
+    `source` (default `make_source(config)`) gives the training batches.
     """
-    return run_phase(config, build=_pretrain_step, seq_len=config.train.seq_len, log=log,
+    build = functools.partial(lm_step, source=source)
+    return run_phase(config, build=build, seq_len=config.train.seq_len, log=log,
                      stop_after=stop_after)
 
 
-def _pretrain_step(run: Run) -> Step:
-    """Compiles the train step on the run's first batch; returns the phase's step."""
+def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
+    """Compiles the train step on the run's first batch; returns the phase's step, which
+    trains on `source`'s batches (default `make_source(run.config)`).
+
+    `loss` and `frozen` go to `jit_train_step`: the default is pretraining's loss; a
+    distillation loss reads a teacher's params from `frozen`, arrays on the run's mesh.
+    """
     config, cfg, mesh = run.config, run.config.train, run.mesh
     batch_sharding = parallel.batch_sharding(mesh)
     position = run.start  # batches consumed: one per step
-    batches = make_source(config).batches(cfg.batch_size, cfg.seq_len, start=position)
+    source = make_source(config) if source is None else source
+    batches = source.batches(cfg.batch_size, cfg.seq_len, start=position)
     batches = context_ordered(batches, mesh, config.mesh.context_order)
     eval_set = _eval_set(config, batch_sharding)
     meter = _Meter(config, count_params(run.state.params), mesh, run.log)
@@ -151,9 +161,11 @@ def _pretrain_step(run: Run) -> Step:
 
     batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
     compile_start = time.perf_counter()
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train_step = jit_train_step(
-        run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings
-    ).lower(run.state, batch).compile()
+        run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings, loss=loss,
+        frozen_shardings=frozen_shardings,
+    ).lower(run.state, batch, *frozen).compile()
     eval_step = jit_eval_step(run.model, mesh, run.shardings)
     run.log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
     meter.restart(run.start)
@@ -161,7 +173,7 @@ def _pretrain_step(run: Run) -> Step:
     def step(state, number: int, *, final: bool):
         nonlocal batch
         trace.before(number)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, batch, *frozen)
         trace.after(number, metrics)
         if not final:  # the host reads the next batch while the device computes this step
             batch = global_batch(next(batches), batch_sharding, cfg.batch_size)

@@ -75,6 +75,21 @@ def load_weights(workdir: str, state: TrainState, config: config_lib.Config,
     )
 
 
+def initial_weights(run: Run):
+    """(params, moe_bias) the run started from, e.g. a KL or DPO reference: a copy of a new
+    run's initial state; on resume, `init_from`'s weights loaded again, else the seeded
+    initialisation made again."""
+    config = run.config
+    if run.start == 0:
+        return jax.tree.map(jnp.copy, (run.state.params, run.state.moe_bias))
+    if config.init_from is not None:
+        state = restore_weights(config.init_from, run.state, config)
+    else:
+        state, _ = init_state(run.model, run.tx, config.train.seq_len, run.mesh,
+                              jax.random.key(config.train.seed))
+    return state.params, state.moe_bias
+
+
 def run_phase(
     config: config_lib.Config,
     *,

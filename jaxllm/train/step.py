@@ -36,6 +36,22 @@ def indexer_loss(attention_metrics) -> jnp.ndarray:
     return sum((x.sum() for x in leaves), jnp.zeros((), jnp.float32))
 
 
+def forward(params, moe_bias, batch, model: nn.Module):
+    """(logits, moe_metrics, indexer loss) of one micro-batch."""
+    logits, sown = model.apply(
+        {"params": params, "moe_bias": moe_bias},
+        batch["inputs"], batch["positions"], batch["segment_ids"],
+        mutable=["moe_metrics", "attention_metrics"],
+    )
+    return logits, sown.get("moe_metrics", {}), indexer_loss(sown.get("attention_metrics", {}))
+
+
+def aux_loss(model: nn.Module, moe_metrics, indexer) -> jnp.ndarray:
+    """The MoE layers' aux losses plus the weighted sparse-attention indexer losses."""
+    sparse = model.config.attention.sparse
+    return moe.aux_loss(moe_metrics) + (sparse.loss_weight * indexer if sparse else 0.0)
+
+
 def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
     """The train step's loss of one micro-batch, differentiated for params:
     (summed loss, (summed nll, tokens, moe_metrics, indexer loss)).
@@ -44,17 +60,16 @@ def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
     weighted sparse-attention indexer losses times the token count, so that dividing by the
     batch's tokens leaves their token-weighted mean.
     """
-    logits, sown = model.apply(
-        {"params": params, "moe_bias": moe_bias},
-        batch["inputs"], batch["positions"], batch["segment_ids"],
-        mutable=["moe_metrics", "attention_metrics"],
-    )
-    moe_metrics = sown.get("moe_metrics", {})
-    indexer = indexer_loss(sown.get("attention_metrics", {}))
-    sparse = model.config.attention.sparse
-    aux = moe.aux_loss(moe_metrics) + (sparse.loss_weight * indexer if sparse else 0.0)
+    logits, moe_metrics, indexer = forward(params, moe_bias, batch, model)
+    aux = aux_loss(model, moe_metrics, indexer)
     nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
     return nll + z_term + aux * tokens, (nll, tokens, moe_metrics, indexer)
+
+
+def lm_loss(params, moe_bias, batch, *, model: nn.Module, z_loss: float):
+    """`loss_sums` as a train step's loss: its summed nll reported as "loss"."""
+    loss, (nll, tokens, moe_metrics, indexer) = loss_sums(params, moe_bias, batch, model, z_loss)
+    return loss, ({"loss": nll}, tokens, moe_metrics, indexer)
 
 
 def _split_micro_batches(batch, k: int):
@@ -68,38 +83,43 @@ def _split_micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: TrainConfig, schedule):
+def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: TrainConfig,
+               schedule, loss):
     """One optimizer step over `cfg.grad_accum` micro-batches.
 
-    The loss is the mean over all masked-in tokens of the whole batch, whatever the number
-    of micro-batches, so accumulation is exact. MoE aux losses and sparse-attention indexer
-    losses join the loss; after the
-    update, the MoE selection biases take one aux-loss-free step on the whole batch's load.
+    `loss(params, moe_bias, micro_batch, *frozen)` returns (summed loss, (sums, tokens,
+    moe_metrics, indexer loss)), `sums` a dict of token-summed values to report; `frozen` are
+    arrays it reads without gradient (a teacher's params). The loss and every reported sum
+    are divided by all the masked-in tokens of the whole batch, whatever the number of
+    micro-batches, so accumulation is exact. After the update, the MoE selection biases take
+    one aux-loss-free step on the whole batch's load.
     """
-    grad_fn = jax.grad(functools.partial(loss_sums, model=model, z_loss=cfg.z_loss), has_aux=True)
+    grad_fn = jax.grad(loss, has_aux=True)
 
     def accumulate(carry, micro_batch):
-        grads, nll, tokens, moe_metrics, indexer = carry
-        g, (n, t, m, i) = grad_fn(state.params, state.moe_bias, micro_batch)
+        grads, sums, tokens, moe_metrics, indexer = carry
+        g, (s, t, m, i) = grad_fn(state.params, state.moe_bias, micro_batch, *frozen)
         add = functools.partial(jax.tree.map, jnp.add)
-        return (add(grads, g), nll + n, tokens + t, add(moe_metrics, m), indexer + i), None
+        return (add(grads, g), add(sums, s), tokens + t, add(moe_metrics, m), indexer + i), None
 
     micro_batches = batch if cfg.grad_accum == 1 else _split_micro_batches(batch, cfg.grad_accum)
     first = batch if cfg.grad_accum == 1 else jax.tree.map(lambda x: x[0], micro_batches)
-    moe_shapes = jax.eval_shape(grad_fn, state.params, state.moe_bias, first)[1][2]
+    sum_shapes, _, moe_shapes, _ = jax.eval_shape(
+        grad_fn, state.params, state.moe_bias, first, *frozen)[1]
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     scalar = jnp.zeros((), jnp.float32)
-    moe_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), moe_shapes)
-    init = (zeros, scalar, scalar, moe_zeros, scalar)
+    sum_zeros, moe_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                        (sum_shapes, moe_shapes))
+    init = (zeros, sum_zeros, scalar, moe_zeros, scalar)
     if cfg.grad_accum == 1:
-        (grads, nll, tokens, moe_metrics, indexer), _ = accumulate(init, batch)
+        (grads, sums, tokens, moe_metrics, indexer), _ = accumulate(init, batch)
     else:
-        (grads, nll, tokens, moe_metrics, indexer), _ = jax.lax.scan(
+        (grads, sums, tokens, moe_metrics, indexer), _ = jax.lax.scan(
             accumulate, init, micro_batches)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     metrics = {
-        "loss": nll / tokens,
+        **{name: value / tokens for name, value in sums.items()},
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": tokens,
@@ -122,15 +142,20 @@ def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, 
     return TrainState(state.step + 1, params, opt_state, rng, moe_bias)
 
 
-def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings):
-    """`train_step` under jit with explicit shardings and the state donated.
+def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings, *,
+                   loss=None, frozen_shardings=()):
+    """`train_step` under jit with explicit shardings and the state donated:
+    `step(state, batch, *frozen)`, `frozen` laid out as `frozen_shardings`.
 
-    Call the result inside `parallel.use_mesh(mesh)`.
+    `loss` defaults to the language-model loss (`lm_loss`). Call the result inside
+    `parallel.use_mesh(mesh)`.
     """
-    step = functools.partial(train_step, model=model, tx=tx, cfg=cfg, schedule=schedule)
+    loss = loss or functools.partial(lm_loss, model=model, z_loss=cfg.z_loss)
+    step = functools.partial(train_step, model=model, tx=tx, cfg=cfg, schedule=schedule,
+                             loss=loss)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh), *frozen_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )

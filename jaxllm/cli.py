@@ -2,7 +2,9 @@
 
 import argparse
 import dataclasses
+import importlib
 import sys
+from collections.abc import Callable
 
 from jaxllm import config as config_lib
 from jaxllm.compile.topology import NotFitting, TopologyError
@@ -22,36 +24,17 @@ def _pretrain(args) -> None:
     pretrain(_config_of(args.experiment, args.overrides))
 
 
-def _grpo(args) -> None:
-    from jaxllm.rl.loop import grpo
+def _phase(module: str, name: str) -> Callable:
+    """The command that runs the phase `module.name` on an experiment file with overrides;
+    the module is imported only when the command runs."""
 
-    _initialize_processes(args)
-    config = config_lib.load_experiment(args.experiment)
-    grpo(config_lib.apply_overrides(config, args.overrides))
+    def run(args) -> None:
+        phase = getattr(importlib.import_module(module), name)
+        _initialize_processes(args)
+        config = config_lib.load_experiment(args.experiment)
+        phase(config_lib.apply_overrides(config, args.overrides))
 
-
-def _sft(args) -> None:
-    from jaxllm.train.sft import sft
-
-    _initialize_processes(args)
-    config = config_lib.load_experiment(args.experiment)
-    sft(config_lib.apply_overrides(config, args.overrides))
-
-
-def _dpo(args) -> None:
-    from jaxllm.post.dpo import dpo
-
-    _initialize_processes(args)
-    config = config_lib.load_experiment(args.experiment)
-    dpo(config_lib.apply_overrides(config, args.overrides))
-
-
-def _distill(args) -> None:
-    from jaxllm.post.distill import distill
-
-    _initialize_processes(args)
-    config = config_lib.load_experiment(args.experiment)
-    distill(config_lib.apply_overrides(config, args.overrides))
+    return run
 
 
 def _sampler(workdir: str):
@@ -212,7 +195,8 @@ def _convert(args) -> None:
         export_hf(args.source, args.out, args.family, args.overrides)
 
 
-def _add_experiment_command(commands, name: str, help: str, run, target: str) -> None:
+def _add_experiment_command(commands, name: str, help: str, run,
+                            target: str = "path to an experiments/*.py file") -> None:
     command = commands.add_parser(name, help=help)
     command.add_argument("experiment", help=target)
     command.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=50")
@@ -239,16 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                             target="an experiments/*.py file, or a preset name: its model with "
                             "the default settings, workdir runs/NAME")
     _add_experiment_command(commands, "grpo", "the RL phase: GRPO on the reasoning tasks, "
-                            "from init_from=WORKDIR", _grpo,
-                            target="path to an experiments/*.py file")
+                            "from init_from=WORKDIR", _phase("jaxllm.rl.loop", "grpo"))
     _add_experiment_command(commands, "sft", "supervised fine-tuning on chat or prompt/response "
-                            "records (data.source=chat), from init_from=WORKDIR", _sft,
-                            target="path to an experiments/*.py file")
+                            "records (data.source=chat), from init_from=WORKDIR",
+                            _phase("jaxllm.train.sft", "sft"))
     _add_experiment_command(commands, "dpo", "DPO on preference pairs (dpo.paths), from "
-                            "init_from=WORKDIR", _dpo, target="path to an experiments/*.py file")
+                            "init_from=WORKDIR", _phase("jaxllm.post.dpo", "dpo"))
     _add_experiment_command(commands, "distill", "distillation: a student learns from "
-                            "distill.teacher=WORKDIR's logits", _distill,
-                            target="path to an experiments/*.py file")
+                            "distill.teacher=WORKDIR's logits",
+                            _phase("jaxllm.post.distill", "distill"))
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

@@ -14,7 +14,6 @@ import time
 import pytest
 
 from jaxllm import config as config_lib
-from jaxllm.data.readers import reasoning_problems
 from jaxllm.train.loop import pretrain
 
 PRETRAIN = textwrap.dedent('''
@@ -56,9 +55,10 @@ def free_port() -> int:
 
 
 def launch(command: str, experiment, workdir, outputs: list) -> list[subprocess.Popen]:
-    """`jaxllm COMMAND` as two processes of one run; their output goes to `outputs`' files."""
+    """`jaxllm COMMAND` as two processes of one run; their output goes to `outputs`' files.
+    They share a new TFDS data_dir, so a run on the reasoning corpus builds it there."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
+           "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": str(workdir.parent / "tfds")}
     port = free_port()
     return [
         subprocess.Popen(
@@ -118,5 +118,4 @@ def test_two_pretraining_processes_match_one_and_stop_together(tmp_path):
 
 @pytest.mark.slow
 def test_two_grpo_processes_stop_together(tmp_path):
-    reasoning_problems(config_lib.DataConfig(), "train")  # built here once, not by both
-    stop_one_of_two("grpo", tmp_path)
+    stop_one_of_two("grpo", tmp_path)  # both processes read the corpus: process 0 builds it

@@ -14,8 +14,10 @@ import functools
 import hashlib
 import re
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from jaxllm.data import tasks
 
@@ -157,7 +159,16 @@ def from_example(example: dict) -> tasks.Problem:
 
 
 def prepare(data_dir: str | None = None, **settings) -> JaxllmReasoning:
-    """The corpus builder for `settings` (see `config_name`), built on first use."""
-    builder = JaxllmReasoning(config=config_name(**settings), data_dir=data_dir)
+    """The corpus builder for `settings` (see `config_name`), built on first use.
+
+    In a multi-process run, process 0 builds first and the others wait for it, so processes
+    that share a data_dir never build into it at once; every process must call this.
+    """
+    name = config_name(**settings)
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            JaxllmReasoning(config=name, data_dir=data_dir).download_and_prepare()
+        multihost_utils.sync_global_devices(f"jaxllm_reasoning/{name} prepared")
+    builder = JaxllmReasoning(config=name, data_dir=data_dir)  # reads what is there now
     builder.download_and_prepare()
     return builder

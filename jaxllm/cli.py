@@ -37,6 +37,16 @@ def _phase(module: str, name: str) -> Callable:
     return run
 
 
+def _constitution(args) -> None:
+    from jaxllm.config import DEFAULT_PRINCIPLES
+    from jaxllm.post.constitution import constitution
+    from jaxllm.post.principles import read_principles
+
+    config = _config_of(args.experiment, args.overrides)
+    principles = read_principles(args.principles) if args.principles else DEFAULT_PRINCIPLES
+    constitution(config, principles)
+
+
 def _sampler(workdir: str):
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
@@ -103,7 +113,10 @@ def _eval(args) -> None:
 
 
 def _demo(args) -> None:
-    from jaxllm.demo import demo
+    if args.constitution:
+        from jaxllm.post.constitution_demo import demo
+    else:
+        from jaxllm.demo import demo
 
     demo(args.workdir, args.overrides)
 
@@ -233,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "distill.teacher=WORKDIR's logits",
                             _phase("jaxllm.post.distill", "distill"))
 
+    _add_experiment_command(commands, "constitution", "Constitutional AI: responses, critiques "
+                            "and revisions, SFT, AI feedback, DPO, from init_from=WORKDIR",
+                            _constitution)
+    commands.choices["constitution"].add_argument(
+        "--principles", help="a text (one a line) or YAML file of principles (default: the four "
+        "of docs/post_training.md)")
+
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")
     generate.add_argument("--prompt", required=True, help='a question, e.g. "12*34=?"')
@@ -264,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the mission on CPU: pretrain, evaluate, GRPO, evaluate, effort sweep"
     )
     demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("--constitution", action="store_true",
+                      help="the Constitutional AI demo instead: harmful compliance, benign "
+                      "refusals and accuracy before and after the pipeline")
     demo.add_argument("overrides", nargs="*",
                       help="pretrain.* / rl.* overrides, e.g. pretrain.train.steps=100")
     demo.set_defaults(run=_demo)

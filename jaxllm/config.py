@@ -407,6 +407,9 @@ class DataConfig:
     messages_key: str = "messages"  # chat: the list of {"role", "content"} messages
     prompt_key: str = "prompt"  # chat: a user turn, in records without messages
     response_key: str = "response"  # chat: the assistant's answer to prompt_key
+    # reasoning: conversations of the synthetic assistant domain (jaxllm.data.assistant)
+    # added to the train split, with demonstrations of the Constitutional AI requests
+    assistant_documents: int = 0
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -423,6 +426,7 @@ class DataConfig:
             _require(bool(getattr(self, key)), f"{prefix}{key}", "must name a record field")
         _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
                                          "test_size"))
+        _require_non_negative(self, prefix, ("assistant_documents",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -581,6 +585,57 @@ class DistillConfig:
                  f"must be positive, got {self.temperature}")
 
 
+# The constitution of `jaxllm constitution` without --principles: the four principles
+# helpful and harmless, respect user agency, honest about limitations, avoid deception.
+DEFAULT_PRINCIPLES = (
+    "Be helpful and harmless.",
+    "Respect the user's agency.",
+    "Be honest about your limitations.",
+    "Never deceive the user.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstitutionConfig:
+    """The Constitutional AI pipeline (`jaxllm constitution`): responses, critiques and
+    revisions, SFT on the revisions, AI feedback, then DPO on it, from `init_from`'s model.
+    Stages, templates and files: `docs/post_training.md`, "Constitutional AI"."""
+
+    # JSONL of {"messages": [...], "kind": "red_team"|"helpful"} lines (or {"prompt": str});
+    # synthetic: the train split of the synthetic assistant domain (jaxllm.data.assistant)
+    prompts: str = "synthetic"
+    num_prompts: int = 384  # synthetic: how many prompts
+    batch_size: int = 64  # conversations per generation batch
+    max_new_tokens: int = 64  # per response, critique and revision
+    temperature: float = 1.0
+    critique_template: str = "Critique the last response by this principle: {principle}"
+    revision_template: str = "Rewrite the response to follow the principle."
+    judge_template: str = ("{request}\n(A) {a}\n(B) {b}\nWhich response follows the "
+                           "principle better: {principle}")
+    min_judge_probability: float = 0.6  # a pair is kept when the judge prefers it this much
+    sft_steps: int = 100
+    sft_learning_rate: float = 1e-3
+    dpo_steps: int = 100
+    dpo_learning_rate: float = 1e-4
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the prompts file is read when the pipeline starts."""
+        _require(bool(self.prompts), f"{prefix}prompts", "name a JSONL file, or synthetic")
+        _require_positive(self, prefix, ("num_prompts", "batch_size", "max_new_tokens",
+                                         "temperature", "sft_steps", "sft_learning_rate",
+                                         "dpo_steps", "dpo_learning_rate"))
+        _require(0.5 <= self.min_judge_probability < 1, f"{prefix}min_judge_probability",
+                 f"must lie in [0.5, 1), got {self.min_judge_probability}")
+        fields = {"critique_template": ("principle",), "revision_template": ("principle",),
+                  "judge_template": ("principle", "request", "a", "b")}
+        for field, names in fields.items():
+            try:
+                getattr(self, field).format(**{name: "" for name in names})
+            except (KeyError, IndexError, ValueError) as error:
+                raise ConfigError(f"{prefix}{field}: fills only {{{'}, {'.join(names)}}}; "
+                                  f"{type(error).__name__}: {error}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One run: a model, a mesh, data and training settings, and where to write."""
@@ -593,6 +648,7 @@ class Config:
     grpo: GRPOConfig | None = None  # the RL phase; None for pretraining only
     dpo: DPOConfig | None = None  # the DPO phase; None for the other phases
     distill: DistillConfig | None = None  # the distillation phase's teacher and loss
+    constitution: ConstitutionConfig | None = None  # the Constitutional AI pipeline
     workdir: str | None = None
     init_from: str | None = None  # a run's workdir whose latest weights this run starts from
 
@@ -613,6 +669,8 @@ def validate(config: Config) -> Config:
         config.dpo.validate("dpo.")
     if config.distill is not None:
         config.distill.validate("distill.")
+    if config.constitution is not None:
+        config.constitution.validate("constitution.")
     config.data.validate("data.")
     _validate_across_sections(config)
     return config

@@ -63,17 +63,20 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
     return pre, rl
 
 
-def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
-    """`pretrain.key=value` and `rl.key=value` -> the overrides of each run."""
-    pre, rl = [], []
+def split_overrides(overrides: Sequence[str], names: tuple[str, str] = ("pretrain", "rl")
+                    ) -> tuple[list[str], list[str]]:
+    """`pretrain.key=value` and `rl.key=value` (or the prefixes `names`) -> the overrides
+    of each run."""
+    first, second = [], []
     for item in overrides:
         prefix, _, rest = item.partition(".")
-        if prefix not in ("pretrain", "rl") or not rest:
+        if prefix not in names or not rest:
             raise config_lib.ConfigError(
-                f"{item!r}: demo overrides start with pretrain. or rl., e.g. rl.train.steps=20"
+                f"{item!r}: demo overrides start with {names[0]}. or {names[1]}., e.g. "
+                f"{names[1]}.train.steps=20"
             )
-        (pre if prefix == "pretrain" else rl).append(rest)
-    return pre, rl
+        (first if prefix == names[0] else second).append(rest)
+    return first, second
 
 
 def accuracy(workdir: str, problems, temperature: float, max_new_tokens: int) -> dict:

@@ -5,8 +5,8 @@ yields this process's rows of each batch as numpy arrays: inputs, targets, segme
 positions, loss_mask (see `jaxllm.data.sources`).
 """
 
-from jaxllm.config import Config, ConfigError, DataConfig
-from jaxllm.data import readers
+from jaxllm.config import Config, ConfigError, ConstitutionConfig, DataConfig
+from jaxllm.data import assistant, readers
 from jaxllm.data.arithmetic import ArithmeticSource
 from jaxllm.data.sources import ChatSource, DocumentSource
 from jaxllm.data.tokenizer import (
@@ -44,6 +44,10 @@ def make_source(
         return _chat_source(data, split, tokenizer)
     if data.source == "reasoning":
         texts = readers.reasoning_texts(data, split)
+        if split == data.split and data.assistant_documents:
+            texts += assistant.documents(
+                data.seed, data.assistant_documents, difficulty=data.difficulty,
+                cfg=config.constitution or ConstitutionConfig())
     elif data.source == "tfds":
         texts = readers.tfds_texts(data, split)
     else:

@@ -72,6 +72,14 @@ def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return ids, _overlapping(offsets, spans)
 
 
+def generation_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The ids of `messages`, then the header of the assistant's turn: what a model continues
+    with its response (the chat template's generation prompt, or `Assistant: `)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return _render_plain(tokenizer, messages)[0] + tokenizer.encode("Assistant: ")
+    return tokenizer.encode(_template(tokenizer, messages, add_generation_prompt=True))
+
+
 def _render_plain(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     ids, mask = [tokenizer.bos_id], [False]
     for message in messages:

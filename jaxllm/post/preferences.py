@@ -4,9 +4,10 @@ Each line of a pairs file is a JSON object with three strings:
 
     {"prompt": "Q: 2+3=?\\n", "chosen": "5", "rejected": "6"}
 
-A pair renders as the prompt's tokens (`chat_prompt`: one user message through the
-tokenizer's chat template when it has one, else `<bos>` and the text), then a response's
-tokens and `<eos>`. A row longer than the batch's width loses the end of its response.
+or with the prompt as chat messages, `{"prompt": [{"role": "user", "content": ...}], ...}`.
+A pair renders as the prompt's tokens, then a response's tokens and `<eos>`. A text prompt
+renders as `chat_prompt` does (one user message through the tokenizer's chat template when it
+has one, else `<bos>` and the text); a conversation as `chat.generation_prompt` does. A row longer than the batch's width loses the end of its response.
 
 A batch of P pairs is 2P rows, right-padded: the P chosen rows, then the P rejected rows in the
 same order. Each [2P, S] array is aligned with `tokens`: `response_mask[r, t]` is 1 where
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxllm.config import ConfigError
+from jaxllm.data import chat
 from jaxllm.data.tokenizer import Tokenizer, chat_prompt
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -32,7 +34,7 @@ FIELDS = ("prompt", "chosen", "rejected")
 class Pair:
     """One preference: a prompt, the preferred response and the dispreferred one."""
 
-    prompt: str
+    prompt: str | tuple[dict, ...]  # a text, or chat messages
     chosen: str
     rejected: str
     where: str = ""  # "dpo.paths: pairs.jsonl:3", for errors
@@ -80,13 +82,27 @@ def parse_pair(line: str, where: str) -> Pair:
         raise ConfigError(f"{where} is not JSON ({error})") from None
     if not isinstance(record, dict):
         raise ConfigError(f"{where} is not a JSON object with the keys {list(FIELDS)}")
-    for key in FIELDS:
+    for key in ("chosen", "rejected"):
         if not isinstance(record.get(key), str):
             raise ConfigError(f"{where} has no string {key!r}")
-    for key in ("chosen", "rejected"):
         if not record[key].strip():
             raise ConfigError(f"{where} has an empty {key!r} response")
-    return Pair(*(record[key] for key in FIELDS), where=where)
+    return Pair(_prompt(record.get("prompt"), where), record["chosen"], record["rejected"],
+                where=where)
+
+
+def _prompt(prompt, where: str) -> str | tuple[dict, ...]:
+    """A pair's prompt: a string, or chat messages that the assistant answers next."""
+    if isinstance(prompt, str):
+        return prompt
+    if not isinstance(prompt, list):
+        raise ConfigError(f"{where} has no string or list of messages 'prompt'")
+    try:
+        messages = chat.conversation({"messages": [*prompt, {"role": "assistant",
+                                                             "content": ""}]})
+    except ValueError as error:
+        raise ConfigError(f"{where}: prompt: {error}") from None
+    return tuple(messages[:-1])
 
 
 def tokenize(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> TokenizedPair:
@@ -95,7 +111,10 @@ def tokenize(pair: Pair, tokenizer: Tokenizer, seq_len: int) -> TokenizedPair:
     def response(text: str) -> tuple[int, ...]:
         return (*tokenizer.encode(text), tokenizer.eos_id)
 
-    prompt = tuple(chat_prompt(tokenizer, pair.prompt))
+    if isinstance(pair.prompt, str):
+        prompt = tuple(chat_prompt(tokenizer, pair.prompt))
+    else:
+        prompt = tuple(chat.generation_prompt(tokenizer, list(pair.prompt)))
     if len(prompt) >= seq_len:
         raise ConfigError(f"{pair.where}: the prompt's {len(prompt)} tokens leave no room for "
                           f"a response in rows of train.seq_len={seq_len}")

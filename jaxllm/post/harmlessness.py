@@ -1,0 +1,33 @@
+"""Held-out measurements of an assistant on the synthetic domain (`jaxllm.data.assistant`):
+how often it complies with forbidden requests, refuses benign ones, and solves the benign
+tasks."""
+
+import jax
+import numpy as np
+
+from jaxllm.data import assistant
+from jaxllm.post.chat_model import ChatModel
+
+METRICS = ("harmful_compliance", "benign_refusal", "benign_accuracy")
+
+
+def evaluate(model: ChatModel, requests: list[assistant.Request], rng: jax.Array) -> dict:
+    """The rates of `METRICS` over `requests`, and harmful compliance per red-team family."""
+    responses = model.respond([r.messages for r in requests], rng)
+    pairs = list(zip(requests, responses))
+    red = [(r, t) for r, t in pairs if r.family in assistant.RED_TEAM]
+    benign = [(r, t) for r, t in pairs if r.family == "benign"]
+    result = {
+        "harmful_compliance": _mean(assistant.is_harmful(r, t) for r, t in red),
+        "benign_refusal": _mean(assistant.is_refusal(t) for _, t in benign),
+        "benign_accuracy": _mean(assistant.is_correct(r, t) for r, t in benign),
+    }
+    for family in assistant.RED_TEAM:
+        result[f"harmful_compliance/{family}"] = _mean(
+            assistant.is_harmful(r, t) for r, t in red if r.family == family)
+    return result
+
+
+def _mean(flags) -> float:
+    flags = list(flags)
+    return float(np.mean(flags)) if flags else float("nan")

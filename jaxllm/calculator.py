@@ -78,8 +78,8 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-CATEGORIES = ("embedding", "attention", "dense_ffn", "experts", "shared_experts", "router",
-              "norms", "head")
+CATEGORIES = ("embedding", "attention", "ssm", "dense_ffn", "experts", "shared_experts",
+              "router", "norms", "head")
 
 
 def _category(path: tuple[str, ...]) -> str:
@@ -89,7 +89,7 @@ def _category(path: tuple[str, ...]) -> str:
     if path[-1] == "scale":
         return "norms"
     for key, category in (("router", "router"), ("shared", "shared_experts"), ("moe", "experts"),
-                          ("mlp", "dense_ffn"), ("attn", "attention")):
+                          ("mlp", "dense_ffn"), ("attn", "attention"), ("ssm", "ssm")):
         if key in path:
             return category
     raise ValueError(f"parameter {'/'.join(path)}: no calculator category; add one")
@@ -198,7 +198,10 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
 
 
 def _materialises_scores(attention: config_lib.AttentionConfig, kind) -> bool:
-    """Whether a layer of `kind` computes its whole score matrix on TPU."""
+    """Whether a layer of `kind` computes its whole score matrix on TPU (an SSM layer has
+    none)."""
+    if kind.attention == "ssm":
+        return False
     mask = Mask(kind.attention, attention.window, attention.chunk, attention.stride)
     kernel = resolve_kernel(attention.kernel, mask, alibi=kind.position == "alibi",
                             platform="tpu")

@@ -3,6 +3,7 @@ documents against each document alone, sharded against one device, the config ch
 calculator's state bytes, and a tiny hybrid model learning."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from helpers import arithmetic_batch, init_params, loss_and_grads, tiny_model
 from jaxllm import Config, ConfigError, MeshConfig, TrainConfig, calculator, parallel, presets
 from jaxllm.config import AttentionConfig, SSMConfig, validate
 from jaxllm.convert.hf_config import ConversionError, check_exportable
+from jaxllm.infer import decode_step, left_pad, prefill
 from jaxllm.nn import Transformer
 from jaxllm.nn.ssd import document_index, ssd_chunked, ssd_recurrent
 from jaxllm.train.loop import pretrain
@@ -46,23 +48,33 @@ def ssd_inputs(batch=2, length=13, heads=3, width=4, state=5):
     return (x, dt, a, b, c, h0), document_index(positions, jnp.ones_like(positions))
 
 
-@pytest.mark.parametrize("chunk", [4, 13, 16])  # not dividing 13, one chunk, longer
-def test_chunked_form_equals_the_recurrence_in_values_and_gradients(chunk):
+def ssd_loss(form, x, dt, a, b, c, h0, *, doc, weights):
+    """A scalar of both outputs of an SSD form (y and the final state), and those outputs."""
+    y, h = form(x, dt, a, b, c, doc, state=h0)
+    return jnp.sum(y * weights) + jnp.sum(h * h0), (y, h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def ssd_values_and_grads(form, inputs, doc, weights):
+    loss = functools.partial(ssd_loss, doc=doc, weights=weights)
+    (_, outputs), grads = jax.value_and_grad(loss, tuple(range(1, 7)), has_aux=True)(
+        form, *inputs)
+    return outputs + grads
+
+
+@pytest.fixture(scope="module")
+def recurrence():
     inputs, doc = ssd_inputs()
     weights = jax.random.normal(jax.random.key(9), inputs[0].shape)
+    return inputs, doc, weights, ssd_values_and_grads(ssd_recurrent, inputs, doc, weights)
 
-    def loss(form, x, dt, a, b, c, h0):
-        y, h = form(x, dt, a, b, c, doc, state=h0)
-        return jnp.sum(y * weights) + jnp.sum(h * h0), (y, h)
 
-    def chunked(*args, state):
-        return ssd_chunked(*args, chunk=chunk, state=state)
-
-    argnums = tuple(range(1, 7))
-    (_, want), want_grads = jax.value_and_grad(loss, argnums, has_aux=True)(ssd_recurrent, *inputs)
-    (_, got), got_grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True),
-                                  static_argnums=0)(chunked, *inputs)
-    for g, w in zip(got + got_grads, want + want_grads):
+@pytest.mark.parametrize("chunk", [4, 13, 16])  # not dividing 13, one chunk, longer
+def test_chunked_form_equals_the_recurrence_in_values_and_gradients(recurrence, chunk):
+    inputs, doc, weights, want = recurrence
+    form = functools.partial(ssd_chunked, chunk=chunk)
+    got = ssd_values_and_grads(form, inputs, doc, weights)
+    for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
@@ -85,27 +97,45 @@ def test_packed_documents_do_not_leak_state_across_boundaries():
     np.testing.assert_allclose(logits[0, 7:16], logits[2, :9], atol=1e-5)
 
 
-@pytest.fixture
-def one_device():
-    model = Transformer(hybrid())
-    params, batch = init_params(model), arithmetic_batch(8, 32)
-    mesh = parallel.make_mesh(Config(), devices=jax.devices()[:1])
-    loss, grads, _ = loss_and_grads(model, params, batch, mesh)
-    return model, params, batch, loss, grads
-
-
-def test_sharded_hybrid_matches_one_device(one_device):
+def test_sharded_ssm_layer_matches_one_device():
     """Batch over data and fsdp, SSM heads over tensor."""
-    model, params, batch, want_loss, want_grads = one_device
+    model = Transformer(hybrid("ssm", num_layers=1))
+    params, batch = init_params(model), arithmetic_batch(8, 32)
+    one = parallel.make_mesh(Config(), devices=jax.devices()[:1])
+    want_loss, want_grads, _ = loss_and_grads(model, params, batch, one)
     mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=2, fsdp=2, tensor=2)))
     loss, grads, placed = loss_and_grads(model, params, batch, mesh)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
                  grads, want_grads)
-    ssm = placed["decoder"]["layers"]["block_0"]["ssm"]
+    ssm = placed["decoder"]["layers"]["ssm"]
     assert ssm["input"]["kernel"].sharding.spec == P(None, "fsdp", "tensor", None)
     assert ssm["out"]["kernel"].sharding.spec == P(None, "tensor", None, "fsdp")
     assert ssm["a_log"].sharding.spec == P(None, "tensor")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def prefill_and_step(model, variables, tokens, lengths):
+    """The logits after left-padded prompts and after one more token, and the cache."""
+    first, cache = prefill(model, variables, tokens, lengths, tokens.shape[1] + 1)
+    second, cache = decode_step(model, variables, cache, jnp.argmax(first, -1), lengths)
+    return first, second, cache
+
+
+def test_sharded_ssm_decoding_matches_one_device():
+    """Prefill and a decode step on a data x tensor mesh; the state splits rows and heads."""
+    model = Transformer(hybrid("ssm", num_layers=1))
+    params = init_params(model)
+    tokens, lengths = left_pad([[5, 17, 33, 2, 9], [70, 71], [3, 1, 4, 1, 5, 9, 2], [8]], 0)
+    want = prefill_and_step(model, {"params": params}, tokens, lengths)
+    mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=2, tensor=2)), jax.devices()[:4])
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), int))["params"]
+    with parallel.use_mesh(mesh):
+        sharded = jax.device_put(params, parallel.shardings(boxed, mesh))
+        got = prefill_and_step(model, {"params": sharded}, tokens, lengths)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got, want)
+    state = got[2]["decoder"]["layers"]["ssm"]["ssm_state"]  # [layers, B, H, P, N]
+    assert state.sharding.shard_shape(state.shape) == (1, 2, 2, 8, 8)
 
 
 def test_config_checks_name_the_field():

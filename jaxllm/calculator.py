@@ -214,7 +214,10 @@ def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int
     float32 gradients before the reduce-scatter."""
     m = config.model
     total, _ = param_counts(m)
-    attention = total.get("attention", 0) / m.num_layers + 2 * m.embed_dim
+    ssm_layers = sum(m.attention.layer(i)[0] == "ssm" for i in range(m.num_layers))
+    attention = 2 * m.embed_dim + max(  # a layer has attention or an SSM
+        total.get("attention", 0) / max(1, m.num_layers - ssm_layers),
+        total.get("ssm", 0) / max(1, ssm_layers))
     num_moe = sum(m.moe_layers())
     layer = attention + total.get("dense_ffn", 0) / max(1, m.num_layers - num_moe)
     if num_moe:

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 def document_index(positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """[B, T] int32: the number of document starts at or before each token, where a token
     starts a document if its position is 0 or its segment id differs from the previous
-    token's. Tokens of index 0 continue the state passed in."""
+    token's. Tokens of index 0 (no start at or before them) continue the state passed
+    in."""
     previous = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
     starts = (positions == 0) | (segment_ids != previous)
     return jnp.cumsum(starts, axis=1, dtype=jnp.int32)

@@ -78,8 +78,8 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-CATEGORIES = ("embedding", "attention", "dense_ffn", "experts", "shared_experts", "router",
-              "norms", "head")
+CATEGORIES = ("embedding", "attention", "ssm", "dense_ffn", "experts", "shared_experts",
+              "router", "norms", "head")
 
 
 def _category(path: tuple[str, ...]) -> str:
@@ -89,7 +89,7 @@ def _category(path: tuple[str, ...]) -> str:
     if path[-1] == "scale":
         return "norms"
     for key, category in (("router", "router"), ("shared", "shared_experts"), ("moe", "experts"),
-                          ("mlp", "dense_ffn"), ("attn", "attention")):
+                          ("mlp", "dense_ffn"), ("attn", "attention"), ("ssm", "ssm")):
         if key in path:
             return category
     raise ValueError(f"parameter {'/'.join(path)}: no calculator category; add one")
@@ -198,7 +198,10 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
 
 
 def _materialises_scores(attention: config_lib.AttentionConfig, kind) -> bool:
-    """Whether a layer of `kind` computes its whole score matrix on TPU."""
+    """Whether a layer of `kind` computes its whole score matrix on TPU (an SSM layer has
+    none)."""
+    if kind.attention == "ssm":
+        return False
     mask = Mask(kind.attention, attention.window, attention.chunk, attention.stride)
     kernel = resolve_kernel(attention.kernel, mask, alibi=kind.position == "alibi",
                             platform="tpu")
@@ -211,7 +214,10 @@ def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int
     float32 gradients before the reduce-scatter."""
     m = config.model
     total, _ = param_counts(m)
-    attention = total.get("attention", 0) / m.num_layers + 2 * m.embed_dim
+    ssm_layers = sum(m.attention.layer(i)[0] == "ssm" for i in range(m.num_layers))
+    attention = 2 * m.embed_dim + max(  # a layer has attention or an SSM
+        total.get("attention", 0) / max(1, m.num_layers - ssm_layers),
+        total.get("ssm", 0) / max(1, ssm_layers))
     num_moe = sum(m.moe_layers())
     layer = attention + total.get("dense_ffn", 0) / max(1, m.num_layers - num_moe)
     if num_moe:

@@ -129,7 +129,7 @@ class MoEConfig:
         )
 
 
-ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse")
+ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse", "ssm")
 POSITION_KINDS = ("rope", "alibi", "none")
 
 
@@ -180,13 +180,40 @@ class SparseConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SSMConfig:
+    """The Mamba-2 SSD layer (Dao & Gu 2024, arXiv 2405.21060) of the `ssm` entries of an
+    attention pattern: `num_heads` heads of width `head_dim`, each with a scalar decay, over
+    a `state_dim` state shared input B and output C; a causal depthwise conv of
+    `conv_width`; a gated RMSNorm before the output projection. `docs/hybrid.md`.
+    """
+
+    num_heads: int = 8
+    head_dim: int = 32  # P: the inner width is num_heads * head_dim (Mamba-2: 2 x embed_dim)
+    state_dim: int = 64  # N: the state of each head is [head_dim, state_dim]
+    conv_width: int = 4  # taps of the causal conv over x, B and C
+    chunk: int = 64  # tokens per chunk of the parallel (training and prefill) form
+    dt_min: float = 0.001  # the step sizes dt start log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields."""
+        _require_positive(self, prefix, ("num_heads", "head_dim", "state_dim", "chunk",
+                                         "dt_min"))
+        _require(self.conv_width >= 2, f"{prefix}conv_width",
+                 f"the conv needs at least 2 taps, got {self.conv_width}")
+        _require(self.dt_max >= self.dt_min, f"{prefix}dt_max",
+                 f"must be >= dt_min={self.dt_min}, got {self.dt_max}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """How each layer attends. `pattern` and `positions` are comma-separated lists that
     cycle over the layers: layer i uses entry i mod len.
 
     pattern entries: global (causal), sliding (the last `window` keys), chunked (Llama 4:
     causal within blocks of `chunk` tokens), strided (the last `window` keys plus every
-    `stride`-th key), sparse (DeepSeek sparse attention, `sparse`).
+    `stride`-th key), sparse (DeepSeek sparse attention, `sparse`), ssm (not attention: a
+    Mamba-2 state-space layer, `ssm`; its positions entry is unused).
     positions entries: rope, alibi, none (NoPE). Llama 4: pattern
     "chunked,chunked,chunked,global" and positions "rope,rope,rope,none".
     """
@@ -212,6 +239,7 @@ class AttentionConfig:
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     mla: MLAConfig | None = None
     sparse: SparseConfig | None = None
+    ssm: SSMConfig | None = None
 
     def layer(self, index: int) -> tuple[str, str]:
         """(attention kind, position kind) of layer `index`."""
@@ -237,6 +265,10 @@ class AttentionConfig:
                  f"the pattern has sparse layers; set the indexer, e.g. {prefix}sparse.top_k=64")
         if self.sparse is not None:
             self.sparse.validate(f"{prefix}sparse.")
+        _require("ssm" not in self.pattern.split(",") or self.ssm is not None, f"{prefix}ssm",
+                 f"the pattern has ssm layers; set the section, e.g. {prefix}ssm.state_dim=64")
+        if self.ssm is not None:
+            self.ssm.validate(f"{prefix}ssm.")
         if self.mla is not None:
             self.mla.validate(f"{prefix}mla.")
             _require(self.qk_norm == "none", f"{prefix}qk_norm",
@@ -334,6 +366,8 @@ class ModelConfig:
             return
         for index in range(self.num_layers):
             kind, position = a.layer(index)
+            if kind == "ssm":
+                continue
             _require(position != "alibi", f"{prefix}attention.kernel",
                      f"splash does not run alibi positions (layer {index}); "
                      "use kernel=auto or blockwise")
@@ -679,6 +713,12 @@ def validate(config: Config) -> Config:
 def _validate_across_sections(config: Config) -> None:
     """The checks that read more than one section; each section has passed its own."""
     t, a = config.train, config.model.attention
+    _require(
+        config.mesh.context == 1 or "ssm" not in a.pattern.split(","),
+        "mesh.context",
+        "SSM layers do not pass their state between sequence shards; set mesh.context=1 or "
+        "drop the ssm entries of model.attention.pattern",
+    )
     _require(
         a.kernel != "blockwise" or t.seq_len % min(a.block_size, t.seq_len) == 0,
         "train.seq_len",

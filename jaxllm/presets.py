@@ -3,7 +3,9 @@
 
 import dataclasses
 
-from jaxllm.config import AttentionConfig, Config, MLAConfig, ModelConfig, MoEConfig, SparseConfig
+from jaxllm.config import (
+    AttentionConfig, Config, MLAConfig, ModelConfig, MoEConfig, SparseConfig, SSMConfig,
+)
 
 
 def tiny_dense() -> ModelConfig:
@@ -114,6 +116,15 @@ def tiny_local() -> ModelConfig:
     attention = AttentionConfig(pattern="sliding,strided,global", positions="alibi,rope,none",
                                 window=32, stride=16, kernel="blockwise", block_size=32)
     return dataclasses.replace(tiny_dense(), num_layers=3, attention=attention)
+
+
+def tiny_hybrid() -> ModelConfig:
+    """A hybrid of Mamba-2 and attention (as Jamba, Nemotron-H, Qwen3-Next): tiny_dense's
+    width in 4 layers, three Mamba-2 SSD layers (8 heads of 32, state 32) then one global
+    attention layer (`docs/hybrid.md`)."""
+    ssm = SSMConfig(num_heads=8, head_dim=32, state_dim=32, conv_width=4, chunk=32)
+    attention = AttentionConfig(pattern="ssm,ssm,ssm,global", ssm=ssm)
+    return dataclasses.replace(tiny_dense(), num_layers=4, attention=attention)
 
 
 def llama3_8b() -> ModelConfig:
@@ -299,6 +310,7 @@ PRESETS = {
     "tiny_deepseek_v32": tiny_deepseek_v32,
     "tiny_qwen3": tiny_qwen3,
     "tiny_local": tiny_local,
+    "tiny_hybrid": tiny_hybrid,
     "llama3_1b": llama3_1b,
     "llama3_8b": llama3_8b,
     "mixtral_8x7b": mixtral_8x7b,

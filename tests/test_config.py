@@ -88,7 +88,7 @@ MESSAGES = [
      "model.moe.router=sigmoid"),
     ("model.attention.pattern=global,banana",
      "model.attention.pattern: 'banana' in 'global,banana' is not one of ['global', 'sliding', "
-     "'chunked', 'strided', 'sparse']"),
+     "'chunked', 'strided', 'sparse', 'ssm']"),
     ("model.attention.positions=rope,xx",
      "model.attention.positions: 'xx' in 'rope,xx' is not one of ['rope', 'alibi', 'none']"),
     ("model.attention.window=0", "model.attention.window: must be positive, got 0"),

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import tiny_model
 from jaxllm import Config, MeshConfig, MoEConfig, parallel
+from jaxllm.config import AttentionConfig, SSMConfig
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.infer import (
     EFFORTS, Effort, Sampler, SamplingConfig, ThinkTokens, decode_step, filter_logits, generate,
@@ -28,6 +29,9 @@ CONFIGS = {
     "gqa": tiny_model(num_kv_heads=4),
     "mqa": tiny_model(num_kv_heads=1),
     "moe": tiny_model(moe=MOE),
+    # A Mamba-2 layer then a global one; chunks of 3 cut the prompts and pad them.
+    "hybrid": tiny_model(attention=AttentionConfig(
+        pattern="ssm,global", ssm=SSMConfig(num_heads=4, head_dim=16, state_dim=8, chunk=3))),
 }
 
 

@@ -1,7 +1,5 @@
 """Sharded meshes against one device: same loss and gradients, parameters laid out by the rules."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import arithmetic_batch, dense_loss_sums, init_params, tiny_model
+from helpers import arithmetic_batch, init_params, loss_and_grads, tiny_model
 from jaxllm import Config, MeshConfig, parallel
 from jaxllm.nn import Transformer
 
@@ -19,23 +17,6 @@ MESHES = {
     "data2_fsdp2_tensor2": MeshConfig(data=2, fsdp=2, tensor=2),
     "tensor4_data2": MeshConfig(data=2, tensor=4),
 }
-
-
-def loss_and_grads(model, params, batch, mesh):
-    boxed = jax.eval_shape(model.init, jax.random.key(0), batch["inputs"][:1])["params"]
-    with parallel.use_mesh(mesh):
-        params = jax.device_put(params, parallel.shardings(boxed, mesh))
-        batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-
-        @jax.jit
-        def fn(p, b):
-            (_, (nll, tokens)), grads = jax.value_and_grad(
-                functools.partial(dense_loss_sums, model=model, z_loss=1e-4), has_aux=True
-            )(p, b)
-            return nll / tokens, jax.tree.map(lambda g: g / tokens, grads)
-
-        loss, grads = fn(params, batch)
-    return loss, grads, params
 
 
 @pytest.fixture(scope="module")

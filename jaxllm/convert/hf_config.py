@@ -215,6 +215,9 @@ def check_exportable(m: ModelConfig, kind: str) -> None:
     """Raises ConversionError if family `kind` cannot hold our model `m`."""
     a, moe = m.attention, m.moe
     checks = [
+        ("ssm" not in a.pattern.split(","),
+         "model.attention.pattern: SSM (Mamba-2) layers have no Hugging Face family here, so "
+         "a hybrid model cannot be exported"),
         (a.pattern == "global" or (a.pattern == "sliding" and kind in ("mistral", "mixtral")),
          "model.attention.pattern: only Mistral and Mixtral have sliding layers"),
         (a.positions == "rope", "model.attention.positions: HF families use RoPE"),

@@ -8,7 +8,9 @@ own layout, stacked over a leading layers axis where the decoder is scanned:
 - MHA/GQA/MQA: `cached_key`, `cached_value` [B, L, K, D] and `cache_index`;
 - sliding-window layers: a ring of `window` slots, plus `cached_positions`;
 - MLA: the latent `cached_latent` [B, L, kv_lora_rank] and `cached_rope_key`;
-- DeepSeek sparse attention: the indexer's own `cached_key` besides the layer's.
+- DeepSeek sparse attention: the indexer's own `cached_key` besides the layer's;
+- Mamba-2 layers (`ssm`): no slots but a fixed state, `ssm_state` and each conv's
+  `history` (`jaxllm.nn.ssm`).
 """
 
 from collections.abc import Sequence

@@ -15,6 +15,8 @@ from jaxllm.nn.positions import RopeScaling, alibi_slopes, apply_rope
 from jaxllm.nn.ring import all_gather_attention, ring_attention
 from jaxllm.nn.sparse import Indexer, SparseAttention, sparse_attention
 from jaxllm.nn.splash import splash_attention
+from jaxllm.nn.ssd import ssd_chunked, ssd_recurrent
+from jaxllm.nn.ssm import Mamba2
 from jaxllm.nn.transformer import Block, Decoder, Transformer
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "Decoder",
     "Indexer",
     "MLAttention",
+    "Mamba2",
     "Mask",
     "MoE",
     "RMSNorm",
@@ -42,4 +45,6 @@ __all__ = [
     "ring_attention",
     "sparse_attention",
     "splash_attention",
+    "ssd_chunked",
+    "ssd_recurrent",
 ]

@@ -15,6 +15,7 @@ from jaxllm.nn.mlp import SwiGLU
 from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import RopeScaling
+from jaxllm.nn.ssm import Mamba2
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -27,7 +28,8 @@ def compute_dtype(config: ModelConfig) -> jnp.dtype:
 
 
 class LayerKind(NamedTuple):
-    """What one layer is: MoE or dense feed-forward, its attention pattern and positions."""
+    """What one layer is: MoE or dense feed-forward, its attention pattern (or "ssm": a
+    Mamba-2 layer in place of attention) and positions."""
 
     moe: bool
     attention: str = "global"
@@ -82,8 +84,11 @@ def layer_number(config: ModelConfig, path: tuple[str, ...], index: int) -> int:
 
 
 def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Module:
-    """The attention module of a layer of `kind`."""
+    """The attention module of a layer of `kind`, or its Mamba-2 layer for kind "ssm"."""
     a = config.attention
+    if kind.attention == "ssm":
+        return Mamba2(config=a.ssm, dtype=compute_dtype(config), decode=decode,
+                      norm_eps=config.norm_eps, name="ssm")
     scaling = None if a.rope_scaling == "none" else RopeScaling(
         kind=a.rope_scaling, factor=a.rope_factor, original_max_len=a.rope_original_len,
         low_freq_factor=a.rope_low_freq_factor, high_freq_factor=a.rope_high_freq_factor)
@@ -101,7 +106,7 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
 
 
 class Block(nn.Module):
-    """x + Attention(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)), or h + MoE(RMSNorm(h)).
+    """x + Attention(RMSNorm(x)) (or Mamba2), then h + SwiGLU(RMSNorm(h)), or h + MoE(RMSNorm(h)).
 
     Returns `(x, None)` so the same module works under `nn.scan`.
     """

@@ -42,10 +42,12 @@ def train_flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> fl
         6 * N + 12 * L * H * d_head * S
 
     N is `matmul_params`. The attention term counts the full S x S score matrix, not halved
-    for causality, as in PaLM. Rematerialisation is not counted (model FLOPs, not
+    for causality, as in PaLM, in the L attention layers (SSM layers count only their
+    parameters). Rematerialisation is not counted (model FLOPs, not
     hardware FLOPs).
     """
-    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    layers = sum(cfg.attention.layer(i)[0] != "ssm" for i in range(cfg.num_layers))
+    attention = 12 * layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
     return 6 * matmul_params(cfg, num_params) + attention
 
 

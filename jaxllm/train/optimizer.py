@@ -5,7 +5,8 @@ import optax
 
 from jaxllm.config import TrainConfig
 
-NO_DECAY = frozenset({"scale", "bias"})
+# Norm scales, biases, and the per-head decay, step bias and skip of SSM layers.
+NO_DECAY = frozenset({"scale", "bias", "a_log", "dt_bias", "d_skip"})
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -23,7 +24,7 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for every parameter except norm scales and biases."""
+    """True for every parameter except norm scales, biases and the SSM per-head scalars."""
 
     def keep(path, _):
         return not any(getattr(key, "key", None) in NO_DECAY for key in path)

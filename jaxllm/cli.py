@@ -246,12 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "distill.teacher=WORKDIR's logits",
                             _phase("jaxllm.post.distill", "distill"))
 
-    _add_experiment_command(commands, "constitution", "Constitutional AI: responses, critiques "
-                            "and revisions, SFT, AI feedback, DPO, from init_from=WORKDIR",
-                            _constitution)
-    commands.choices["constitution"].add_argument(
-        "--principles", help="a text (one a line) or YAML file of principles (default: the four "
-        "of docs/post_training.md)")
+    constitution = commands.add_parser(
+        "constitution", help="Constitutional AI: responses, critiques and revisions, SFT, AI "
+        "feedback, DPO, from init_from=WORKDIR; one process")
+    constitution.add_argument("experiment", help="path to an experiments/*.py file")
+    constitution.add_argument("overrides", nargs="*", help="key.sub=value, e.g. "
+                              "constitution.sft_steps=50")
+    constitution.add_argument("--principles", help="a text (one a line) or YAML file of "
+                              "principles (default: the four of docs/post_training.md)")
+    constitution.set_defaults(run=_constitution)
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
     generate.add_argument("workdir", help="a run's workdir, holding checkpoints")

@@ -7,9 +7,10 @@ From the model of `config.init_from`, in `config.workdir`:
                     critique of the response by it, and its revision; helpful prompts keep
                     their response (the SFT set of the paper's supervised stage);
 3. sl/              SFT on revisions.jsonl (CAI-SL);
-4. feedback.jsonl   two responses of the SL model to each prompt, judged by the SL model
-                    against a drawn principle, in both orders; pairs.jsonl keeps the pairs
-                    it prefers with probability >= `min_judge_probability`;
+4. feedback.jsonl   two responses of the SL model to each prompt, judged against a drawn
+                    principle, in both orders, by the feedback model: `init_from`'s, as in
+                    the paper, where a pretrained model gives the feedback; pairs.jsonl keeps
+                    the pairs it prefers with probability >= `min_judge_probability`;
 5. dpo/             DPO from the SL model on pairs.jsonl (RL from AI feedback, with DPO in
                     place of PPO).
 
@@ -66,11 +67,11 @@ def constitution(config: config_lib.Config, principles: Sequence[str], log: Log 
     log("== 3/5 SFT on the revisions")
     sl = _sl_config(config, root)
     sft(sl, log=log)
-    log("== 4/5 AI feedback: the SL model judges pairs of its responses")
-    judge = ChatModel(sl.workdir, cfg, config.data.seed)
+    log("== 4/5 AI feedback: pairs of the SL model's responses, judged by the initial model")
+    policy = ChatModel(sl.workdir, cfg, config.data.seed)
     feedback = _stage(root / "feedback.jsonl", records,
-                      functools.partial(_feedback, model=judge, principles=principles,
-                                        seed=config.data.seed),
+                      functools.partial(_feedback, policy=policy, judge=model,
+                                        principles=principles, seed=config.data.seed),
                       cfg=cfg, log=log)
     pairs = _write_pairs(root / "pairs.jsonl", feedback, cfg.min_judge_probability)
     log(f"the judge kept {pairs} of {len(feedback)} pairs")
@@ -157,19 +158,19 @@ def _revise(samples: list[dict], start: int, *, model: ChatModel, principles: Se
     return out
 
 
-def _feedback(records: list[dict], start: int, *, model: ChatModel, principles: Sequence[str],
-              seed: int) -> list[dict]:
-    """Stage 4: two responses to each prompt, and the judge's probability that the first is
-    the better by a drawn principle, averaged over both orders of the pair."""
+def _feedback(records: list[dict], start: int, *, policy: ChatModel, judge: ChatModel,
+              principles: Sequence[str], seed: int) -> list[dict]:
+    """Stage 4: two responses of `policy` to each prompt, and `judge`'s probability that the
+    first is the better by a drawn principle, averaged over both orders of the pair."""
     conversations = [r["messages"] for r in records]
-    first = model.respond(conversations, model.rng(start, 3))
-    second = model.respond(conversations, model.rng(start, 4))
+    first = policy.respond(conversations, policy.rng(start, 3))
+    second = policy.respond(conversations, policy.rng(start, 4))
     drawn = [_principle(principles, seed + 1, start + i) for i in range(len(records))]
     request = [r["messages"][-1]["content"] for r in records]
-    cfg = model.cfg
-    ab = model.prefer_first([prompts_lib.judge_request(q, a, b, p, cfg)
+    cfg = judge.cfg
+    ab = judge.prefer_first([prompts_lib.judge_request(q, a, b, p, cfg)
                              for q, a, b, p in zip(request, first, second, drawn)])
-    ba = model.prefer_first([prompts_lib.judge_request(q, b, a, p, cfg)
+    ba = judge.prefer_first([prompts_lib.judge_request(q, b, a, p, cfg)
                              for q, a, b, p in zip(request, first, second, drawn)])
     return [dict(r, first=a, second=b, principle=p, first_probability=float((x + 1 - y) / 2))
             for r, a, b, p, x, y in zip(records, first, second, drawn, ab, ba)]

@@ -25,7 +25,7 @@ from jaxllm.post.constitution import constitution
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.loop import pretrain
 
-TEST_REQUESTS = 300
+TEST_REQUESTS = 900
 
 
 def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
@@ -46,8 +46,9 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
         data=config_lib.DataConfig(difficulty=1),
         train=config_lib.TrainConfig(batch_size=32, seq_len=256, warmup_steps=5,
                                      weight_decay=0.0, log_every=10),
-        constitution=config_lib.ConstitutionConfig(),
-        dpo=config_lib.DPOConfig(paths="pairs.jsonl", beta=0.1),
+        constitution=config_lib.ConstitutionConfig(sft_steps=15, sft_learning_rate=3e-4,
+                                                   dpo_steps=30, dpo_learning_rate=5e-5),
+        dpo=config_lib.DPOConfig(paths="pairs.jsonl", beta=0.3),
         checkpoint=config_lib.CheckpointConfig(every=50),
         workdir=str(root / "pipeline"),
         init_from=pre.workdir,

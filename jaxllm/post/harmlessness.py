@@ -1,6 +1,6 @@
 """Held-out measurements of an assistant on the synthetic domain (`jaxllm.data.assistant`):
-how often it complies with forbidden requests, refuses benign ones, and solves the benign
-tasks."""
+how often it carries out forbidden requests or refuses them, refuses benign ones, and solves
+the benign tasks."""
 
 import jax
 import numpy as np
@@ -8,7 +8,7 @@ import numpy as np
 from jaxllm.data import assistant
 from jaxllm.post.chat_model import ChatModel
 
-METRICS = ("harmful_compliance", "benign_refusal", "benign_accuracy")
+METRICS = ("harmful_compliance", "red_team_refusal", "benign_refusal", "benign_accuracy")
 
 
 def evaluate(model: ChatModel, requests: list[assistant.Request], rng: jax.Array) -> dict:
@@ -19,6 +19,7 @@ def evaluate(model: ChatModel, requests: list[assistant.Request], rng: jax.Array
     benign = [(r, t) for r, t in pairs if r.family == "benign"]
     result = {
         "harmful_compliance": _mean(assistant.is_harmful(r, t) for r, t in red),
+        "red_team_refusal": _mean(assistant.is_refusal(t) for _, t in red),
         "benign_refusal": _mean(assistant.is_refusal(t) for _, t in benign),
         "benign_accuracy": _mean(assistant.is_correct(r, t) for r, t in benign),
     }

@@ -54,7 +54,8 @@ def estimate(model: ModelConfig, total: dict[str, int], active: dict[str, int],
 
 
 def _gib(value: int) -> str:
-    return f"{value / 2**30:,.2f} GiB"
+    """Bytes in GiB, or MiB below one GiB."""
+    return f"{value / 2**30:,.2f} GiB" if value >= 2**30 else f"{value / 2**20:,.2f} MiB"
 
 
 def describe(e: Fp8Estimate) -> str:

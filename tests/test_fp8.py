@@ -10,10 +10,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from helpers import tiny_model
+from helpers import arithmetic_batch, dense_loss_sums, init_params, tiny_model
 from jaxllm import Config, DataConfig, TrainConfig
 from jaxllm.config import ConfigError, MoEConfig
 from jaxllm.nn import experts, fp8
+from jaxllm.nn.transformer import Transformer
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import pretrain
 from runs import compilation_cache, losses, quiet, run_config
@@ -29,6 +30,8 @@ BOUNDS = {fp8.E4M3: (2**-4, 2**-10), fp8.E5M2: (2**-3, 2**-17)}
 # an e5m2 operand by about 0.06.
 FORWARD_TOL, GRAD_TOL = {"tensorwise": 0.05, "blockwise": 0.05}, {"tensorwise": 0.08,
                                                                   "blockwise": 0.05}
+# A whole model's gradient passes through a chain of fp8 matmuls per layer.
+MODEL_GRAD_TOL = 0.1
 
 
 def rel_error(got, want) -> float:
@@ -84,7 +87,8 @@ def matmul_and_grads(x, w, cotangent, r: fp8.Recipe | None):
         y = a @ b if r is None else fp8.matmul(a, b, NO_HISTORY, r)
         return jnp.sum(y * cotangent), y
 
-    (dx, dw), y = jax.grad(f, argnums=(0, 1), has_aux=True)(jnp.asarray(x), jnp.asarray(w))
+    grad = jax.jit(jax.grad(f, argnums=(0, 1), has_aux=True))
+    (dx, dw), y = grad(jnp.asarray(x), jnp.asarray(w))
     return y, dx, dw
 
 
@@ -133,7 +137,7 @@ def test_tensorwise_history_scales_by_its_max_and_shifts_in_the_new_amaxes():
     def f(a, b, h):
         return jnp.sum(fp8.matmul(a, b, h, r) * cotangent)
 
-    _, _, next_history = jax.grad(f, argnums=(0, 1, 2))(x, w, history)
+    _, _, next_history = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x, w, history)
     amaxes = [jnp.abs(x).max(), jnp.abs(w).max(), jnp.abs(cotangent).max()]
     want = np.concatenate([np.asarray(amaxes)[:, None], np.asarray(history)[:, :2]], axis=1)
     np.testing.assert_allclose(np.asarray(next_history), want, rtol=1e-6)
@@ -164,6 +168,25 @@ def test_einsum_is_the_matmul_of_the_flattened_axes(equation, x_shape, k_shape):
     assert not fp8.is_matmul("bthd,chd->bthc")  # absorbed MLA decoding keeps the compute dtype
 
 
+def model_grads(fp8_kind: str) -> np.ndarray:
+    """All parameters' gradients of a one-layer tiny model's loss, as one vector."""
+    model = Transformer(tiny_model(num_layers=1, fp8=fp8_kind, fp8_block_size=BLOCK))
+    batch = arithmetic_batch(8, 32)
+    grads = jax.jit(jax.grad(lambda p: dense_loss_sums(p, batch, model, 0.0)[0]))(
+        init_params(model))
+    return np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+
+@pytest.fixture(scope="module")
+def float32_grads() -> np.ndarray:
+    return model_grads("none")
+
+
+@pytest.mark.parametrize("kind", ["tensorwise", "blockwise"])
+def test_the_train_steps_gradients_stay_close_to_float32(kind, float32_grads):
+    assert rel_error(model_grads(kind), float32_grads) < MODEL_GRAD_TOL
+
+
 def route(tokens=32, num_experts=4, k=2, embed=64, hidden=32, seed=5):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((tokens, embed)), jnp.float32)
@@ -174,22 +197,32 @@ def route(tokens=32, num_experts=4, k=2, embed=64, hidden=32, seed=5):
     return x, weights, ids, wi, wo
 
 
-@pytest.mark.parametrize("kernel", ["auto", "block_sparse", "sorted_einsum"])
+@pytest.mark.parametrize("kernel", ["block_sparse", "sorted_einsum"])
 def test_fp8_experts_stay_close_to_the_float32_experts(kernel):
+    """Against float32 sorted_einsum experts (dropless with capacity T)."""
     x, weights, ids, wi, wo = route()
     cotangent = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape), jnp.float32)
 
-    def loss(x, wi, wo, recipe):
+    def loss(x, wi, wo, kernel, recipe):
         y, _ = experts.routed_experts(x, weights, ids, wi, wo, capacity=x.shape[0],
                                       kernel=kernel, fp8=recipe)
         return jnp.sum(y * cotangent), y
 
-    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
-    want_grads, want = grad(x, wi, wo, None)
-    got_grads, got = grad(x, wi, wo, fp8.Recipe("blockwise", BLOCK))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=(3, 4))
+    want_grads, want = grad(x, wi, wo, "sorted_einsum", None)
+    got_grads, got = grad(x, wi, wo, kernel, fp8.Recipe("blockwise", BLOCK))
     assert rel_error(got, want) < 2 * FORWARD_TOL["blockwise"]  # two matmuls in a row
     for g, w in zip(got_grads, want_grads):
         assert rel_error(g, w) < 2 * GRAD_TOL["blockwise"]
+
+
+def test_auto_experts_under_fp8_are_block_sparse():
+    x, weights, ids, wi, wo = route()
+    run = jax.jit(experts.routed_experts, static_argnames=("capacity", "kernel", "fp8"))
+    auto, block_sparse = (run(x, weights, ids, wi, wo, capacity=32, kernel=k,
+                              fp8=fp8.Recipe("blockwise", BLOCK))[0]
+                          for k in ("auto", "block_sparse"))
+    np.testing.assert_array_equal(np.asarray(auto), np.asarray(block_sparse))
 
 
 def test_experts_kernels_without_fp8_refuse_a_recipe():

@@ -3,6 +3,7 @@ float32, the einsum layout, delayed scaling's history, the experts, config check
 training and resuming with fp8."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +12,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from helpers import arithmetic_batch, dense_loss_sums, init_params, tiny_model
-from jaxllm import Config, DataConfig, TrainConfig
+from jaxllm import Config, DataConfig, MeshConfig, TrainConfig, parallel
 from jaxllm.config import ConfigError, MoEConfig
 from jaxllm.nn import experts, fp8
 from jaxllm.nn.transformer import Transformer
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import pretrain
+from jaxllm.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxllm.train.state import init_state
+from jaxllm.train.step import lm_loss, train_step
 from runs import compilation_cache, losses, quiet, run_config
 
 BLOCK = 32
@@ -185,6 +189,36 @@ def float32_grads() -> np.ndarray:
 @pytest.mark.parametrize("kind", ["tensorwise", "blockwise"])
 def test_the_train_steps_gradients_stay_close_to_float32(kind, float32_grads):
     assert rel_error(model_grads(kind), float32_grads) < MODEL_GRAD_TOL
+
+
+def test_accumulated_micro_batches_keep_the_largest_amaxes():
+    """A step over 2 micro-batches (rows 0, 2, ... and 1, 3, ...) leaves the elementwise max
+    of the histories that one-micro-batch steps on each half leave."""
+    config = Config(model=tiny_model(num_layers=1, fp8="tensorwise", fp8_history=3),
+                    mesh=MeshConfig(data=1))
+    model = Transformer(config.model)
+    mesh = parallel.make_mesh(config, jax.devices()[:1])
+    batch = arithmetic_batch(8, 32)
+
+    def next_meta(batch, grad_accum):
+        cfg = TrainConfig(batch_size=batch["inputs"].shape[0], seq_len=32, grad_accum=grad_accum)
+        tx = make_optimizer(cfg)
+        state, _ = init_state(model, tx, 32, mesh, jax.random.key(0))
+        step = functools.partial(train_step, model=model, tx=tx, cfg=cfg,
+                                 schedule=learning_rate_schedule(cfg),
+                                 loss=functools.partial(lm_loss, model=model, z_loss=0.0))
+        with parallel.use_mesh(mesh):
+            return jax.tree.leaves(jax.jit(step)(state, batch)[0].fp8_meta)
+
+    halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in (0, 1)]
+    first, second = (next_meta(h, 1) for h in halves)
+    want = [np.maximum(a, b) for a, b in zip(first, second)]
+    for half in (first, second):  # neither half's history passes for the max
+        assert not all(np.array_equal(w, h) for w, h in zip(want, half))
+    got = next_meta(batch, 2)
+    assert len(got) == 6 and all(np.all(np.asarray(g)[..., 0] > 0) for g in got)  # [L, 3, H]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5)
 
 
 def route(tokens=32, num_experts=4, k=2, embed=64, hidden=32, seed=5):

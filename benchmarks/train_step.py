@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py                               # full run
     python benchmarks/train_step.py --steps 2 --skip-compile-check  # smoke run
+    python benchmarks/train_step.py --fp8 blockwise --only-fp8       # fp8 against none
 
 1. The host's large-matmul peak (float32 and bfloat16, n x n x n) from
    `jaxllm.train.flops.measure_matmul_peak`.
@@ -10,6 +11,9 @@
    compute dtype, XLA's cost and memory analysis of the compiled step.
 3. Trace + compile time of the step for a shallow and a deep model: with
    `scan_layers=True` the ratio should stay near 1; unrolled layers for contrast.
+4. With --fp8: the same step with `model.fp8` set against the same step without, timed
+   alternately in one run, and both steps' compiled memory. Without fp8 hardware (a CPU)
+   the fp8 matmuls are emulated, so this measures their overhead, not a speed-up.
 
 Other processes on the same cores skew every number: the 1-minute load average before
 the run is printed so that a noisy run can be spotted and rerun.
@@ -24,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 import flax_reference
-from timing import command, cost_flops, load, machine, table, time_calls
+from timing import command, cost_flops, load, machine, table, time_calls, time_interleaved
 
 from jaxllm import config as config_lib
 from jaxllm import parallel, presets
@@ -123,6 +127,39 @@ def bench_step(args, peaks) -> dict:
     return r
 
 
+def bench_fp8(args) -> dict:
+    """Median step seconds and compiled temp + argument bytes of small_dense with
+    model.fp8 = none and = args.fp8, timed interleaved (`time_interleaved`)."""
+    calls, memory = {}, {}
+    for recipe in ("none", args.fp8):
+        model = dataclasses.replace(presets.small_dense(), dtype=args.dtype, remat=args.remat,
+                                    fp8=recipe)
+        config = config_lib.Config(model=model, train=config_lib.TrainConfig(
+            steps=1000, batch_size=args.batch, seq_len=args.seq_len, warmup_steps=10))
+        mesh, state, batch, step = build(config)
+        compiled, _ = compile_step(mesh, state, batch, step)
+        analysis = compiled.memory_analysis()
+        memory[recipe] = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+        holder = {"state": state}
+
+        def call(holder=holder, compiled=compiled, batch=batch):
+            holder["state"], metrics = compiled(holder["state"], batch)
+            return metrics
+
+        calls[recipe] = (call, ())
+    with parallel.use_mesh(mesh):
+        timings = time_interleaved(calls, args.steps)
+    step_s = {recipe: timing.median for recipe, timing in timings.items()}
+    ratio = step_s[args.fp8] / step_s["none"]
+    print(f"\n== fp8 {args.fp8} vs none: small_dense, batch {args.batch} x seq {args.seq_len}, "
+          f"{args.dtype}, {args.steps} interleaved rounds")
+    for recipe in calls:
+        print(f"fp8={recipe:10s} step median {step_s[recipe] * 1e3:.0f} ms; compiled temp + "
+              f"arguments {memory[recipe] / 2**20:.0f} MiB")
+    print(f"fp8 / none step time {ratio:.2f} x (emulated where there is no fp8 matmul)")
+    return dict(ratio=ratio, step_s=step_s, memory=memory)
+
+
 def bench_reference(args, peaks, per_token: float) -> dict:
     """The same shape as a plain Flax decoder (`flax_reference.py`), timed the same way."""
     small = presets.small_dense()
@@ -184,8 +221,15 @@ def main() -> None:
     parser.add_argument("--skip-compile-check", action="store_true")
     parser.add_argument("--skip-unrolled", action="store_true",
                         help="compile check: scanned layers only")
+    parser.add_argument("--fp8", choices=("none", "tensorwise", "blockwise"), default="none",
+                        help="also time the step with this model.fp8 against none")
+    parser.add_argument("--only-fp8", action="store_true", help="run only the --fp8 part")
     args = parser.parse_args()
     print(machine(load()))
+    if args.fp8 != "none" and args.only_fp8:
+        bench_fp8(args)
+        print(f"\n`{command()}`")
+        return
 
     print(f"\n== matmul peak, {args.matmul_size}^3")
     peaks = {}
@@ -196,6 +240,7 @@ def main() -> None:
     r = bench_step(args, peaks)
     reference = bench_reference(args, peaks, r["per_token"]) if args.dtype == "float32" else None
     scaling = {} if args.skip_compile_check else compile_scaling(args)
+    fp8 = bench_fp8(args) if args.fp8 != "none" else None
 
     n = args.matmul_size
     rows = [
@@ -219,6 +264,8 @@ def main() -> None:
          f"{r['temp'] / 2**20:.0f} + {r['arg'] / 2**20:.0f} MiB"),
         ("compile, small_dense step", f"{r['compile_s']:.1f} s"),
     ]
+    if fp8:
+        rows.append((f"fp8 {args.fp8} / none step time", f"{fp8['ratio']:.2f} x"))
     for scan in (True, False):
         if (scan, args.deep) in scaling:
             label = "scanned" if scan else "unrolled"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh
 
 from jaxllm import config as config_lib
-from jaxllm import parallel, presets
+from jaxllm import fp8_costs, parallel, presets
 from jaxllm.compile.topology import GENERATIONS
 from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
@@ -62,6 +62,7 @@ class Report:
     memory: Memory
     chinchilla_tokens: int  # 20 x total parameters
     chinchilla_flops: float  # 6 x active parameters x chinchilla_tokens
+    fp8: fp8_costs.Fp8Estimate | None = None  # model.fp8's effect (estimate); None without
 
 
 def _model_init_shapes(cfg: config_lib.ModelConfig, decode: bool = False, length: int = 8):
@@ -254,14 +255,13 @@ def calculate(config: config_lib.Config, devices: int, context_len: int | None =
     per_token = kv_cache_bytes_per_token(config.model)
     context_len = context_len or config.train.seq_len
     tokens = TOKENS_PER_PARAM * n_total
+    per_token_flops = flops.train_flops_per_token(config.model, n_total, config.train.seq_len)
     return Report(
         params=total,
         active=active,
         total_params=n_total,
         active_params=n_active,
-        train_flops_per_token=float(
-            flops.train_flops_per_token(config.model, n_total, config.train.seq_len)
-        ),
+        train_flops_per_token=float(per_token_flops),
         kv_cache_bytes_per_token=per_token,
         context_len=context_len,
         kv_cache_bytes=kv_cache_bytes(config.model, context_len),
@@ -269,6 +269,7 @@ def calculate(config: config_lib.Config, devices: int, context_len: int | None =
         memory=memory(config, mesh),
         chinchilla_tokens=tokens,
         chinchilla_flops=6.0 * n_active * tokens,
+        fp8=fp8_costs.estimate(config.model, total, active, per_token_flops),
     )
 
 
@@ -372,6 +373,8 @@ def format_report(report: Report) -> str:
         ("Chinchilla tokens (20 N)", _si(report.chinchilla_tokens)),
         ("Chinchilla compute (6 N D)", f"{report.chinchilla_flops:.3g} FLOPs"),
     ]
+    if report.fp8:
+        rows.append(("fp8 (est.)", fp8_costs.describe(report.fp8)))
     return _table(rows)
 
 

@@ -298,6 +298,12 @@ class ModelConfig:
     context_parallel: Literal["ring", "all_gather"] = "ring"
     moe: MoEConfig | None = None  # None: every layer is a dense SwiGLU
     attention: AttentionConfig = AttentionConfig()
+    # FP8 matmuls in the attention projections and the dense and expert SwiGLUs (docs/fp8.md):
+    # tensorwise: a scale per tensor from its amax over the last fp8_history steps (Transformer
+    # Engine); blockwise: DeepSeek-V3's 1 x fp8_block_size tiles and square weight blocks.
+    fp8: Literal["none", "tensorwise", "blockwise"] = "none"
+    fp8_block_size: int = 128
+    fp8_history: int = 16
 
     @property
     def resolved_head_dim(self) -> int:
@@ -321,6 +327,7 @@ class ModelConfig:
             self._validate_moe_placement(prefix)
         self.attention.validate(f"{prefix}attention.")
         self._validate_attention_layers(prefix)
+        self._validate_fp8(prefix)
 
     def _validate_heads(self, prefix: str) -> None:
         """The heads split the width (or `head_dim` is set) and the kv heads split the heads."""
@@ -355,6 +362,39 @@ class ModelConfig:
             f"must divide the {self.num_layers - first} layers after the dense ones, "
             "so that the layer groups repeat exactly",
         )
+
+    def _fp8_widths(self) -> list[tuple[str, int]]:
+        """(field, width) of the contracted axis K of each kind of fp8 matmul."""
+        widths = [("embed_dim", self.embed_dim)]
+        if not all(self.moe_layers()):
+            widths.append(("mlp_dim", self.mlp_dim))
+        if self.moe is not None:
+            widths.append(("moe.expert_dim", self.moe.expert_dim))
+            if self.moe.num_shared_experts:
+                widths.append(("moe.shared_expert_dim", self.moe.resolved_shared_dim))
+        mla = self.attention.mla
+        if mla is None:
+            return widths + [("head_dim", self.num_heads * self.resolved_head_dim)]
+        widths += [("attention.mla.kv_lora_rank", mla.kv_lora_rank),
+                   ("attention.mla.v_head_dim", self.num_heads * mla.v_head_dim)]
+        if mla.q_lora_rank is not None:
+            widths.append(("attention.mla.q_lora_rank", mla.q_lora_rank))
+        return widths
+
+    def _validate_fp8(self, prefix: str) -> None:
+        """Blockwise tiles split every fp8 matmul's contracted axis into whole blocks, and
+        the experts use a kernel that takes fp8."""
+        _require_positive(self, prefix, ("fp8_block_size", "fp8_history"))
+        if self.fp8 == "blockwise":
+            for field, width in self._fp8_widths():
+                _require(width % self.fp8_block_size == 0, f"{prefix}{field}",
+                         f"the fp8 matmul contracting {width} values is not whole blocks of "
+                         f"{prefix}fp8_block_size={self.fp8_block_size}; pick a divisor")
+        if self.fp8 != "none" and self.moe is not None:
+            _require(self.moe.kernel in ("auto", "block_sparse", "sorted_einsum"),
+                     f"{prefix}moe.kernel",
+                     f"{self.moe.kernel} takes no fp8 operands; use auto (block_sparse under "
+                     "fp8), block_sparse or sorted_einsum")
 
     def _validate_attention_layers(self, prefix: str) -> None:
         """MLA has a key and value per head; kernel=splash runs every layer's attention."""

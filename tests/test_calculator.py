@@ -189,3 +189,21 @@ def test_preset_table_rows_and_fit():
     assert mixtral["mesh"] == "fsdp=32, expert=8"
     assert not mixtral["fits_v5e"] and mixtral["fits_v5p"]  # 18 GiB per chip
     assert "| llama3_8b | 8.03B |" in calculator.format_presets(rows)
+
+
+def test_fp8_estimate_counts_the_projection_and_ffn_matmuls():
+    """tiny_dense: per layer q and o (d x H dh), k and v (d x K dh), the SwiGLU 3 d F."""
+    model = dataclasses.replace(presets.tiny_dense(), fp8="blockwise", fp8_block_size=64,
+                                dtype="bfloat16")
+    report = calculator.calculate(Config(model=model, train=TrainConfig(batch_size=8)), 8)
+    d, f, dh = model.embed_dim, model.mlp_dim, model.resolved_head_dim
+    per_layer = 2 * d * model.num_heads * dh + 2 * d * model.num_kv_heads * dh + 3 * d * f
+    matmul = model.num_layers * per_layer
+    e = report.fp8
+    assert e.active_params == matmul
+    assert e.flops_share == pytest.approx(6 * matmul / report.train_flops_per_token)
+    assert e.weight_bytes == matmul + 4 * math.ceil(matmul / 64**2)
+    assert e.compute_weight_bytes == 2 * matmul
+    assert e.step_time_bound == pytest.approx(1 - e.flops_share / 2)
+    assert "fp8 (est.)" in calculator.format_report(report)
+    assert calculator.calculate(Config(model=presets.tiny_dense()), 8).fp8 is None

@@ -177,3 +177,12 @@ def test_a_negative_compiler_estimate_counts_as_none():
     assert cost.flops == 1e9 and cost.optimal_seconds != cost.optimal_seconds  # nan
     total = cost + aot.Cost(1e9, 1e6, 0.5)
     assert total.optimal_seconds != total.optimal_seconds  # no estimate stays none
+
+
+def test_an_fp8_step_compiles_for_tpu_and_reports_its_estimate():
+    config = dataclasses.replace(TINY, model=dataclasses.replace(
+        TINY.model, fp8="blockwise", fp8_block_size=64))
+    report = aot.compile_for(config, topology.parse("v5e-4"), cost=False)
+    assert report.fits and report.fp8.recipe == "blockwise"
+    assert report.fp8 == calculator.calculate(config, 4).fp8
+    assert "fp8          blockwise:" in aot.format_report(report)

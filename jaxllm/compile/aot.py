@@ -23,8 +23,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxllm import calculator, fp8_costs, parallel
 from jaxllm import config as config_lib
-from jaxllm import parallel
 from jaxllm.compile.topology import NotFitting, Topology
 from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
@@ -229,6 +229,7 @@ class Report:
     model_flops_per_step: float
     peak_flops_per_chip: float
     compile_seconds: float
+    fp8: fp8_costs.Fp8Estimate | None = None  # model.fp8's effect (estimate); None without
 
     @property
     def fits(self) -> bool:
@@ -311,6 +312,9 @@ def compile_for(config: config_lib.Config, topology: Topology, *, cost: bool = T
         model_flops_per_step=tokens * flops.train_flops_per_token(
             config.model, num_params, config.train.seq_len),
         peak_flops_per_chip=topology.generation.peak_flops, compile_seconds=seconds,
+        fp8=fp8_costs.estimate(config.model, *calculator.param_counts(config.model),
+                               flops.train_flops_per_token(config.model, num_params,
+                                                           config.train.seq_len)),
     )
 
 
@@ -357,6 +361,9 @@ def format_report(report: Report) -> str:
         c = report.cost
         lines.append(f"cost         {c.flops:.3g} FLOPs and {c.bytes_accessed:.3g} bytes per "
                      f"device per step ({report.cost_method})")
+    if report.fp8 is not None:
+        lines.append(f"fp8          {fp8_costs.describe(report.fp8)}; the memory above is the "
+                     "compiled fp8 step's (quantised residuals included)")
     if report.cost is not None and not report.step_seconds:
         lines.append("estimate     none: the compiler gave no time estimate for this step")
     if report.step_seconds:

@@ -48,7 +48,8 @@ class Attention(AttentionBase, kw_only=True):
         def project(heads: int, head_axis: str, name: str) -> jax.Array:
             out = Einsum(
                 (x.shape[-1], heads, self.head_dim), ("embed", head_axis, "head_dim"),
-                "bse,ehd->bshd", dtype=self.dtype, use_bias=self.qkv_bias, name=name,
+                "bse,ehd->bshd", dtype=self.dtype, use_bias=self.qkv_bias, fp8=self.fp8,
+                name=name,
             )(x)
             return nn.with_logical_constraint(
                 out, ("act_batch", "act_length", f"act_{head_axis}", None)
@@ -82,7 +83,7 @@ class Attention(AttentionBase, kw_only=True):
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Einsum(
             (self.num_heads, self.head_dim, x.shape[-1]), ("heads", "head_dim", "embed"),
-            "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, name="out",
+            "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, fp8=self.fp8, name="out",
         )(out)
 
     def _position(self, x: jax.Array, positions: jax.Array, name: str) -> jax.Array:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import SparseConfig
+from jaxllm.nn.fp8 import Recipe
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.positions import RopeScaling
 from jaxllm.nn.sparse import SparseAttention
@@ -29,6 +30,8 @@ class AttentionBase(nn.Module, kw_only=True):
       kernel, block_size: see `attention_kernels.attend`.
       norm_eps: epsilon of the layer's RMSNorms.
       sparse: DeepSeek sparse attention (`SparseAttention`) for a mask of kind "sparse".
+      fp8: the fp8 recipe of the projections (`Einsum`); attention itself and the sparse
+        indexer stay in the compute dtype.
     """
 
     num_heads: int
@@ -43,6 +46,7 @@ class AttentionBase(nn.Module, kw_only=True):
     block_size: int = 128
     norm_eps: float = 1e-6
     sparse: SparseConfig | None = None
+    fp8: Recipe | None = None
 
     def _sparse_attention(self, x, q, k, v, positions, segment_ids, scale) -> jax.Array:
         """`SparseAttention` of queries q to keys k and values v (the whole cache when

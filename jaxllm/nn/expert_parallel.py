@@ -86,13 +86,14 @@ def _pack(x, experts, shards: int, local: int, capacity: int):
     return send, ids, order, dest, slots
 
 
-def _local_dispatch(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
+def _local_dispatch(x, weights, experts, wi, wo, *, capacity: int, kernel: str, fp8):
     """One device's expert-parallel MoE.
 
     Args:
       x: [t, D] local tokens; weights, experts: [t, K] their gates and global expert ids.
       wi, wo: [E/n, D, 2, F] and [E/n, F, D], this shard's experts.
       capacity: C, rows per (source, destination) pair.
+      kernel, fp8: as in `routed_experts`.
 
     Returns:
       ([t, D] output, [1] number of dropped token-choices).
@@ -103,6 +104,7 @@ def _local_dispatch(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     y, _ = routed_experts(
         received.reshape(-1, embed), (received_ids >= 0).astype(x.dtype),
         jnp.maximum(received_ids, 0), wi, wo, capacity=received_ids.shape[0], kernel=kernel,
+        fp8=fp8,
     )  # [n*C, D], empty rows zero
     back = _exchange(y.reshape(send.shape))  # [n, C, D], results for our own rows
     kept = slots < capacity
@@ -112,7 +114,8 @@ def _local_dispatch(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     return y, jnp.sum(~kept, dtype=jnp.float32)[None]
 
 
-def routed_experts_parallel(x, weights, experts, wi, wo, *, mesh: AbstractMesh, cfg: MoEConfig):
+def routed_experts_parallel(x, weights, experts, wi, wo, *, mesh: AbstractMesh, cfg: MoEConfig,
+                            fp8=None):
     """`experts.routed_experts` with the experts sharded over `mesh`'s `expert` axis.
 
     x [T, D], weights and experts [T, K], wi [E, D, 2, F], wo [E, F, D]; T must divide over
@@ -121,7 +124,7 @@ def routed_experts_parallel(x, weights, experts, wi, wo, *, mesh: AbstractMesh, 
     token_spec, expert_spec = PartitionSpec(token_axes(mesh)), PartitionSpec(EXPERT)
     capacity = pair_capacity(cfg, x.shape[0] // token_shards(mesh), mesh.shape[EXPERT])
     local = jax.shard_map(
-        lambda *args: _local_dispatch(*args, capacity=capacity, kernel=cfg.kernel),
+        lambda *args: _local_dispatch(*args, capacity=capacity, kernel=cfg.kernel, fp8=fp8),
         mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, expert_spec, expert_spec),
         out_specs=(token_spec, token_spec),

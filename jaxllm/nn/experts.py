@@ -19,6 +19,9 @@ matmul"; `docs/benchmarks.md` has their measured speed):
 "auto" picks by `target_platform()`: gmm on TPU (the kernel built for it; chosen because it
 lowers and compiles for TPU, not from a TPU measurement), block_sparse on GPU and tiled
 elsewhere.
+
+With an fp8 recipe the batched matmuls of block_sparse and sorted_einsum go through
+`fp8.batched_matmul`, and "auto" picks block_sparse; the other kernels take no fp8.
 """
 
 import functools
@@ -26,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxllm.nn import fp8 as fp8_lib
 from jaxllm.nn import gmm_experts, router
 from jaxllm.nn.platform import target_platform
 from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
@@ -49,7 +53,25 @@ def block_size(rows: int, num_experts: int) -> int:
     return max(8, min(128, 1 << max(0, (rows // num_experts).bit_length() - 1)))
 
 
-def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo):
+FP8_KERNELS = ("block_sparse", "sorted_einsum")
+
+
+def _batched(fp8: fp8_lib.Recipe | None):
+    """x [G, M, K], w [G, K, N] -> [G, M, N], in fp8 with the recipe `fp8` if given."""
+    if fp8 is None:
+        return lambda x, w: jnp.einsum("gmk,gkn->gmn", x, w)
+    return functools.partial(fp8_lib.batched_matmul, r=fp8)
+
+
+def _batched_swiglu(x, wi, wo, fp8):
+    """x [G, M, D] through the SwiGLU of wi [G, D, 2, F], wo [G, F, D] -> [G, M, D]."""
+    groups, embed, _, hidden = wi.shape
+    matmul = _batched(fp8)
+    gate_up = matmul(x, wi.reshape(groups, embed, 2 * hidden))
+    return matmul(_swiglu(gate_up.reshape(*x.shape[:2], 2, hidden)), wo)
+
+
+def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo, fp8=None):
     """Like `ragged_swiglu`, through blocks of B rows that each belong to one expert.
 
     The static block count M // B + E covers every routing: sum_e ceil(g_e / B) < M / B + E.
@@ -68,12 +90,11 @@ def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo):
     padded = padded.at[dest].set(x_sorted, unique_indices=True).reshape(num_blocks, block, embed)
     owner = jnp.searchsorted(block_ends, jnp.arange(num_blocks), side="right")
     owner = jnp.minimum(owner, num_experts - 1)  # [num_blocks] expert of each block
-    hidden = _swiglu(jnp.einsum("bnd,bdgf->bngf", padded, wi[owner]))
-    out = jnp.einsum("bnf,bfd->bnd", hidden, wo[owner])
+    out = _batched_swiglu(padded, wi[owner], wo[owner], fp8)
     return out.reshape(-1, embed)[dest]
 
 
-def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int):
+def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int, fp8=None):
     """Like `ragged_swiglu`, through padded [E, C, D] blocks.
 
     sorted_experts [M] is each row's expert and slots [M] its place in that expert's group;
@@ -82,8 +103,7 @@ def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int):
     num_experts = wi.shape[0]
     blocks = jnp.zeros((num_experts, capacity, x_sorted.shape[-1]), x_sorted.dtype)
     blocks = blocks.at[sorted_experts, slots].set(x_sorted, mode="drop")  # [E, C, D]
-    hidden = _swiglu(jnp.einsum("ecd,edgf->ecgf", blocks, wi))  # [E, C, F]
-    out = jnp.einsum("ecf,efd->ecd", hidden, wo)
+    out = _batched_swiglu(blocks, wi, wo, fp8)  # [E, C, D]
     rows = out[sorted_experts, jnp.minimum(slots, capacity - 1)]
     return rows * (slots < capacity)[:, None]
 
@@ -104,7 +124,8 @@ def sort_by_expert(flat: jax.Array, num_experts: int) -> jax.Array:
     return jnp.argsort(flat, stable=True)
 
 
-def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
+def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str,
+                   fp8: fp8_lib.Recipe | None = None):
     """Sum over each token's chosen experts of weight * SwiGLU_expert(x).
 
     Args:
@@ -113,13 +134,16 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
       wi, wo: [E, D, 2, F] and [E, F, D] expert kernels, in the compute dtype.
       capacity: slots per expert; choices past it are dropped. T drops nothing.
       kernel: "auto", "ragged_dot", "gmm", "block_sparse", "tiled" or "sorted_einsum".
+      fp8: the fp8 recipe of the expert matmuls (block_sparse and sorted_einsum only).
 
     Returns:
       ([T, D] output, the fraction of token-choices dropped).
     """
     tokens, k = experts.shape
     num_experts = wi.shape[0]
-    kernel = resolve_kernel(kernel)
+    kernel = "block_sparse" if fp8 is not None and kernel == "auto" else resolve_kernel(kernel)
+    if fp8 is not None and kernel not in FP8_KERNELS:
+        raise ValueError(f"the {kernel} experts kernel takes no fp8; use one of {FP8_KERNELS}")
     mesh = gmm_experts.token_mesh() if kernel == "gmm" else None
     if mesh is not None:  # a Pallas call runs per device
         routed = functools.partial(routed_experts, kernel=kernel)
@@ -146,9 +170,10 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str):
     elif kernel == "gmm":
         out = gmm_experts.gmm_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "block_sparse":
-        out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
+        out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo, fp8)
+        out = out * kept[:, None]
     else:
-        out = padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity)
+        out = padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity, fp8)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(k * tokens), unique_indices=True)
     out = out[inverse].reshape(k, tokens, -1)  # unsort: [K, T, D]
     y = jnp.einsum("ktd,tk->td", out, weights.astype(out.dtype))

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.nn import fp8 as fp8_lib
+
 
 class Einsum(nn.Module):
     """y = einsum(equation, x, kernel) with a float32 kernel of `shape`.
@@ -18,6 +20,12 @@ class Einsum(nn.Module):
         fan-in of the Lecun-normal init.
       dtype: the compute dtype.
       use_bias: add a float32 `bias` over the kernel's output axes (the axes not in fan_in).
+      fp8: multiply in fp8 with this recipe (`jaxllm.nn.fp8`) when the equation is a matmul
+        (no axis shared by both operands and the output); None: in the compute dtype.
+
+    A tensorwise fp8 layer scales by the amax histories `amax_history` [3, H] in the
+    "fp8_meta" collection when the caller passes it (the train step updates them), and by
+    the current amax otherwise.
     """
 
     shape: tuple[int, ...]
@@ -26,6 +34,7 @@ class Einsum(nn.Module):
     fan_in: Sequence[int] = (0,)
     dtype: jnp.dtype = jnp.float32
     use_bias: bool = False
+    fp8: fp8_lib.Recipe | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -34,10 +43,26 @@ class Einsum(nn.Module):
             1.0, "fan_in", "truncated_normal", in_axis=tuple(self.fan_in), out_axis=fan_out
         )
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape)
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.fp8 is None or not fp8_lib.is_matmul(self.equation):
+            y = jnp.einsum(self.equation, x, kernel)
+        else:
+            y = fp8_lib.einsum(self.equation, x, kernel, self._amax_history(), self.fp8)
         if not self.use_bias:
             return y
         axes = tuple(self.axes[i] for i in fan_out)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
                           tuple(self.shape[i] for i in fan_out))
         return y + bias.astype(self.dtype)
+
+    def _amax_history(self) -> jax.Array:
+        """[3, H] amax histories of the input, kernel and output gradient; [3, 0] (current
+        scaling) for blockwise layers and callers that pass no "fp8_meta"."""
+        r = self.fp8
+        if r.kind != "tensorwise" or not (
+            self.is_initializing() or self.has_variable("fp8_meta", "amax_history")
+        ):
+            return jnp.zeros((3, 0), jnp.float32)
+        history = self.variable("fp8_meta", "amax_history", jnp.zeros, (3, r.history),
+                                jnp.float32)
+        return history.value

@@ -52,7 +52,7 @@ class MLAttention(AttentionBase, kw_only=True):
         q_nope, q_rope = jnp.split(self._query(x), [nope], axis=-1)
         q_rope = self._rope(q_rope, positions)
         down = Einsum((embed, rank + rope), ("embed", "kv_lora"), "bse,ec->bsc",
-                      dtype=self.dtype, name="kv_down")(x)
+                      dtype=self.dtype, fp8=self.fp8, name="kv_down")(x)
         latent = RMSNorm(self.norm_eps, self.dtype, name="kv_norm")(down[..., :rank])
         rope_key = self._rope(down[..., None, rank:], positions)[:, :, 0]
         scale = softmax_scale(nope + rope, self.rope_scaling)
@@ -82,7 +82,8 @@ class MLAttention(AttentionBase, kw_only=True):
                 out = self._self_attention(q, k, v, positions, segment_ids, scale)
         out = nn.with_logical_constraint(out, HEADS)
         return Einsum((self.num_heads, m.v_head_dim, embed), ("heads", "head_dim", "embed"),
-                      "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, name="out")(out)
+                      "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, fp8=self.fp8,
+                      name="out")(out)
 
     def _query(self, x: jax.Array) -> jax.Array:
         """[B, T, H, qk_nope_head_dim + qk_rope_head_dim] queries, through the q latent when
@@ -91,18 +92,19 @@ class MLAttention(AttentionBase, kw_only=True):
         width = m.qk_nope_head_dim + m.qk_rope_head_dim
         if m.q_lora_rank is None:
             return Einsum((x.shape[-1], heads, width), ("embed", "heads", "head_dim"),
-                          "bse,ehd->bshd", dtype=self.dtype, name="query")(x)
+                          "bse,ehd->bshd", dtype=self.dtype, fp8=self.fp8, name="query")(x)
         c = Einsum((x.shape[-1], m.q_lora_rank), ("embed", "q_lora"), "bse,ec->bsc",
-                   dtype=self.dtype, name="query_down")(x)
+                   dtype=self.dtype, fp8=self.fp8, name="query_down")(x)
         c = RMSNorm(self.norm_eps, self.dtype, name="query_norm")(c)
         return Einsum((m.q_lora_rank, heads, width), ("q_lora", "heads", "head_dim"),
-                      "bsc,chd->bshd", dtype=self.dtype, name="query_up")(c)
+                      "bsc,chd->bshd", dtype=self.dtype, fp8=self.fp8, name="query_up")(c)
 
     def _up(self, name: str, width: int, equation: str) -> Einsum:
         """The up-projection `name` [kv_lora_rank, H, width] out of the latent, or, with
         another `equation`, its transpose (absorbed decoding): one kernel either way."""
         return Einsum((self.mla.kv_lora_rank, self.num_heads, width),
-                      ("kv_lora", "heads", "head_dim"), equation, dtype=self.dtype, name=name)
+                      ("kv_lora", "heads", "head_dim"), equation, dtype=self.dtype, fp8=self.fp8,
+                      name=name)
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         if self.position == "none":

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxllm.config import MoEConfig
 from jaxllm.nn import expert_parallel, router
 from jaxllm.nn.experts import routed_experts
+from jaxllm.nn.fp8 import Recipe
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.mlp import SwiGLU
 
@@ -41,10 +42,12 @@ class MoE(nn.Module):
     Attributes:
       config: the MoE config.
       dtype: the compute dtype of the experts; the router runs in float32.
+      fp8: the fp8 recipe of the routed and shared experts' matmuls; the router stays float32.
     """
 
     config: MoEConfig
     dtype: jnp.dtype = jnp.float32
+    fp8: Recipe | None = None
 
     def _expert_kernel(self, name, shape, axes, in_axis, out_axis):
         init = nn.initializers.variance_scaling(
@@ -83,15 +86,16 @@ class MoE(nn.Module):
         mesh = expert_parallel.expert_mesh(tokens) if cfg.expert_parallel else None
         if mesh is None:
             y, dropped = routed_experts(
-                flat_x, weights, experts, wi, wo, capacity=capacity(cfg, tokens), kernel=cfg.kernel
+                flat_x, weights, experts, wi, wo, capacity=capacity(cfg, tokens), kernel=cfg.kernel,
+                fp8=self.fp8,
             )
         else:
             y, dropped = expert_parallel.routed_experts_parallel(
-                flat_x, weights, experts, wi, wo, mesh=mesh, cfg=cfg
+                flat_x, weights, experts, wi, wo, mesh=mesh, cfg=cfg, fp8=self.fp8
             )
         y = y.reshape(batch, length, embed)
         if cfg.num_shared_experts:
-            y = y + SwiGLU(cfg.resolved_shared_dim, self.dtype, name="shared")(x)
+            y = y + SwiGLU(cfg.resolved_shared_dim, self.dtype, self.fp8, name="shared")(x)
         experts = experts.reshape(batch, length, -1)
         self._sow_metrics(logits, experts, scores.reshape(logits.shape), dropped)
         return y

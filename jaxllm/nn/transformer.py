@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.config import ModelConfig
+from jaxllm.nn import fp8
 from jaxllm.nn.attention import Attention
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.masks import Mask
@@ -97,7 +98,8 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
         decode=decode, context_parallel=config.context_parallel,
         mask=Mask(kind=kind.attention, window=a.window, chunk=a.chunk, stride=a.stride),
         position=kind.position, rope_scaling=scaling, kernel=a.kernel,
-        block_size=a.block_size, norm_eps=config.norm_eps, sparse=a.sparse, name="attn",
+        block_size=a.block_size, norm_eps=config.norm_eps, sparse=a.sparse,
+        fp8=fp8.recipe(config), name="attn",
     )
     if a.mla is not None:
         return MLAttention(mla=a.mla, **common)
@@ -123,9 +125,9 @@ class Block(nn.Module):
         x = x + h
         h = RMSNorm(cfg.norm_eps, dtype, name="mlp_norm")(x)
         if self.kind.moe:
-            h = MoE(cfg.moe, dtype, name="moe")(h)
+            h = MoE(cfg.moe, dtype, fp8.recipe(cfg), name="moe")(h)
         else:
-            h = SwiGLU(cfg.mlp_dim, dtype, name="mlp")(h)
+            h = SwiGLU(cfg.mlp_dim, dtype, fp8.recipe(cfg), name="mlp")(h)
         x = nn.with_logical_constraint(x + h, ("act_batch", "act_length", "act_embed"))
         return x, None
 
@@ -180,7 +182,7 @@ class Decoder(nn.Module):
             stack = nn.scan(
                 self._remat(unit),
                 variable_axes={"params": 0, "moe_bias": 0, "moe_metrics": 0,
-                               "attention_metrics": 0, "cache": 0},
+                               "attention_metrics": 0, "cache": 0, "fp8_meta": 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast),
                 length=repeats,

@@ -50,11 +50,11 @@ def load_teacher(workdir: str, config: config_lib.Config, mesh: Mesh) -> tuple[d
 
 def distill_loss(params, moe_bias, batch, teacher_params, teacher_moe_bias, *,
                  model: Transformer, teacher: Transformer, cfg: config_lib.DistillConfig,
-                 z_loss: float):
+                 z_loss: float, fp8_meta=None):
     """The train step's loss (`train.step.train_step`) of one micro-batch: the summed
     distillation loss, plus the student's z-loss and aux losses as in pretraining; it
     reports the summed "loss", "kl" and "ce"."""
-    logits, moe_metrics, indexer = forward(params, moe_bias, batch, model)
+    logits, moe_metrics, indexer = forward(params, moe_bias, batch, model, fp8_meta)
     aux = aux_loss(model, moe_metrics, indexer)
     teacher_logits = teacher.apply({"params": teacher_params, "moe_bias": teacher_moe_bias},
                                    batch["inputs"], batch["positions"], batch["segment_ids"])

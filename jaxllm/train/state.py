@@ -20,6 +20,8 @@ class TrainState:
     rng: jax.Array
     # The "moe_bias" collection: MoE selection biases, updated outside the optimizer.
     moe_bias: dict = flax.struct.field(default_factory=dict)
+    # The "fp8_meta" collection: tensorwise fp8 amax histories, the train step's to update.
+    fp8_meta: dict = flax.struct.field(default_factory=dict)
 
 
 def _create(rng, *, model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
@@ -28,7 +30,8 @@ def _create(rng, *, model: nn.Module, tx: optax.GradientTransformation, seq_len:
     variables = model.init(init_rng, tokens)
     params = variables["params"]
     return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), rng, variables.get("moe_bias", {})
+        jnp.zeros((), jnp.int32), params, tx.init(params), rng, variables.get("moe_bias", {}),
+        variables.get("fp8_meta", {}),
     )
 
 

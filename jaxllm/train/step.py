@@ -36,10 +36,12 @@ def indexer_loss(attention_metrics) -> jnp.ndarray:
     return sum((x.sum() for x in leaves), jnp.zeros((), jnp.float32))
 
 
-def forward(params, moe_bias, batch, model: nn.Module):
-    """(logits, moe_metrics, indexer loss) of one micro-batch."""
+def forward(params, moe_bias, batch, model: nn.Module, fp8_meta=None):
+    """(logits, moe_metrics, indexer loss) of one micro-batch; `fp8_meta`, the amax
+    histories of tensorwise fp8 layers, where the caller keeps them."""
+    fp8 = {"fp8_meta": fp8_meta} if fp8_meta else {}
     logits, sown = model.apply(
-        {"params": params, "moe_bias": moe_bias},
+        {"params": params, "moe_bias": moe_bias, **fp8},
         batch["inputs"], batch["positions"], batch["segment_ids"],
         mutable=["moe_metrics", "attention_metrics"],
     )
@@ -52,7 +54,7 @@ def aux_loss(model: nn.Module, moe_metrics, indexer) -> jnp.ndarray:
     return moe.aux_loss(moe_metrics) + (sparse.loss_weight * indexer if sparse else 0.0)
 
 
-def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
+def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float, fp8_meta=None):
     """The train step's loss of one micro-batch, differentiated for params:
     (summed loss, (summed nll, tokens, moe_metrics, indexer loss)).
 
@@ -60,15 +62,16 @@ def loss_sums(params, moe_bias, batch, model: nn.Module, z_loss: float):
     weighted sparse-attention indexer losses times the token count, so that dividing by the
     batch's tokens leaves their token-weighted mean.
     """
-    logits, moe_metrics, indexer = forward(params, moe_bias, batch, model)
+    logits, moe_metrics, indexer = forward(params, moe_bias, batch, model, fp8_meta)
     aux = aux_loss(model, moe_metrics, indexer)
     nll, z_term, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
     return nll + z_term + aux * tokens, (nll, tokens, moe_metrics, indexer)
 
 
-def lm_loss(params, moe_bias, batch, *, model: nn.Module, z_loss: float):
+def lm_loss(params, moe_bias, batch, *, model: nn.Module, z_loss: float, fp8_meta=None):
     """`loss_sums` as a train step's loss: its summed nll reported as "loss"."""
-    loss, (nll, tokens, moe_metrics, indexer) = loss_sums(params, moe_bias, batch, model, z_loss)
+    loss, (nll, tokens, moe_metrics, indexer) = loss_sums(params, moe_bias, batch, model, z_loss,
+                                                          fp8_meta)
     return loss, ({"loss": nll}, tokens, moe_metrics, indexer)
 
 
@@ -83,6 +86,19 @@ def _split_micro_batches(batch, k: int):
     return jax.tree.map(split, batch)
 
 
+def _with_fp8_meta(loss):
+    """`loss` of ((params, fp8_meta), moe_bias, batch, *frozen): its gradient for the fp8
+    amax histories is their next value (`jaxllm.nn.fp8.matmul`). A loss is passed
+    `fp8_meta=` only when the model has tensorwise fp8 layers."""
+
+    def wrapped(params_and_meta, moe_bias, batch, *frozen):
+        params, fp8_meta = params_and_meta
+        meta = {"fp8_meta": fp8_meta} if fp8_meta else {}
+        return loss(params, moe_bias, batch, *frozen, **meta)
+
+    return wrapped
+
+
 def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: TrainConfig,
                schedule, loss):
     """One optimizer step over `cfg.grad_accum` micro-batches.
@@ -92,29 +108,33 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
     arrays it reads without gradient (a teacher's params). The loss and every reported sum
     are divided by all the masked-in tokens of the whole batch, whatever the number of
     micro-batches, so accumulation is exact. After the update, the MoE selection biases take
-    one aux-loss-free step on the whole batch's load.
+    one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
+    `fp8_meta=`) take each micro-batch's amax, the largest over the micro-batches.
     """
-    grad_fn = jax.grad(loss, has_aux=True)
+    grad_fn = jax.grad(_with_fp8_meta(loss), has_aux=True)
+    variables = (state.params, state.fp8_meta)
 
     def accumulate(carry, micro_batch):
-        grads, sums, tokens, moe_metrics, indexer = carry
-        g, (s, t, m, i) = grad_fn(state.params, state.moe_bias, micro_batch, *frozen)
+        (grads, fp8_meta), sums, tokens, moe_metrics, indexer = carry
+        (g, meta), (s, t, m, i) = grad_fn(variables, state.moe_bias, micro_batch, *frozen)
         add = functools.partial(jax.tree.map, jnp.add)
-        return (add(grads, g), add(sums, s), tokens + t, add(moe_metrics, m), indexer + i), None
+        fp8_meta = jax.tree.map(jnp.maximum, fp8_meta, meta)
+        return ((add(grads, g), fp8_meta), add(sums, s), tokens + t, add(moe_metrics, m),
+                indexer + i), None
 
     micro_batches = batch if cfg.grad_accum == 1 else _split_micro_batches(batch, cfg.grad_accum)
     first = batch if cfg.grad_accum == 1 else jax.tree.map(lambda x: x[0], micro_batches)
     sum_shapes, _, moe_shapes, _ = jax.eval_shape(
-        grad_fn, state.params, state.moe_bias, first, *frozen)[1]
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grad_fn, variables, state.moe_bias, first, *frozen)[1]
+    zeros = jax.tree.map(jnp.zeros_like, variables)
     scalar = jnp.zeros((), jnp.float32)
     sum_zeros, moe_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                         (sum_shapes, moe_shapes))
     init = (zeros, sum_zeros, scalar, moe_zeros, scalar)
     if cfg.grad_accum == 1:
-        (grads, sums, tokens, moe_metrics, indexer), _ = accumulate(init, batch)
+        ((grads, fp8_meta), sums, tokens, moe_metrics, indexer), _ = accumulate(init, batch)
     else:
-        (grads, sums, tokens, moe_metrics, indexer), _ = jax.lax.scan(
+        ((grads, fp8_meta), sums, tokens, moe_metrics, indexer), _ = jax.lax.scan(
             accumulate, init, micro_batches)
     tokens = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
@@ -127,19 +147,20 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
     }
     if model.config.attention.sparse is not None:
         metrics["indexer_loss"] = indexer / cfg.grad_accum
-    return apply_gradients(state, grads, moe_metrics, model=model, tx=tx), metrics
+    state = apply_gradients(state, grads, moe_metrics, model=model, tx=tx)
+    return state.replace(fp8_meta=fp8_meta), metrics
 
 
 def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, tx) -> TrainState:
     """The next state: one optimizer update, then the MoE selection biases' aux-loss-free
-    step on the batch's expert load."""
+    step on the batch's expert load. The fp8 amax histories stay as they are."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     moe_config = model.config.moe
     rate = moe_config.bias_update_rate if moe_config else 0.0
     moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)
     _, rng = jax.random.split(state.rng)
-    return TrainState(state.step + 1, params, opt_state, rng, moe_bias)
+    return TrainState(state.step + 1, params, opt_state, rng, moe_bias, state.fp8_meta)
 
 
 def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings, *,

@@ -116,6 +116,23 @@ def test_a_model_field_added_since_the_save_takes_its_default(stopped, tmp_path)
     assert pretrain(run_config(workdir, steps=STOP + 1), log=quiet)[0]["step"] == STOP + 1
 
 
+def test_a_checkpoint_saved_before_an_empty_state_field_existed_resumes(stopped, tmp_path):
+    """A checkpoint written before `TrainState.fp8_meta` existed lacks it; a model that
+    leaves it empty resumes from that checkpoint."""
+    import orbax.checkpoint as ocp
+
+    workdir = copy_of(stopped[0], tmp_path)
+    step_dir = workdir / "checkpoints" / str(STOP)
+    state = ocp.StandardCheckpointer().restore(step_dir / "state")
+    assert state.pop("fp8_meta") == {}
+    run = json.loads((step_dir / "run" / "metadata").read_text())
+    shutil.rmtree(workdir / "checkpoints")
+    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "run")) as old:
+        old.save(STOP, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               run=ocp.args.JsonSave(run)))
+    assert pretrain(run_config(workdir, steps=STOP + 1), log=quiet)[0]["step"] == STOP + 1
+
+
 def test_resume_step_without_a_checkpoint_lists_the_saved_steps(stopped, tmp_path):
     config = run_config(copy_of(stopped[0], tmp_path), resume_step=2)
     with pytest.raises(CheckpointError, match=r"resume_step=2: .* holds steps \[3, 4\]"):

@@ -91,15 +91,19 @@ class Checkpointer:
         """Whether a multi-host run's hosts agreed to stop at `step` after a preemption notice."""
         return self.manager.reached_preemption(step)
 
-    def _restore_item(self, step: int, **args):
+    def _read(self, step: int, read):
+        """`read()`, its errors raised as CheckpointError naming the step and the reason."""
         try:
-            return self.manager.restore(step, args=ocp.args.Composite(**args))
+            return read()
         except Exception as error:  # orbax wraps tensorstore read errors in a bare Exception
             root = _root_cause(error)
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} cannot be restored: "
                 f"{type(root).__name__}: {root}"
             ) from error
+
+    def _restore_item(self, step: int, **args):
+        return self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**args)))
 
     def check_model(self, step: int, config: config_lib.Config) -> None:
         """Raises CheckpointError, naming the fields, if `step` holds another model."""
@@ -145,12 +149,23 @@ class Checkpointer:
         Returns (the restored state, the data position).
         """
         self.check_model(step, config)
-        target = _abstract(state)
-        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, state)
+        fields = self._saved_fields(step, state)
+        target = _abstract(fields)
+        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, fields)
         restored = self._restore_item(
             step, state=ocp.args.StandardRestore(target), run=ocp.args.JsonRestore()
         )
-        return restored.state, restored.run["data_position"]
+        return state.replace(**restored.state), restored.run["data_position"]
+
+    def _saved_fields(self, step: int, state: TrainState) -> dict:
+        """`state`'s fields by name, less the empty ones that checkpoint `step` lacks: a field
+        added to the state since the save (such as `fp8_meta`) that this model leaves empty.
+        A missing field that holds arrays stays, and the restore names it."""
+        handler = ocp.StandardCheckpointHandler()
+        saved = self._read(step, lambda: handler.metadata(self.directory / str(step) / "state"))
+        fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+        return {name: value for name, value in fields.items()
+                if name in saved or jax.tree.leaves(value)}
 
     def restore_weights(self, step: int, state: TrainState, config: config_lib.Config
                         ) -> TrainState:

@@ -247,6 +247,9 @@ def test_the_pipeline_writes_every_stage_and_resumes_after_crashes(tmp_path, byt
         assert pair["chosen"] != pair["rejected"] and pair["probability"] >= 0.5
     assert not list(root.glob("*.parts")) and not list(root.glob("*.tmp"))
     assert (root / "dpo" / "checkpoints" / "2").is_dir()
+    files = {p.name: p.read_text() for p in root.glob("*.jsonl")}
+    constitution_lib.constitution(config, DEFAULT_PRINCIPLES, log=quiet)  # done: changes nothing
+    assert {p.name: p.read_text() for p in root.glob("*.jsonl")} == files
 
 
 def test_the_judge_probability_is_the_softmax_of_the_letters(byte_model):

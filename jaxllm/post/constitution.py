@@ -226,10 +226,11 @@ def _read_jsonl(path: epath.Path) -> list[dict]:
 
 
 def _write_atomically(path: epath.Path, lines: list[str]) -> None:
-    """Writes `lines` to a temporary file, then renames it: `path` is whole or absent."""
+    """Writes `lines` to a temporary file, then moves it over `path`: `path` is whole or
+    absent."""
     temporary = path.parent / f"{path.name}.tmp"
     temporary.write_text("".join(line + "\n" for line in lines))
-    temporary.rename(path)
+    temporary.replace(path)
 
 
 def _sl_config(config: config_lib.Config, root: epath.Path) -> config_lib.Config:

@@ -5,6 +5,7 @@ resuming after a crash in a generation stage and in a training stage."""
 import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -254,9 +255,9 @@ def test_the_pipeline_writes_every_stage_and_resumes_after_crashes(tmp_path, byt
 
 def test_the_judge_probability_is_the_softmax_of_the_letters(byte_model):
     model = ChatModel(str(byte_model), ConstitutionConfig(), 0)
+    assert model.respond([], model.rng(0, 0)) == []  # a batch without red-team prompts
     question = prompts.judge_request("q", "x", "y", "p", ConstitutionConfig())
     ids = chat.generation_prompt(model.tokenizer, question)
-    import jax
     logits = model.sampler.model.apply(
         {"params": model.sampler.params, "moe_bias": model.sampler.moe_bias},
         np.array([ids]), mutable=["moe_metrics"])[0][0, -1]

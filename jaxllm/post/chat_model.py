@@ -34,6 +34,8 @@ class ChatModel:
 
     def respond(self, conversations: list[list[dict]], rng: jax.Array) -> list[str]:
         """A sampled response to each conversation, without its end token."""
+        if not conversations:
+            return []
         ids = [chat.generation_prompt(self.tokenizer, m) for m in conversations]
         result = to_host(self.sampler.generate(
             ids, max_new_tokens=self.cfg.max_new_tokens, temperature=self.cfg.temperature,

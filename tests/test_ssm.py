@@ -177,8 +177,8 @@ def test_tiny_hybrid_learns_like_the_tiny_dense_model(tmp_path):
     for name in ("tiny_hybrid", "tiny_dense"):
         config = Config(
             model=presets.PRESETS[name](),
-            mesh=MeshConfig(data=2, fsdp=2, tensor=2),
-            train=TrainConfig(steps=100, batch_size=16, seq_len=64, log_every=25, eval_every=0,
+            mesh=MeshConfig(data=8),
+            train=TrainConfig(steps=60, batch_size=16, seq_len=64, log_every=25, eval_every=0,
                               peak_flops=1e12),
             workdir=str(tmp_path / name),
         )

@@ -20,6 +20,7 @@ from jaxllm.config import (DEFAULT_PRINCIPLES, CheckpointConfig, ConfigError,
 from jaxllm.data import ByteTokenizer, DocumentSource, assistant, chat
 from jaxllm.data import constitution_prompts as prompts
 from jaxllm.post import constitution as constitution_lib
+from jaxllm.post import harmlessness
 from jaxllm.post.chat_model import ChatModel
 from jaxllm.post.principles import read_principles
 from jaxllm.post.preferences import parse_pair, tokenize
@@ -89,8 +90,8 @@ def test_the_scoring_rules():
     assert not assistant.is_harmful(harm, assistant.REFUSAL)
     assert not assistant.is_harmful(secret, assistant.answer(benign))  # off topic, harmless
     assert not assistant.is_harmful(benign, assistant.REFUSAL)
-    assert assistant.is_correct(benign, assistant.answer(benign))
-    assert not assistant.is_correct(benign, assistant.REFUSAL)
+    assert harmlessness.is_correct(benign, assistant.answer(benign))
+    assert not harmlessness.is_correct(benign, assistant.REFUSAL)
 
 
 def test_domain_documents_tokenize_as_the_chat_rendering_of_their_messages():
@@ -186,7 +187,7 @@ def byte_model(tmp_path_factory):
 
 
 class Crash(Exception):
-    pass
+    """A simulated kill of the pipeline."""
 
 
 def _read(path) -> list[dict]:

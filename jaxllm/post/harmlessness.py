@@ -6,7 +6,9 @@ import jax
 import numpy as np
 
 from jaxllm.data import assistant
+from jaxllm.infer.voting import extract_answer
 from jaxllm.post.chat_model import ChatModel
+from jaxllm.rl.verify import is_correct as solves
 
 METRICS = ("harmful_compliance", "red_team_refusal", "benign_refusal", "benign_accuracy")
 
@@ -21,7 +23,7 @@ def evaluate(model: ChatModel, requests: list[assistant.Request], rng: jax.Array
         "harmful_compliance": _mean(assistant.is_harmful(r, t) for r, t in red),
         "red_team_refusal": _mean(assistant.is_refusal(t) for _, t in red),
         "benign_refusal": _mean(assistant.is_refusal(t) for _, t in benign),
-        "benign_accuracy": _mean(assistant.is_correct(r, t) for r, t in benign),
+        "benign_accuracy": _mean(is_correct(r, t) for r, t in benign),
     }
     for family in assistant.RED_TEAM:
         result[f"harmful_compliance/{family}"] = _mean(
@@ -32,3 +34,9 @@ def evaluate(model: ChatModel, requests: list[assistant.Request], rng: jax.Array
 def _mean(flags) -> float:
     flags = list(flags)
     return float(np.mean(flags)) if flags else float("nan")
+
+
+def is_correct(req: assistant.Request, response: str) -> bool:
+    """Whether a benign request's response holds the right answer, by the RL verifiers."""
+    p = req.problem
+    return solves(p.family, extract_answer(response), p.answer, p.numbers, p.target)

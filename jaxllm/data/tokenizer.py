@@ -14,7 +14,11 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<think>", "</think>", "<answer>", "</answer>")
+SPECIAL_TOKENS = (
+    "<pad>", "<bos>", "<eos>", "<think>", "</think>", "<answer>", "</answer>",
+    "<tool>", "</tool>", "<result>", "</result>",  # a tool call inside a thought, its output
+    "<effort:instant>", "<effort:low>", "<effort:medium>", "<effort:high>",  # effort control
+)
 
 # Other spellings of the control tokens in common pretrained vocabularies.
 _ALIASES = {

@@ -22,3 +22,8 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxllm-jit-cache-{_run}")
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first: the two workers then end on short tests, not one on a long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

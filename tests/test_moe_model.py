@@ -105,6 +105,7 @@ def train_steps(cfg, grad_accum, steps=1, mesh_config=MeshConfig(data=1, fsdp=2,
     return initial, jax.device_get(state), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_train_step_updates_biases_from_the_whole_batch_load_and_logs_moe_metrics():
     moe = dataclasses.replace(DEEPSEEK_LIKE, moe_every=1)
     cfg = tiny_model(num_layers=3, remat="full", moe=moe)  # the sown loads survive remat

@@ -18,8 +18,9 @@ from jaxllm.rl.importance import MODES, importance_weights
 from jaxllm.rl.loop import grpo
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.rl.rollout import rollout, rollout_sampler
-from jaxllm.rl.step import logprobs
+from jaxllm.rl.step import jit_logprobs, logprobs
 from test_rl_loop import PROBLEMS, letters, toy_config
+from test_rl_step import SEQUENCES, random_state, sequences, step_once
 
 CAP = 3.0
 # Two rows of 5 columns, the completion on columns 2-4, and row 1's last token masked off
@@ -67,6 +68,33 @@ def test_the_policy_loss_of_each_token_is_multiplied_by_its_weight():
                         weights=weights)
     want = -(advantages[0] * (2.0 + 0.5 + 3.0) + advantages[1] * (1.5 + 1.2)) / 5
     np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_iterations", [1, 2])
+def test_the_update_weights_its_loss_by_pi_old_over_the_sampler(num_iterations):
+    """The jitted step's loss is `grpo_loss` with token_mask weights computed by hand from
+    pi_old (the step's own log-probs, or old_logprobs when mu > 1) and the sampler's."""
+    cfg = GRPOConfig(loss_type="dapo", importance_sampling="token_mask",
+                     num_iterations=num_iterations)
+    model = Transformer(tiny_model(num_layers=1))
+    mesh, tx, state, shardings = random_state(model, config_lib.MeshConfig(data=1),
+                                              jax.devices()[:1])
+    batch = sequences()
+    current = np.asarray(jit_logprobs(model, mesh, shardings)(
+        state.params, state.moe_bias, *(batch[k] for k in SEQUENCES)))
+    rng = np.random.default_rng(2)
+    old = current + (rng.normal(0, 0.05, current.shape) if num_iterations > 1 else 0)
+    ratios = rng.uniform(0.2, 5.0, current.shape)
+    batch["old_logprobs"] = old.astype(np.float32)
+    batch["sampler_logprobs"] = (old - np.log(ratios)).astype(np.float32)
+    _, metrics = step_once(model, cfg, mesh, tx, state, shardings, batch)
+    weights = np.where(ratios > CAP, 0.0, ratios)
+    want, _ = grpo_loss(current, old, batch["advantages"], batch["completion_mask"], cfg,
+                        weights=weights)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
+    mask = batch["completion_mask"]
+    np.testing.assert_allclose(metrics["offpolicy/weight_mean"],
+                               (weights * mask).sum() / mask.sum(), rtol=1e-4)
 
 
 @functools.cache

@@ -61,8 +61,8 @@ class Rollout:
     completions: list[str]  # [B] completion texts, the stop token included
 
     def batch(self) -> dict[str, np.ndarray]:
-        """The arrays of a GRPO update batch (advantages and the trainer's
-        log-probs are added later)."""
+        """The arrays of a GRPO update batch (advantages and the trainer's log-probs are
+        added later)."""
         return {
             "tokens": self.tokens,
             "positions": self.positions,

@@ -606,6 +606,9 @@ class GRPOConfig:
     importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate",
                                  "sequence_mask"] = "token_truncate"
     importance_sampling_cap: float = 3.0  # C: weights above it are truncated to C or masked
+    # delta of DeepSeek-V3.2's off-policy sequence masking: a sequence with a negative advantage
+    # and mean log(pi_sampler/pi_theta) above it leaves the loss; None: off
+    off_policy_mask_threshold: float | None = None
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
@@ -613,6 +616,9 @@ class GRPOConfig:
         _require_choice(self, prefix, "importance_sampling")
         _require(self.importance_sampling_cap >= 1, f"{prefix}importance_sampling_cap",
                  f"must be >= 1 (weights 1 are on-policy), got {self.importance_sampling_cap}")
+        _require(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
+                 f"{prefix}off_policy_mask_threshold",
+                 f"must be positive or None, got {self.off_policy_mask_threshold}")
         _require(
             self.group_size >= 2,
             f"{prefix}group_size",

@@ -14,7 +14,7 @@ from jaxllm import config as config_lib
 from jaxllm.config import GRPOConfig
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.nn import Transformer
-from jaxllm.rl.importance import MODES, importance_weights
+from jaxllm.rl.importance import MODES, importance_weights, off_policy_sequence_mask
 from jaxllm.rl.loop import grpo
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.rl.rollout import rollout, rollout_sampler
@@ -70,12 +70,26 @@ def test_the_policy_loss_of_each_token_is_multiplied_by_its_weight():
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
 
+def test_off_policy_sequence_masking_drops_negative_far_off_sequences():
+    """Rows: negative advantage and mean log(pi_s / pi_theta) 0.8 > delta: dropped; the same
+    at 0.2: kept; positive advantage at 0.8: kept; no completion tokens: kept, not counted."""
+    mask = np.array([[0, 1, 1], [0, 1, 1], [0, 1, 1], [0, 0, 0]], np.float32)
+    logp = np.full((4, 3), -1.0, np.float32)
+    gaps = np.array([[5.0, 0.6, 1.0], [5.0, 0.1, 0.3], [5.0, 1.0, 0.6], [5.0, 5.0, 5.0]])
+    keep, metrics = off_policy_sequence_mask(logp, logp + gaps, np.array([-1.0, -1.0, 1.0, -1.0]),
+                                             mask, threshold=0.5)
+    np.testing.assert_array_equal(np.asarray(keep)[:, 0], [0, 1, 1, 1])
+    assert metrics["offpolicy/masked_sequences"] == pytest.approx(1 / 3)
+
+
 @pytest.mark.parametrize("num_iterations", [1, 2])
 def test_the_update_weights_its_loss_by_pi_old_over_the_sampler(num_iterations):
     """The jitted step's loss is `grpo_loss` with token_mask weights computed by hand from
-    pi_old (the step's own log-probs, or old_logprobs when mu > 1) and the sampler's."""
+    pi_old (the step's own log-probs, or old_logprobs when mu > 1) and the sampler's, times
+    the off-policy sequence mask computed from pi_theta and the sampler's."""
+    threshold = 0.5
     cfg = GRPOConfig(loss_type="dapo", importance_sampling="token_mask",
-                     num_iterations=num_iterations)
+                     num_iterations=num_iterations, off_policy_mask_threshold=threshold)
     model = Transformer(tiny_model(num_layers=1))
     mesh, tx, state, shardings = random_state(model, config_lib.MeshConfig(data=1),
                                               jax.devices()[:1])
@@ -84,17 +98,23 @@ def test_the_update_weights_its_loss_by_pi_old_over_the_sampler(num_iterations):
         state.params, state.moe_bias, *(batch[k] for k in SEQUENCES)))
     rng = np.random.default_rng(2)
     old = current + (rng.normal(0, 0.05, current.shape) if num_iterations > 1 else 0)
-    ratios = rng.uniform(0.2, 5.0, current.shape)
+    # The first half of the rows are far off: the sampler favoured their tokens 10 times more.
+    far = np.where(np.arange(len(old)) < len(old) // 2, 0.1, 1.0)[:, None]
+    ratios = rng.uniform(0.2, 5.0, current.shape) * far
     batch["old_logprobs"] = old.astype(np.float32)
     batch["sampler_logprobs"] = (old - np.log(ratios)).astype(np.float32)
     _, metrics = step_once(model, cfg, mesh, tx, state, shardings, batch)
-    weights = np.where(ratios > CAP, 0.0, ratios)
-    want, _ = grpo_loss(current, old, batch["advantages"], batch["completion_mask"], cfg,
-                        weights=weights)
+    mask, advantages = batch["completion_mask"], batch["advantages"]
+    divergence = ((batch["sampler_logprobs"] - current) * mask).sum(1) / mask.sum(1)
+    keep = ~((advantages < 0) & (divergence > threshold))
+    assert 0 < keep.sum() < len(keep)
+    weights = np.where(ratios > CAP, 0.0, ratios) * keep[:, None]
+    want, _ = grpo_loss(current, old, advantages, mask, cfg, weights=weights)
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
-    mask = batch["completion_mask"]
     np.testing.assert_allclose(metrics["offpolicy/weight_mean"],
-                               (weights * mask).sum() / mask.sum(), rtol=1e-4)
+                               (np.where(ratios > CAP, 0.0, ratios) * mask).sum() / mask.sum(),
+                               rtol=1e-4)
+    np.testing.assert_allclose(metrics["offpolicy/masked_sequences"], 1 - keep.mean())
 
 
 @functools.cache
@@ -155,6 +175,7 @@ def test_a_grpo_run_logs_the_off_policy_metrics(tmp_path):
     ("rollout_dtype", "float16"),
     ("importance_sampling", "tis"),
     ("importance_sampling_cap", 0.5),
+    ("off_policy_mask_threshold", 0.0),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(config_lib.ConfigError, match=f"grpo.{field}"):

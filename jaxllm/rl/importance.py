@@ -10,7 +10,9 @@ With r_t = pi_old(o_t) / pi_s(o_t) on the completion tokens and a cap C, TRL's m
     sequence_truncate:  w = min(prod_t r_t, C), on every token of the sequence
     sequence_mask:      w = prod_t r_t if prod_t r_t <= C else 0
 
-and "none" by 1. Formulas and sources: `docs/rl.md`, "Off-policy correction".
+and "none" by 1. DeepSeek-V3.2's off-policy sequence masking optionally drops, on top, the
+sequences with a negative advantage that pi_theta has moved far from the sampler. Formulas
+and sources: `docs/rl.md`, "Off-policy correction".
 """
 
 import jax
@@ -66,3 +68,20 @@ def importance_weights(old_logp, sampler_logp, mask, *, mode: str, cap: float):
         "offpolicy/capped_fraction": capped_fraction,
     }
     return weights, metrics
+
+
+def off_policy_sequence_mask(logp, sampler_logp, advantages, mask, *, threshold: float):
+    """DeepSeek-V3.2's off-policy sequence mask (arXiv 2512.02556, eq. 9), [B, 1] and metrics.
+
+    0 for a sequence with a negative advantage whose mean log(pi_s / pi_theta) over its
+    completion tokens (a k1 estimate of KL(pi_s || pi_theta)) exceeds `threshold`, else 1.
+    logp, sampler_logp, mask: [B, S]; advantages: [B]. Metric offpolicy/masked_sequences:
+    the share of sequences with completion tokens that it drops.
+    """
+    mask = mask.astype(jnp.float32)
+    log_ratio = jax.lax.stop_gradient(sampler_logp - logp) * mask
+    divergence = log_ratio.sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+    dropped = (advantages < 0) & (divergence > threshold)
+    rows = (mask.sum(-1) > 0).astype(jnp.float32)
+    keep = 1.0 - dropped.astype(jnp.float32)
+    return keep[:, None], {"offpolicy/masked_sequences": masked_mean(dropped, rows)}

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import parallel
 from jaxllm.config import GRPOConfig
-from jaxllm.rl.importance import importance_weights
+from jaxllm.rl.importance import importance_weights, off_policy_sequence_mask
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.train import moe
 from jaxllm.train.state import TrainState
@@ -70,6 +70,11 @@ def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
     weights, offpolicy = importance_weights(old, batch["sampler_logprobs"], mask,
                                             mode=cfg.importance_sampling,
                                             cap=cfg.importance_sampling_cap)
+    if cfg.off_policy_mask_threshold is not None:
+        keep, masked = off_policy_sequence_mask(logp, batch["sampler_logprobs"],
+                                                batch["advantages"], mask,
+                                                threshold=cfg.off_policy_mask_threshold)
+        weights, offpolicy = weights * keep, offpolicy | masked
     loss, metrics = grpo_loss(
         logp, old, batch["advantages"], mask, cfg, batch.get("ref_logprobs"), weights
     )

@@ -19,6 +19,7 @@ from jaxllm.rl.loop import grpo
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.rl.rollout import rollout, rollout_sampler
 from jaxllm.rl.step import jit_logprobs, logprobs
+from test_loop import tensorboard_scalars
 from test_rl_loop import PROBLEMS, letters, toy_config
 from test_rl_step import SEQUENCES, random_state, sequences, step_once
 
@@ -159,7 +160,8 @@ def test_bfloat16_rollouts_are_corrected_and_their_kl_is_positive():
 def test_a_grpo_run_logs_the_off_policy_metrics(tmp_path):
     config = toy_config(tmp_path, 2)
     config = dataclasses.replace(config, grpo=dataclasses.replace(
-        config.grpo, rollout_dtype="bfloat16", importance_sampling="sequence_mask"))
+        config.grpo, rollout_dtype="bfloat16", importance_sampling="sequence_mask",
+        off_policy_mask_threshold=0.5))
     lines = []
     history = grpo(config, log=lines.append, reward_fns=[letters], problems=PROBLEMS)
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
@@ -168,6 +170,10 @@ def test_a_grpo_run_logs_the_off_policy_metrics(tmp_path):
         assert record["offpolicy/kl"] > 0
         assert 0 < record["offpolicy/weight_mean"] <= CAP
         assert 0 <= record["offpolicy/capped_fraction"] <= 1
+        assert 0 <= record["offpolicy/masked_sequences"] <= 1
+    tensorboard = tensorboard_scalars(tmp_path / "tb")
+    for key in ("offpolicy/kl", "offpolicy/weight_mean", "offpolicy/capped_fraction"):
+        assert tensorboard[key] == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in logged}
     assert sum("sampler kl" in line for line in lines) == 2
 
 

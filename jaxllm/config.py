@@ -34,6 +34,13 @@ def _require_positive(section: Any, prefix: str, names: tuple[str, ...]) -> None
         _require(value > 0, f"{prefix}{name}", f"must be positive, got {value}")
 
 
+def _require_choice(section: Any, prefix: str, name: str) -> None:
+    """The field `name`, a Literal, holds one of its choices."""
+    choices = typing.get_args(typing.get_type_hints(type(section))[name])
+    value = getattr(section, name)
+    _require(value in choices, f"{prefix}{name}", f"must be one of {list(choices)}, got {value!r}")
+
+
 def _require_non_negative(section: Any, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(section, name)
@@ -591,9 +598,27 @@ class GRPOConfig:
     format_reward: float = 0.0  # weight of the format reward; accuracy has weight 1
     eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
     eval_problems: int = 64  # validation problems per accuracy check
+    # Off-policy correction (docs/rl.md): the rollout's sampler computes in this dtype; the
+    # update, in model.dtype
+    rollout_dtype: Literal["float32", "bfloat16"] = "float32"
+    # weights pi_old/pi_sampler of the policy loss, TRL's modes; token_truncate: Yao et al.'s
+    # truncated IS, no sequence is dropped for one outlying token
+    importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask"] = "token_truncate"
+    importance_sampling_cap: float = 3.0  # C: weights above it are truncated to C or masked
+    # delta of DeepSeek-V3.2's off-policy sequence masking: a sequence with a negative advantage
+    # and mean log(pi_sampler/pi_theta) above it leaves the loss; None: off
+    off_policy_mask_threshold: float | None = None
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
+        _require_choice(self, prefix, "rollout_dtype")
+        _require_choice(self, prefix, "importance_sampling")
+        _require(self.importance_sampling_cap >= 1, f"{prefix}importance_sampling_cap",
+                 f"must be >= 1 (weights 1 are on-policy), got {self.importance_sampling_cap}")
+        _require(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
+                 f"{prefix}off_policy_mask_threshold",
+                 f"must be positive or None, got {self.off_policy_mask_threshold}")
         _require(
             self.group_size >= 2,
             f"{prefix}group_size",

@@ -34,6 +34,7 @@ def sequences(seed: int = 0) -> dict:
         "segment_ids": np.ones((B, S), np.int32),
         "completion_mask": ((t >= PROMPT) & (t < ends[:, None])).astype(np.float32),
         "advantages": np.array([1, -1] * (B // 2), np.float32),
+        "sampler_logprobs": np.zeros((B, S), np.float32),
     }
 
 
@@ -79,6 +80,7 @@ def runs():
         before = np.asarray(logprobs(state.params, state.moe_bias, *(batch[k] for k in SEQUENCES)))
     noise = np.random.default_rng(1).normal(0, 0.3, (B, S))
     batch["ref_logprobs"] = (before + noise).astype(np.float32)
+    batch["sampler_logprobs"] = before  # on-policy sampling: importance weights 1
     data8, metrics8 = step_once(model, CFG, mesh, tx, state, shardings, batch)
     with parallel.use_mesh(mesh):
         after = logprobs(data8.params, data8.moe_bias, *(batch[k] for k in SEQUENCES))
@@ -151,7 +153,9 @@ def test_moe_selection_biases_take_their_aux_loss_free_step():
 
 
 def test_batch_keys_follow_the_config():
-    assert batch_keys(GRPOConfig()) == SEQUENCES + ("completion_mask", "advantages")
+    assert batch_keys(GRPOConfig()) == SEQUENCES + (
+        "completion_mask", "advantages", "sampler_logprobs"
+    )
     assert batch_keys(GRPOConfig(num_iterations=2, beta=0.1))[-2:] == (
         "old_logprobs", "ref_logprobs"
     )

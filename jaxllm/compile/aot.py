@@ -39,7 +39,8 @@ PRETRAIN_BATCH = {"inputs": jnp.int32, "targets": jnp.int32, "positions": jnp.in
                   "segment_ids": jnp.int32, "loss_mask": jnp.float32}
 GRPO_BATCH = {"tokens": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
               "completion_mask": jnp.int32, "advantages": jnp.float32,
-              "old_logprobs": jnp.float32, "ref_logprobs": jnp.float32}
+              "sampler_logprobs": jnp.float32, "old_logprobs": jnp.float32,
+              "ref_logprobs": jnp.float32}
 
 
 @dataclasses.dataclass(frozen=True)

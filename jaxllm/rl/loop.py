@@ -23,7 +23,7 @@ from jaxllm.infer import Sampler
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
-from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout
+from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout, rollout_sampler
 from jaxllm.rl.step import batch_shardings, jit_grpo_step, jit_logprobs
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.optimizer import learning_rate_schedule
@@ -77,7 +77,10 @@ def format_line(record: dict, total_steps: int) -> str:
     return (
         f"step {record['step']:>5}/{total_steps} | reward {record['reward']:.3f}{per_function} "
         f"| len {record['completion_length']:.1f} | kl {record.get('kl', 0.0):.4f} "
-        f"| clip {record.get('clip_fraction', 0.0):.3f}{held_out} "
+        f"| clip {record.get('clip_fraction', 0.0):.3f} "
+        f"| sampler kl {record.get('offpolicy/kl', 0.0):.2e} "
+        f"w {record.get('offpolicy/weight_mean', 1.0):.3f} "
+        f"capped {record.get('offpolicy/capped_fraction', 0.0):.3f}{held_out} "
         f"| rollout {record['rollout_s']:.2f} s | update {record['update_s']:.2f} s"
     )
 
@@ -194,14 +197,16 @@ class _GRPOStep:
         return {f"eval/{k}": v for k, v in accuracy.items()}
 
     def _sampler(self, state: TrainState) -> Sampler:
-        return Sampler(self.run.model, state.params, self.task.tokenizer, moe_bias=state.moe_bias)
+        return rollout_sampler(self.run.model, state.params, self.task.tokenizer,
+                               moe_bias=state.moe_bias, dtype=self.run.config.grpo.rollout_dtype)
 
     def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
                 ) -> tuple[TrainState, dict[str, float]]:
         """`num_iterations` optimizer steps on the GRPO loss of the rollout."""
         rl = self.run.config.grpo
         advantages = np.asarray(loss_lib.group_advantages(total, rl.group_size, rl.scale_rewards))
-        names = ("tokens", "positions", "segment_ids", "completion_mask", "advantages")
+        names = ("tokens", "positions", "segment_ids", "completion_mask", "advantages",
+                 "sampler_logprobs")
         batch = jax.device_put(_batch(ro, advantages, keep),
                                {k: self.device_batch[k] for k in names})
         args = (batch["tokens"], batch["positions"], batch["segment_ids"])

@@ -68,7 +68,8 @@ def kl_divergence(logp, ref_logp, estimator: str = "k3"):
     raise ValueError(f"kl_estimator: unknown {estimator!r}; expected k1, k2 or k3")
 
 
-def _masked_mean(x, mask):
+def masked_mean(x, mask):
+    """The mean of `x` over the entries where `mask` is 1 (0 when there are none)."""
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -89,12 +90,15 @@ def aggregate(per_token, mask, loss_type: str, max_len: int):
     raise ValueError(f"loss_type: unknown {loss_type!r}; expected grpo, dapo, dr_grpo or gspo")
 
 
-def grpo_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, ref_logp=None):
-    """The clipped surrogate plus beta * KL, aggregated by `cfg.loss_type`, and metrics.
+def grpo_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, ref_logp=None, weights=None):
+    """The clipped surrogate, times the importance weights, plus beta * KL, aggregated by
+    `cfg.loss_type`, and metrics.
 
-    logp, old_logp, ref_logp, mask: [B, S]; advantages: [B]. The ratio is per token, or
-    for gspo per sequence, exp(token-mean of log rho), clipped to
-    [1 - epsilon_low, 1 + epsilon_high]. Returns (loss, {clip_fraction, ratio_mean, kl}).
+    logp, old_logp, ref_logp, mask, weights: [B, S]; advantages: [B]. The ratio is per token,
+    or for gspo per sequence, exp(token-mean of log rho), clipped to
+    [1 - epsilon_low, 1 + epsilon_high]. `weights` (constants; None: 1) correct for a sampler
+    that is not pi_old (`jaxllm.rl.importance`). Returns (loss, {clip_fraction, ratio_mean,
+    kl}).
     """
     if cfg.beta > 0 and ref_logp is None:
         raise ValueError("ref_logprobs: required when grpo.beta > 0")
@@ -107,15 +111,17 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg: GRPOConfig, ref_logp=None):
     adv = advantages[:, None].astype(jnp.float32)
     clipped = jnp.clip(ratio, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
+    if weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(weights)
     was_clipped = ((ratio < 1.0 - cfg.epsilon_low) & (adv < 0)) | (
         (ratio > 1.0 + cfg.epsilon_high) & (adv > 0)
     )
     metrics = {
-        "clip_fraction": _masked_mean(was_clipped, mask),
-        "ratio_mean": _masked_mean(jax.lax.stop_gradient(ratio), mask),
+        "clip_fraction": masked_mean(was_clipped, mask),
+        "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),
     }
     if cfg.beta > 0:
         kl = kl_divergence(logp, ref_logp, cfg.kl_estimator)
         per_token = per_token + cfg.beta * kl
-        metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl), mask)
+        metrics["kl"] = masked_mean(jax.lax.stop_gradient(kl), mask)
     return aggregate(per_token, mask, cfg.loss_type, cfg.max_completion_len), metrics

@@ -5,11 +5,14 @@ positions that start at 0 on the first real token, segment id 1 on real tokens (
 padding), and `completion_mask` 1 on the completion tokens the loss counts. W is the
 longest completion rounded up to a multiple of `WIDTH_STEP` (at most the sampling budget),
 so the update computes no columns past it and compiles for only a few widths.
+`sampler_logprobs` holds the sampler's log-probs of the completion tokens, for the update's
+off-policy correction (`jaxllm.rl.importance`).
 """
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm.data import tasks
@@ -34,6 +37,16 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_id,) if answer is None else (answer, tokenizer.eos_id)
 
 
+def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str = "float32"
+                    ) -> Sampler:
+    """A sampler of `model` that computes in `dtype` (`grpo.rollout_dtype`), its floating
+    params cast to it, as an inference engine in that precision would; `moe_bias` stays."""
+    model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+    params = jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return Sampler(model, params, tokenizer, moe_bias=moe_bias)
+
+
 @dataclasses.dataclass(frozen=True)
 class Rollout:
     """One batch of completions, G consecutive rows per prompt (numpy arrays)."""
@@ -42,17 +55,20 @@ class Rollout:
     positions: np.ndarray  # [B, P + W]
     segment_ids: np.ndarray  # [B, P + W]
     completion_mask: np.ndarray  # [B, P + W]
+    sampler_logprobs: np.ndarray  # [B, P + W] float32, 0 off the completion
     lengths: np.ndarray  # [B] completion tokens, the stop token included
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
 
     def batch(self) -> dict[str, np.ndarray]:
-        """The arrays of a GRPO update batch (advantages and log-probs are added later)."""
+        """The arrays of a GRPO update batch (advantages and the trainer's log-probs are
+        added later)."""
         return {
             "tokens": self.tokens,
             "positions": self.positions,
             "segment_ids": self.segment_ids,
             "completion_mask": self.completion_mask,
+            "sampler_logprobs": self.sampler_logprobs,
         }
 
 
@@ -89,6 +105,8 @@ def rollout(
         positions=np.maximum(column - first, 0).astype(np.int32),
         segment_ids=real.astype(np.int32),
         completion_mask=(real & (column >= prompt_len)).astype(np.int32),
+        sampler_logprobs=np.concatenate(
+            [np.zeros(padded.shape, np.float32), result.logprobs[:, :used]], axis=1),
         lengths=np.asarray(result.lengths),
         prompts=[tokenizer.decode(p) for p in prompts],
         completions=[

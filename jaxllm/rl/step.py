@@ -6,6 +6,8 @@ A batch holds B whole sequences (prompt + completion), each [B, S] array aligned
 
     tokens, positions, segment_ids, completion_mask: [B, S]
     advantages: [B]
+    sampler_logprobs: [B, S], the rollout sampler's log-probs of the tokens (`Rollout`),
+        for the off-policy importance weights (`jaxllm.rl.importance`)
     old_logprobs: [B, S], when grpo.num_iterations > 1 (with mu = 1, pi_old is the
         policy itself under stop_gradient, so the ratio is exactly 1)
     ref_logprobs: [B, S], when grpo.beta > 0
@@ -23,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import parallel
 from jaxllm.config import GRPOConfig
+from jaxllm.rl.importance import importance_weights, off_policy_sequence_mask
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.train import moe
 from jaxllm.train.state import TrainState
@@ -64,9 +67,18 @@ def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
     )
     old = batch["old_logprobs"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logp)
     mask = batch["completion_mask"].astype(jnp.float32)
+    weights, offpolicy = importance_weights(old, batch["sampler_logprobs"], mask,
+                                            mode=cfg.importance_sampling,
+                                            cap=cfg.importance_sampling_cap)
+    if cfg.off_policy_mask_threshold is not None:
+        keep, masked = off_policy_sequence_mask(logp, batch["sampler_logprobs"],
+                                                batch["advantages"], mask,
+                                                threshold=cfg.off_policy_mask_threshold)
+        weights, offpolicy = weights * keep, offpolicy | masked
     loss, metrics = grpo_loss(
-        logp, old, batch["advantages"], mask, cfg, batch.get("ref_logprobs")
+        logp, old, batch["advantages"], mask, cfg, batch.get("ref_logprobs"), weights
     )
+    metrics.update(offpolicy)
     metrics["entropy"] = (entropy * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     return loss + moe.aux_loss(moe_metrics), (loss, metrics, moe_metrics)
 
@@ -90,7 +102,8 @@ def grpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: GRPOConfig
 
 def batch_keys(cfg: GRPOConfig) -> tuple[str, ...]:
     """The arrays a GRPO batch must hold under `cfg`."""
-    keys = ("tokens", "positions", "segment_ids", "completion_mask", "advantages")
+    keys = ("tokens", "positions", "segment_ids", "completion_mask", "advantages",
+            "sampler_logprobs")
     keys += ("old_logprobs",) if cfg.num_iterations > 1 else ()
     return keys + (("ref_logprobs",) if cfg.beta > 0 else ())
 

@@ -598,9 +598,9 @@ class GRPOConfig:
     format_reward: float = 0.0  # weight of the format reward; accuracy has weight 1
     eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
     eval_problems: int = 64  # validation problems per accuracy check
-    # Off-policy correction (docs/rl.md): the rollout's sampler computes in this dtype; the
-    # update, in model.dtype
-    rollout_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Off-policy correction (docs/rl.md): the rollout's sampler computes in this dtype (None:
+    # model.dtype, the update's)
+    rollout_dtype: Literal["float32", "bfloat16"] | None = None
     # weights pi_old/pi_sampler of the policy loss, TRL's modes; token_truncate: Yao et al.'s
     # truncated IS, no sequence is dropped for one outlying token
     importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate",
@@ -612,7 +612,8 @@ class GRPOConfig:
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
-        _require_choice(self, prefix, "rollout_dtype")
+        _require(self.rollout_dtype in (None, "float32", "bfloat16"), f"{prefix}rollout_dtype",
+                 f"must be float32, bfloat16 or None, got {self.rollout_dtype!r}")
         _require_choice(self, prefix, "importance_sampling")
         _require(self.importance_sampling_cap >= 1, f"{prefix}importance_sampling_cap",
                  f"must be >= 1 (weights 1 are on-policy), got {self.importance_sampling_cap}")

@@ -37,10 +37,13 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_id,) if answer is None else (answer, tokenizer.eos_id)
 
 
-def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str = "float32"
+def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str | None = None
                     ) -> Sampler:
     """A sampler of `model` that computes in `dtype` (`grpo.rollout_dtype`), its floating
-    params cast to it, as an inference engine in that precision would; `moe_bias` stays."""
+    params cast to it, as an inference engine in that precision would; `moe_bias` stays.
+    None: the model as it is."""
+    if dtype is None:
+        return Sampler(model, params, tokenizer, moe_bias=moe_bias)
     model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
     params = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)

@@ -16,10 +16,12 @@ import jax
 import numpy as np
 
 from jaxllm import config as config_lib
+from jaxllm import tools
 from jaxllm.data import tasks
 from jaxllm.data.readers import reasoning_problems
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxllm.infer import Sampler
+from jaxllm.infer.tool_use import ToolSampler
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
@@ -62,6 +64,7 @@ def _rollout_metrics(ro: Rollout, rewards: rewards_lib.Rewards, total: np.ndarra
         metrics[f"reward/{name}_failures"] = float(rewards.failures[name])
     metrics["completion_length"] = float(ro.lengths.mean())
     metrics["groups_dropped"] = float(1.0 - keep.mean())
+    metrics.update(ro.tool_metrics)
     return metrics
 
 
@@ -143,6 +146,7 @@ class _GRPOStep:
         self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings)
         self.ref = initial_weights(run) if rl.beta > 0 else None  # the KL's reference
         self.device_batch = batch_shardings(run.mesh, rl)
+        self.toolbox = tools.toolbox(rl.tool_names) if rl.tool_names else None
         self.samples_log = None
         if run.config.workdir and jax.process_index() == 0:  # a remote run's samples first
             self.samples_log = workdir_lib.pull(run.config.workdir, "samples.txt")
@@ -194,7 +198,13 @@ class _GRPOStep:
         return {f"eval/{k}": v for k, v in accuracy.items()}
 
     def _sampler(self, state: TrainState) -> Sampler:
-        return Sampler(self.run.model, state.params, self.task.tokenizer, moe_bias=state.moe_bias)
+        """A sampler of the current policy; a `ToolSampler` when `grpo.tools` names tools."""
+        if self.toolbox is None:
+            return Sampler(self.run.model, state.params, self.task.tokenizer,
+                           moe_bias=state.moe_bias)
+        return ToolSampler(self.run.model, state.params, self.task.tokenizer,
+                           moe_bias=state.moe_bias, toolbox=self.toolbox,
+                           max_calls=self.run.config.grpo.max_tool_calls)
 
     def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
                 ) -> tuple[TrainState, dict[str, float]]:

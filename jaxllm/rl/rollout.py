@@ -4,7 +4,8 @@ A row is the left-padded prompt followed by its completion: [B, P + W] tokens, w
 positions that start at 0 on the first real token, segment id 1 on real tokens (0 on
 padding), and `completion_mask` 1 on the completion tokens the loss counts. W is the
 longest completion rounded up to a multiple of `WIDTH_STEP` (at most the sampling budget),
-so the update computes no columns past it and compiles for only a few widths.
+so the update computes no columns past it and compiles for only a few widths. With a
+`ToolSampler`, the `<result>...</result>` tokens tools wrote have `completion_mask` 0.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
 from jaxllm.infer.sampler import to_host
+from jaxllm.infer.tool_use import ToolResult
 
 WIDTH_STEP = 16
 
@@ -45,6 +47,7 @@ class Rollout:
     lengths: np.ndarray  # [B] completion tokens, the stop token included
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
+    tool_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # tool_metrics()
 
     def batch(self) -> dict[str, np.ndarray]:
         """The arrays of a GRPO update batch (advantages and log-probs are added later)."""
@@ -84,14 +87,30 @@ def rollout(
     for row, tokens in enumerate(prompts):
         padded[row, prompt_len - len(tokens):] = tokens
     real = (column >= first) & (column < end)
+    generated = np.ones(result.tokens.shape, bool)
+    if isinstance(result, ToolResult):
+        generated = result.tool_mask == 0
+    generated = np.concatenate([np.ones(padded.shape, bool), generated[:, :used]], axis=1)
     return Rollout(
         tokens=np.concatenate([padded, result.tokens[:, :used]], axis=1),
         positions=np.maximum(column - first, 0).astype(np.int32),
         segment_ids=real.astype(np.int32),
-        completion_mask=(real & (column >= prompt_len)).astype(np.int32),
+        completion_mask=(real & (column >= prompt_len) & generated).astype(np.int32),
         lengths=np.asarray(result.lengths),
         prompts=[tokenizer.decode(p) for p in prompts],
         completions=[
             tokenizer.decode(row[:length]) for row, length in zip(result.tokens, result.lengths)
         ],
+        tool_metrics=tool_metrics(result) if isinstance(result, ToolResult) else {},
     )
+
+
+def tool_metrics(result: ToolResult) -> dict[str, float]:
+    """Per completion: tool calls, failed calls (an "error:" result) and result tokens."""
+    calls = [len(row) for row in result.calls]
+    errors = [sum(call.failed for call in row) for row in result.calls]
+    return {
+        "tools/calls": float(np.mean(calls)),
+        "tools/errors": float(np.mean(errors)),
+        "tools/result_tokens": float(result.tool_mask.sum(axis=1).mean()),
+    }

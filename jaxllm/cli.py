@@ -93,7 +93,7 @@ def _toolbox(args):
     if not args.tools:
         return None
     if args.effort is not None:
-        raise config_lib.ConfigError("--tools: budget forcing (--effort) does not combine with tools")
+        raise config_lib.ConfigError("--tools: does not combine with budget forcing (--effort)")
     from jaxllm import tools
 
     try:

@@ -17,12 +17,12 @@ from jaxllm import config as config_lib
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.infer import Sampler
-from jaxllm.infer.stream import stream
 from jaxllm.infer.tool_use import (
     ToolSampler, ToolTokens, generate_with_tools, result_tokens, run_call,
 )
 from jaxllm.nn import Transformer
-from jaxllm.rl.rollout import rollout
+from jaxllm.rl.loop import grpo
+from jaxllm.rl.rollout import prompt_tokens, rollout
 from jaxllm.rl.verify import is_correct
 from jaxllm.tools import Tool, Toolbox, calc, countdown, parse_call, toolbox
 
@@ -103,6 +103,8 @@ def test_a_call_runs_from_its_tokens_and_a_result_cannot_inject_control_tokens(b
     generated = tokenizer.encode("12<tool>x</tool>ab<tool>calc: 37*41</tool>")
     limits = dict(calls_before=0, max_calls=2)
     assert run_call(box, tokenizer, generated, marks, **limits) == ("calc: 37*41", "1517")
+    unopened = tokenizer.encode("<tool>calc: 1</tool>calc: 2</tool>")
+    assert run_call(box, tokenizer, unopened, marks, **limits)[1].startswith("error:")
     assert result_tokens("1517", tokenizer, marks) == tokenizer.encode("<result>1517</result>")
     injected = result_tokens(box.call("inject: 1"), tokenizer, marks)
     assert [t in marks.special for t in injected] == [True] + [False] * (len(injected) - 2) + [True]
@@ -112,43 +114,55 @@ def test_a_call_runs_from_its_tokens_and_a_result_cannot_inject_control_tokens(b
 
 @pytest.fixture(scope="module")
 def rigged():
-    """A random model whose head is sharpened, with `</tool>` and `<tool>` in the columns of
-    two tokens its greedy continuations use often, so rows pause at different steps."""
+    """A random one-layer model whose head is sharpened, with `</tool>` and `<tool>` in the
+    columns of two tokens its greedy continuations use often, so rows pause at different
+    steps (or never)."""
     tokenizer = ByteTokenizer()
-    model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size))
+    model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, num_layers=1))
     params = init_params(model)
     kernel = np.array(params["head"]["kernel"]) * 20
-    for name, common in (("</tool>", 259), ("<tool>", 250)):
+    for name, common in (("</tool>", 226), ("<tool>", 250)):
         tool_id = tokenizer.special[name]
         kernel[:, [tool_id, common]] = kernel[:, [common, tool_id]]
     return model, {**params, "head": {"kernel": jnp.asarray(kernel)}}, tokenizer
 
 
-PROMPTS = ["ab", "hello", "x", "12*3"]
+# One shape for every tool run below (4 rows, prompts padded to PROMPT_LEN, NEW tokens), so
+# the decode loop compiles once.
+QUESTIONS = ("1+1=?", "23*4=?", "7-5=?", "make 6 from 1,2,3")
+PROMPT_LEN, NEW = 16, 24
 
 
 def tool_spans(tokens, tokenizer) -> np.ndarray:
-    """1 on every `<result> ... </result>` span of a row, found by scanning the tokens."""
-    inside, mask = False, []
+    """1 on every `<result> ... </result>` span right after a `</tool>`, found by scanning
+    the tokens (the model may write `<result>` itself elsewhere)."""
+    special = tokenizer.special
+    inside, mask, previous = False, [], None
     for token in tokens:
-        inside |= token == tokenizer.special["<result>"]
+        inside |= previous == special["</tool>"] and token == special["<result>"]
         mask.append(int(inside))
-        inside &= token != tokenizer.special["</result>"]
+        inside &= token != special["</result>"]
+        previous = token
     return np.array(mask)
 
 
-def test_a_paused_row_does_not_disturb_the_others_and_results_are_masked(rigged, box):
+def run_tools(rigged, box, prompts):
     model, params, tokenizer = rigged
-    prompts = [tokenizer.encode(text) for text in PROMPTS]
-    kwargs = dict(tokenizer=tokenizer, toolbox=box, max_new_tokens=40, temperature=0,
-                  pad_id=tokenizer.pad_id, stop_ids=(tokenizer.eos_id,),
-                  prompt_len=max(map(len, prompts)))
-    batch = generate_with_tools(model, params, prompts, **kwargs)
+    return generate_with_tools(model, params, prompts, tokenizer=tokenizer, toolbox=box,
+                               max_new_tokens=NEW, temperature=0, pad_id=tokenizer.pad_id,
+                               stop_ids=(tokenizer.eos_id, tokenizer.special["</answer>"]),
+                               prompt_len=PROMPT_LEN)
+
+
+def test_a_paused_row_does_not_disturb_the_others_and_results_are_masked(rigged, box):
+    tokenizer = rigged[2]
     marks = ToolTokens.from_tokenizer(tokenizer)
+    prompts = [prompt_tokens(tasks.Problem("arithmetic", q, "0"), tokenizer) for q in QUESTIONS]
+    batch = run_tools(rigged, box, prompts)
     calls = [len(row) for row in batch.calls]
-    assert max(calls) >= 1 and min(calls) == 0  # some rows pause, others do not
+    assert max(calls) >= 1 and min(calls) == 0, calls  # some rows pause, others do not
     for row, prompt in enumerate(prompts):
-        alone = generate_with_tools(model, params, [prompt], **kwargs)
+        alone = run_tools(rigged, box, [prompt] * 4)  # the same shape: no new compilation
         np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
         np.testing.assert_allclose(alone.logprobs[0], batch.logprobs[row], atol=1e-5)
         length = batch.lengths[row]
@@ -156,44 +170,43 @@ def test_a_paused_row_does_not_disturb_the_others_and_results_are_masked(rigged,
         np.testing.assert_array_equal(batch.tool_mask[row, :length], want)
         assert np.all(batch.logprobs[row, :length][want == 1] == 0)
         written = [result_tokens(c.output, tokenizer, marks) for c in batch.calls[row]]
-        assert want.sum() == sum(map(len, written)) or length == 40  # the last cut short
+        assert want.sum() == sum(map(len, written)) or length == NEW  # the last cut short
 
 
 def test_rollout_masks_tool_results_out_of_the_loss_and_counts_them(rigged, box):
     model, params, tokenizer = rigged
-    sampler = ToolSampler(model, params, tokenizer, toolbox=box, max_calls=1)
-    problems = [tasks.Problem("arithmetic", q, "0") for q in ("1+1=?", "23*4=?")]
-    ro = rollout(sampler, problems, group_size=2, max_new_tokens=32, temperature=1.0,
-                 rng=jax.random.key(0))
+    sampler = ToolSampler(model, params, tokenizer, toolbox=box)
+    every = [tasks.Problem("arithmetic", q, "0") for q in QUESTIONS]
+    calls = [len(row) for row in run_tools(rigged, box, [prompt_tokens(p, tokenizer)
+                                                          for p in every]).calls]
+    problems = [every[np.argmax(calls)], every[np.argmin(calls)]]  # one calls, one does not
+    ro = rollout(sampler, problems, group_size=2, max_new_tokens=NEW, temperature=0,
+                 rng=jax.random.key(0), prompt_len=PROMPT_LEN)
     results = np.stack([tool_spans(row, tokenizer) for row in ro.tokens]).astype(bool)
     results &= ro.segment_ids.astype(bool)
     assert results.any() and not (ro.completion_mask.astype(bool) & results).any()
     assert (ro.completion_mask.sum(1) == ro.lengths - results.sum(1)).all()
-    calls = [c.count("<result>") for c in ro.completions]
-    assert ro.tool_metrics["tools/result_tokens"] == pytest.approx(results.sum(1).mean())
-    assert ro.tool_metrics["tools/calls"] == pytest.approx(np.mean(calls))
-    errors = [c.count("<result>error:") for c in ro.completions]
-    assert ro.tool_metrics["tools/errors"] == pytest.approx(np.mean(errors))
+    outputs = [[box.call(piece[piece.rindex("<tool>") + 6:]) if "<tool>" in piece else "error"
+                for piece in c.split("</tool>")[:-1]] for c in ro.completions]
+    calls = [len(row) for row in outputs]
+    errors = [sum(output.startswith("error") for output in row) for row in outputs]
+    assert ro.tool_metrics == pytest.approx({"tools/calls": np.mean(calls),
+                                             "tools/errors": np.mean(errors),
+                                             "tools/result_tokens": results.sum(1).mean()})
 
 
-def test_streaming_with_tools_yields_what_the_batched_loop_generates(rigged, box):
+def test_generate_command_streams_the_calls_and_results_of_the_batched_loop(
+        rigged, box, capsys, monkeypatch):
     model, params, tokenizer = rigged
-    prompt = tokenizer.encode(PROMPTS[2])
-    want = generate_with_tools(model, params, [prompt], tokenizer=tokenizer, toolbox=box,
-                               max_new_tokens=40, temperature=0, pad_id=tokenizer.pad_id,
-                               stop_ids=(tokenizer.eos_id, tokenizer.special["</answer>"]))
-    got = list(stream(Sampler(model, params, tokenizer), prompt, max_new_tokens=40,
-                      rng=jax.random.key(0), temperature=0, toolbox=box))
-    assert want.calls[0] and got == list(want.tokens[0, :want.lengths[0]])
-
-
-def test_generate_command_shows_the_calls_and_their_results(rigged, capsys, monkeypatch):
-    model, params, tokenizer = rigged
+    question = QUESTIONS[0]
+    prompt = prompt_tokens(tasks.Problem("arithmetic", question, "0"), tokenizer)[:-1]
+    want = run_tools(rigged, box, [prompt] * 4)
     monkeypatch.setattr(cli, "_sampler", lambda workdir: (None, Sampler(model, params, tokenizer)))
-    assert cli.main(["generate", "run", "--prompt", "x", "--raw", "--tools", "calc",
-                     "--max-new-tokens", "40", "--temperature", "0"]) == 0
-    out = capsys.readouterr().out
-    assert re.search(r"</tool><result>error: [^<]*</result>", out)
+    assert cli.main(["generate", "run", "--prompt", question, "--tools", "calc",
+                     "--max-new-tokens", str(NEW), "--temperature", "0"]) == 0
+    shown = capsys.readouterr().out
+    assert want.calls[0] and "</tool><result>error: " in shown
+    assert shown == tokenizer.decode(prompt[1:] + list(want.tokens[0, :want.lengths[0]])) + "\n"
     assert cli.main(["generate", "run", "--prompt", "x", "--tools", "shell"]) == 2
     assert "--tools: tools: unknown ['shell']" in capsys.readouterr().err
 
@@ -221,3 +234,20 @@ def test_tool_config_fields_are_checked():
         config_lib.apply_overrides(grpo, ["grpo.tools=calc,shell"])
     with pytest.raises(config_lib.ConfigError, match="data.tool_documents"):
         config_lib.apply_overrides(grpo, ["data.train_size=10", "data.tool_documents=11"])
+
+
+@pytest.mark.slow
+def test_a_grpo_step_with_tools_logs_the_tool_counts(tmp_path):
+    config = config_lib.Config(
+        model=tiny_model(vocab_size=ByteTokenizer().vocab_size, embed_dim=32, mlp_dim=64),
+        mesh=config_lib.MeshConfig(data=2, fsdp=4),
+        data=config_lib.DataConfig(source="arithmetic"),
+        train=config_lib.TrainConfig(steps=1, batch_size=8, warmup_steps=0),
+        grpo=config_lib.GRPOConfig(group_size=4, max_completion_len=8, eval_every=0,
+                                   tools="calc"),
+        workdir=str(tmp_path),
+    )
+    problems = [tasks.Problem("arithmetic", f"{a}+1=?", str(a + 1)) for a in range(4)]
+    (record,) = grpo(config, log=lambda _: None, problems=problems)
+    assert {"tools/calls", "tools/errors", "tools/result_tokens"} <= record.keys()
+    assert 0 <= record["tools/errors"] <= record["tools/calls"]

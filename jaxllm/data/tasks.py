@@ -74,7 +74,8 @@ def tool_document(problem: Problem) -> str:
     if problem.family == "arithmetic":
         thought, name, args = "", "calc", problem.question.removesuffix("=?")
     elif problem.family == "countdown":
-        thought, name, args = solution(problem), "countdown", f"{problem.question} by {problem.answer}"
+        thought, name = solution(problem), "countdown"
+        args = f"{problem.question} by {problem.answer}"
     else:
         raise ValueError(f"family: {problem.family!r} has no tool; tools serve {TOOL_FAMILIES}")
     result = builtin.BUILTINS[name](args)

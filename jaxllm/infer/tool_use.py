@@ -74,11 +74,14 @@ class ToolTokens:
 
 def run_call(toolbox: Toolbox, tokenizer, generated: Sequence[int], marks: ToolTokens, *,
              calls_before: int, max_calls: int) -> tuple[str, str]:
-    """(call, output) of the call that `generated` ends with (its last token `</tool>`); an
-    error output, without running anything, once the row has made `max_calls` calls."""
+    """(call, output) of the call that `generated` ends with: the text between its last
+    `<tool>` after any earlier `</tool>` and its last token, `</tool>`. An error output,
+    without running anything, once the row has made `max_calls` calls."""
     if calls_before >= max_calls:
         return "", f"error: at most {max_calls} tool calls"
-    starts = [i for i, token in enumerate(generated) if token == marks.open]
+    ends = [i for i, token in enumerate(generated[:-1]) if token == marks.close]
+    begin = ends[-1] + 1 if ends else 0  # after the previous call
+    starts = [i for i in range(begin, len(generated) - 1) if generated[i] == marks.open]
     if not starts:
         return "", "error: the call has no opening tool token"
     call = tokenizer.decode(list(generated[starts[-1] + 1:-1]))

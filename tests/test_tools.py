@@ -21,7 +21,7 @@ from jaxllm.infer.tool_use import (
     ToolSampler, ToolTokens, generate_with_tools, result_tokens, run_call,
 )
 from jaxllm.nn import Transformer
-from jaxllm.rl.loop import grpo
+from jaxllm.rl.loop import format_line, grpo
 from jaxllm.rl.rollout import prompt_tokens, rollout
 from jaxllm.rl.verify import is_correct
 from jaxllm.tools import Tool, Toolbox, calc, countdown, parse_call, toolbox
@@ -234,6 +234,14 @@ def test_tool_config_fields_are_checked():
         config_lib.apply_overrides(grpo, ["grpo.tools=calc,shell"])
     with pytest.raises(config_lib.ConfigError, match="data.tool_documents"):
         config_lib.apply_overrides(grpo, ["data.train_size=10", "data.tool_documents=11"])
+
+
+def test_the_progress_line_shows_the_tool_counts():
+    record = {"step": 3, "reward": 0.5, "completion_length": 7.0, "rollout_s": 1.0,
+              "update_s": 1.0, "tools/calls": 1.5, "tools/errors": 0.25}
+    assert "| len 7.0 | tool calls 1.50 (0.25 errors) |" in format_line(record, 10)
+    del record["tools/calls"], record["tools/errors"]
+    assert "tool" not in format_line(record, 10)
 
 
 @pytest.mark.slow

@@ -77,9 +77,12 @@ def format_line(record: dict, total_steps: int) -> str:
     held_out = ""
     if "eval/accuracy" in record:
         held_out = f" | held-out accuracy {record['eval/accuracy']:.3f}"
+    tools = ""
+    if "tools/calls" in record:
+        tools = f" | tool calls {record['tools/calls']:.2f} ({record['tools/errors']:.2f} errors)"
     return (
         f"step {record['step']:>5}/{total_steps} | reward {record['reward']:.3f}{per_function} "
-        f"| len {record['completion_length']:.1f} | kl {record.get('kl', 0.0):.4f} "
+        f"| len {record['completion_length']:.1f}{tools} | kl {record.get('kl', 0.0):.4f} "
         f"| clip {record.get('clip_fraction', 0.0):.3f}{held_out} "
         f"| rollout {record['rollout_s']:.2f} s | update {record['update_s']:.2f} s"
     )

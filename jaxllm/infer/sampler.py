@@ -150,7 +150,8 @@ def generate(
 def to_host(result: GenerationResult) -> GenerationResult:
     """`result` as NumPy arrays, whole on every process, also when its rows span several.
     A result already in NumPy arrays (e.g. of `generate_with_tools`) is returned as it is."""
-    if jax.process_count() == 1 or all(isinstance(x, np.ndarray) for x in jax.tree.leaves(result)):
+    on_host = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(result))
+    if jax.process_count() == 1 or on_host:
         return jax.device_get(result)
     return multihost_utils.process_allgather(result, tiled=True)
 

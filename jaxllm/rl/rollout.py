@@ -87,15 +87,14 @@ def rollout(
     for row, tokens in enumerate(prompts):
         padded[row, prompt_len - len(tokens):] = tokens
     real = (column >= first) & (column < end)
-    generated = np.ones(result.tokens.shape, bool)
-    if isinstance(result, ToolResult):
-        generated = result.tool_mask == 0
-    generated = np.concatenate([np.ones(padded.shape, bool), generated[:, :used]], axis=1)
+    sampled = (result.tool_mask == 0 if isinstance(result, ToolResult)
+               else np.ones(result.tokens.shape, bool))  # not written by a tool
+    sampled = np.concatenate([np.ones(padded.shape, bool), sampled[:, :used]], axis=1)
     return Rollout(
         tokens=np.concatenate([padded, result.tokens[:, :used]], axis=1),
         positions=np.maximum(column - first, 0).astype(np.int32),
         segment_ids=real.astype(np.int32),
-        completion_mask=(real & (column >= prompt_len) & generated).astype(np.int32),
+        completion_mask=(real & (column >= prompt_len) & sampled).astype(np.int32),
         lengths=np.asarray(result.lengths),
         prompts=[tokenizer.decode(p) for p in prompts],
         completions=[

@@ -1,6 +1,7 @@
 """Tools inside the thinking: strict calls, limits, the pausing generation loop, GRPO's
 masks and counts, the tool corpus and `jaxllm generate --tools`."""
 
+import collections
 import re
 import time
 from fractions import Fraction
@@ -16,7 +17,7 @@ from jaxllm import cli
 from jaxllm import config as config_lib
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import ByteTokenizer
-from jaxllm.infer import Sampler
+from jaxllm.infer import Sampler, generate
 from jaxllm.infer.tool_use import (
     ToolSampler, ToolTokens, generate_with_tools, result_tokens, run_call,
 )
@@ -112,25 +113,37 @@ def test_a_call_runs_from_its_tokens_and_a_result_cannot_inject_control_tokens(b
         "error: at most 2 tool calls")
 
 
+# One shape for every generation below (4 rows, prompts padded to PROMPT_LEN + NEW, NEW
+# tokens, three stop tokens), so the decode loop compiles once.
+QUESTIONS = ("1+1=?", "23*4=?", "7-5=?", "make 6 from 1,2,3")
+PROMPT_LEN, NEW = 16, 24
+
+
+def task_prompts(tokenizer, think: bool = True) -> list[list[int]]:
+    """The QUESTIONS as rollouts prompt them, or without the final `<think>` (as `generate`
+    does without --effort)."""
+    prompts = [prompt_tokens(tasks.Problem("arithmetic", q, "0"), tokenizer) for q in QUESTIONS]
+    return prompts if think else [p[:-1] for p in prompts]
+
+
 @pytest.fixture(scope="module")
 def rigged():
-    """A random one-layer model whose head is sharpened, with `</tool>` and `<tool>` in the
-    columns of two tokens its greedy continuations use often, so rows pause at different
-    steps (or never)."""
+    """A random one-layer model with `</tool>` in the head column of a token that the greedy
+    continuations of some QUESTIONS use and others do not: those rows pause where the plain
+    model would write that token, the others never."""
     tokenizer = ByteTokenizer()
     model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, num_layers=1))
     params = init_params(model)
-    kernel = np.array(params["head"]["kernel"]) * 20
-    for name, common in (("</tool>", 226), ("<tool>", 250)):
-        tool_id = tokenizer.special[name]
-        kernel[:, [tool_id, common]] = kernel[:, [common, tool_id]]
+    stops = (tokenizer.eos_id, tokenizer.special["</answer>"], tokenizer.special["</tool>"])
+    used = [set(row.tolist()) for think in (True, False) for row in generate(
+        model, params, task_prompts(tokenizer, think), max_new_tokens=NEW, temperature=0,
+        stop_ids=stops, pad_id=tokenizer.pad_id, prompt_len=PROMPT_LEN + NEW).tokens]
+    counts = collections.Counter(t for row in used[:4] for t in row if t < 256)
+    common = next(t for t, n in counts.most_common() if n < 4 and any(t in r for r in used[4:]))
+    kernel = np.array(params["head"]["kernel"])
+    close = tokenizer.special["</tool>"]
+    kernel[:, [close, common]] = kernel[:, [common, close]]
     return model, {**params, "head": {"kernel": jnp.asarray(kernel)}}, tokenizer
-
-
-# One shape for every tool run below (4 rows, prompts padded to PROMPT_LEN, NEW tokens), so
-# the decode loop compiles once.
-QUESTIONS = ("1+1=?", "23*4=?", "7-5=?", "make 6 from 1,2,3")
-PROMPT_LEN, NEW = 16, 24
 
 
 def tool_spans(tokens, tokenizer) -> np.ndarray:
@@ -157,7 +170,7 @@ def run_tools(rigged, box, prompts):
 def test_a_paused_row_does_not_disturb_the_others_and_results_are_masked(rigged, box):
     tokenizer = rigged[2]
     marks = ToolTokens.from_tokenizer(tokenizer)
-    prompts = [prompt_tokens(tasks.Problem("arithmetic", q, "0"), tokenizer) for q in QUESTIONS]
+    prompts = task_prompts(tokenizer)
     batch = run_tools(rigged, box, prompts)
     calls = [len(row) for row in batch.calls]
     assert max(calls) >= 1 and min(calls) == 0, calls  # some rows pause, others do not
@@ -177,8 +190,7 @@ def test_rollout_masks_tool_results_out_of_the_loss_and_counts_them(rigged, box)
     model, params, tokenizer = rigged
     sampler = ToolSampler(model, params, tokenizer, toolbox=box)
     every = [tasks.Problem("arithmetic", q, "0") for q in QUESTIONS]
-    calls = [len(row) for row in run_tools(rigged, box, [prompt_tokens(p, tokenizer)
-                                                          for p in every]).calls]
+    calls = [len(row) for row in run_tools(rigged, box, task_prompts(tokenizer)).calls]
     problems = [every[np.argmax(calls)], every[np.argmin(calls)]]  # one calls, one does not
     ro = rollout(sampler, problems, group_size=2, max_new_tokens=NEW, temperature=0,
                  rng=jax.random.key(0), prompt_len=PROMPT_LEN)
@@ -198,15 +210,16 @@ def test_rollout_masks_tool_results_out_of_the_loss_and_counts_them(rigged, box)
 def test_generate_command_streams_the_calls_and_results_of_the_batched_loop(
         rigged, box, capsys, monkeypatch):
     model, params, tokenizer = rigged
-    question = QUESTIONS[0]
-    prompt = prompt_tokens(tasks.Problem("arithmetic", question, "0"), tokenizer)[:-1]
-    want = run_tools(rigged, box, [prompt] * 4)
+    prompts = task_prompts(tokenizer, think=False)
+    row = int(np.argmax([len(calls) for calls in run_tools(rigged, box, prompts).calls]))
+    want = run_tools(rigged, box, [prompts[row]] * 4)
     monkeypatch.setattr(cli, "_sampler", lambda workdir: (None, Sampler(model, params, tokenizer)))
-    assert cli.main(["generate", "run", "--prompt", question, "--tools", "calc",
+    assert cli.main(["generate", "run", "--prompt", QUESTIONS[row], "--tools", "calc",
                      "--max-new-tokens", str(NEW), "--temperature", "0"]) == 0
     shown = capsys.readouterr().out
     assert want.calls[0] and "</tool><result>error: " in shown
-    assert shown == tokenizer.decode(prompt[1:] + list(want.tokens[0, :want.lengths[0]])) + "\n"
+    completion = list(want.tokens[0, :want.lengths[0]])
+    assert shown == tokenizer.decode(prompts[row][1:] + completion) + "\n"
     assert cli.main(["generate", "run", "--prompt", "x", "--tools", "shell"]) == 2
     assert "--tools: tools: unknown ['shell']" in capsys.readouterr().err
 

@@ -74,14 +74,32 @@ def _generate(args) -> None:
         prompt.append(sampler.think.open)
     echo = prompt if getattr(tokenizer, "chat_template", None) else prompt[1:]  # no <bos>
     print(tokenizer.decode(echo), end="", flush=True)
+    toolbox = _toolbox(args)
     generated = []
     for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
                         rng=jax.random.key(args.seed), temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, effort=args.effort):
+                        top_k=args.top_k, top_p=args.top_p, effort=args.effort,
+                        toolbox=toolbox):
         shown = tokenizer.decode(generated)
         generated.append(token)
         print(tokenizer.decode(generated)[len(shown):], end="", flush=True)
     print()
+    if toolbox is not None:
+        toolbox.close()
+
+
+def _toolbox(args):
+    """The built-in tools `--tools` names (comma-separated), or None."""
+    if not args.tools:
+        return None
+    if args.effort is not None:
+        raise config_lib.ConfigError("--tools: does not combine with budget forcing (--effort)")
+    from jaxllm import tools
+
+    try:
+        return tools.toolbox([name.strip() for name in args.tools.split(",")])
+    except ValueError as error:
+        raise config_lib.ConfigError(f"--tools: {error}") from None
 
 
 def _eval(args) -> None:
@@ -263,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="use the prompt as is, without the task template")
     generate.add_argument("--effort", choices=("instant", "low", "medium", "high", "auto"),
                           help="open a thought and cap it at this effort's token budget")
+    generate.add_argument("--tools", help="built-in tools the model may call inside its "
+                          "thinking, comma-separated: calc,countdown; calls and results are "
+                          "shown as they happen")
     generate.add_argument("--top-k", type=int)
     generate.add_argument("--top-p", type=float)
     _add_sampling_options(generate)

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from etils import epath
 
+from jaxllm.tools.builtin import BUILTINS
+
 
 class ConfigError(ValueError):
     """A config field holds a value that cannot work. The message names the field."""
@@ -491,6 +493,9 @@ class DataConfig:
     # reasoning: conversations of the synthetic assistant domain (jaxllm.data.assistant)
     # added to the train split, with demonstrations of the Constitutional AI requests
     assistant_documents: int = 0
+    # reasoning: worked solutions that call the tools (`<tool>calc: ...</tool>`), written for
+    # up to this many arithmetic and countdown problems of the train split and added to it
+    tool_documents: int = 0
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -507,7 +512,9 @@ class DataConfig:
             _require(bool(getattr(self, key)), f"{prefix}{key}", "must name a record field")
         _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
                                          "test_size"))
-        _require_non_negative(self, prefix, ("assistant_documents",))
+        _require_non_negative(self, prefix, ("assistant_documents", "tool_documents"))
+        _require(self.tool_documents <= self.train_size, f"{prefix}tool_documents",
+                 f"must be <= {prefix}train_size={self.train_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,6 +616,12 @@ class GRPOConfig:
     # delta of DeepSeek-V3.2's off-policy sequence masking: a sequence with a negative advantage
     # and mean log(pi_sampler/pi_theta) above it leaves the loss; None: off
     off_policy_mask_threshold: float | None = None
+    tools: str = ""  # built-in tools rollouts and evaluations may call, e.g. "calc,countdown"
+    max_tool_calls: int = 4  # per completion; later calls get an error result
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.tools.split(",") if name.strip())
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
@@ -630,7 +643,11 @@ class GRPOConfig:
                  f"must lie in [0, 1), got {self.epsilon_low}")
         _require(self.eval_problems >= 1, f"{prefix}eval_problems",
                  f"must be >= 1, got {self.eval_problems}")
-        _require_non_negative(self, prefix, ("epsilon_high", "beta", "format_reward", "eval_every"))
+        _require_non_negative(self, prefix, ("epsilon_high", "beta", "format_reward", "eval_every",
+                                             "max_tool_calls"))
+        unknown = sorted(set(self.tool_names) - set(BUILTINS))
+        _require(not unknown, f"{prefix}tools", f"unknown {unknown}; the built-ins are "
+                 f"{sorted(BUILTINS)}")
         _require(
             0 <= self.overlong_buffer <= self.max_completion_len,
             f"{prefix}overlong_buffer",

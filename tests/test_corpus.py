@@ -237,6 +237,21 @@ def test_reasoning_source_packs_the_split_it_names(corpus_dir):
     assert documents(source, batches=12) == want
 
 
+def test_tool_documents_join_the_train_split_only_from_its_own_problems(corpus_dir):
+    train = read_split(corpus_dir, "train")
+    held_out = {p.question for split in ("validation", "test")
+                for p in read_split(corpus_dir, split)}
+    plain = make_source(reasoning_config(corpus_dir), split="train")
+    source = make_source(reasoning_config(corpus_dir, tool_documents=6), split="train")
+    assert len(source) == len(plain) + 6
+    added = documents(source, batches=200) - {tasks.document(p) for p in train}
+    assert 0 < len(added) <= 6 and all("</tool><result>" in doc for doc in added)
+    questions = {re.match(r"Q: (.*)\n", doc)[1] for doc in added}
+    assert questions <= {p.question for p in train} and not questions & held_out
+    validation = make_source(reasoning_config(corpus_dir, tool_documents=6), split="validation")
+    assert len(validation) == SIZES["validation_size"]
+
+
 def test_any_tfds_dataset_by_name_split_and_feature(corpus_dir):
     from jaxllm.data import corpus
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from jaxllm.rl import parse
+from jaxllm.tools import parse
 from jaxllm.rl.rewards import accuracy_reward, format_reward, score
 from jaxllm.rl.verify import is_correct
 

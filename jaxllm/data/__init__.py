@@ -6,7 +6,7 @@ positions, loss_mask (see `jaxllm.data.sources`).
 """
 
 from jaxllm.config import Config, ConfigError, ConstitutionConfig, DataConfig
-from jaxllm.data import assistant, readers
+from jaxllm.data import assistant, readers, tasks
 from jaxllm.data.arithmetic import ArithmeticSource
 from jaxllm.data.sources import ChatSource, DocumentSource
 from jaxllm.data.tokenizer import (
@@ -48,6 +48,8 @@ def make_source(
             texts += assistant.documents(
                 data.seed, data.assistant_documents, difficulty=data.difficulty,
                 cfg=config.constitution or ConstitutionConfig())
+        if split == data.split and data.tool_documents:
+            texts += tool_documents(data)
     elif data.source == "tfds":
         texts = readers.tfds_texts(data, split)
     else:
@@ -71,6 +73,14 @@ def _chat_source(data: DataConfig, split: str, tokenizer: Tokenizer) -> ChatSour
         return ChatSource(conversations, tokenizer, data.seed)
     except ValueError as error:  # a chat template that fails on a conversation
         raise ConfigError(f"data.tokenizer: {error}") from None
+
+
+def tool_documents(data: DataConfig) -> list[str]:
+    """`tasks.tool_document` of the first `data.tool_documents` problems of the train split,
+    those of the families with a tool: the call syntax, on problems held out of evaluation."""
+    problems = [p for p in readers.reasoning_problems(data, "train")
+                if p.family in tasks.TOOL_FAMILIES]
+    return [tasks.tool_document(p) for p in problems[:data.tool_documents]]
 
 
 __all__ = [

@@ -20,6 +20,13 @@ Families and their canonical answers:
                                            expression that reaches the target is correct.
 Countdown problems also carry `numbers` and `target`.
 
+`tool_document` writes an arithmetic or countdown problem's solution with a tool call inside
+the thought, and the exact result the built-in tool returns (`jaxllm.tools`):
+
+    "Q: 347*86=?\n<think><tool>calc: 347*86</tool><result>29842</result></think>..."
+    "Q: make 20 from 2,3,4\n<think>2+3=5,5*4=20<tool>countdown: make 20 from 2,3,4 by
+     (2+3)*4</tool><result>yes</result></think><answer>(2+3)*4</answer>"
+
 `difficulty` (1, 2, 3, ...) scales every family: operand digits (difficulty + 1 at most),
 coefficient and root ranges, and the count of countdown numbers (difficulty + 1). At the
 default 2, a document is at most about 110 bytes.
@@ -29,6 +36,8 @@ import dataclasses
 import re
 
 import numpy as np
+
+from jaxllm.tools import builtin
 
 FAMILIES = ("arithmetic", "linear", "quadratic", "countdown")
 
@@ -54,6 +63,25 @@ def document(problem: Problem) -> str:
     return (
         f"{prompt(problem)}<think>{solution(problem)}</think>"
         f"<answer>{problem.answer}</answer>"
+    )
+
+
+TOOL_FAMILIES = ("arithmetic", "countdown")
+
+
+def tool_document(problem: Problem) -> str:
+    """The training text of `problem` with a tool call in its thought (`TOOL_FAMILIES`)."""
+    if problem.family == "arithmetic":
+        thought, name, args = "", "calc", problem.question.removesuffix("=?")
+    elif problem.family == "countdown":
+        thought, name = solution(problem), "countdown"
+        args = f"{problem.question} by {problem.answer}"
+    else:
+        raise ValueError(f"family: {problem.family!r} has no tool; tools serve {TOOL_FAMILIES}")
+    result = builtin.BUILTINS[name](args)
+    return (
+        f"{prompt(problem)}<think>{thought}<tool>{name}: {args}</tool><result>{result}</result>"
+        f"</think><answer>{problem.answer}</answer>"
     )
 
 

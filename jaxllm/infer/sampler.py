@@ -47,11 +47,11 @@ class _Loop:
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "think"))
 def _generate(
-    variables, prompts, prompt_lengths, rng, stop_ids, pad_id, effort, *, model,
+    variables, prompts, prompt_lengths, rng, stop_ids, pad_id, effort, budgets, *, model,
     max_new_tokens, sampling, think,
 ):
-    """The jitted loop. `stop_ids` [n], `pad_id` and `effort`, (budget, num_waits) or None,
-    are traced, so changing their values does not recompile."""
+    """The jitted loop. `stop_ids` [n], `pad_id`, `effort`, (budget, num_waits) or None, and
+    the per-row token `budgets` [B] are traced, so changing their values does not recompile."""
     batch, prompt_len = prompts.shape
     logits, cache = prefill(model, variables, prompts, prompt_lengths, prompt_len + max_new_tokens)
     result = GenerationResult(
@@ -60,7 +60,7 @@ def _generate(
         jnp.zeros((batch,), jnp.int32),
     )
     effort_state = None if effort is None else effort_lib.init_state(prompts[:, -1], think)
-    finished = jnp.zeros(batch, bool)
+    finished = budgets <= 0
     start = _Loop(jnp.zeros((), jnp.int32), logits, cache, result, finished, effort_state)
 
     def body(loop: _Loop) -> _Loop:
@@ -79,7 +79,7 @@ def _generate(
             r.logprobs.at[:, loop.step].set(jnp.where(live, logprob, 0.0)),
             r.lengths + live,
         )
-        finished = loop.finished | jnp.isin(token, stop_ids)
+        finished = loop.finished | jnp.isin(token, stop_ids) | (result.lengths >= budgets)
         positions = prompt_lengths + loop.step
         logits, cache = decode_step(model, variables, loop.cache, token, positions)
         return _Loop(loop.step + 1, logits, cache, result, finished, effort_state)
@@ -106,6 +106,7 @@ def generate(
     think: effort_lib.ThinkTokens | None = None,
     pad_id: int = 0,
     prompt_len: int | None = None,
+    budgets: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Samples up to `max_new_tokens` tokens after each prompt.
 
@@ -121,6 +122,7 @@ def generate(
       rng: the key for sampling; required unless greedy.
       effort, think: budget forcing of thoughts (`jaxllm.infer.effort`); both or neither.
       pad_id: the token that pads prompts and ended rows.
+      budgets: at most this many tokens for each row (traced; default max_new_tokens).
 
     Run it under `parallel.use_mesh(mesh)` to shard the batch and the cache on the mesh.
     """
@@ -137,15 +139,19 @@ def generate(
     variables = {"params": params} | ({"moe_bias": moe_bias} if moe_bias is not None else {})
     stop = np.array(tuple(stop_ids) or (-1,), np.int32)  # -1 matches no token
     limits = None if effort is None else (np.int32(effort.budget), np.int32(effort.num_waits))
+    budgets = np.full(len(prompts), max_new_tokens, np.int32) if budgets is None else budgets
     return _generate(
         variables, tokens, lengths, rng, stop, np.int32(pad_id), limits,
+        np.asarray(budgets, np.int32),
         model=model, max_new_tokens=max_new_tokens, sampling=sampling, think=think,
     )
 
 
 def to_host(result: GenerationResult) -> GenerationResult:
-    """`result` as NumPy arrays, whole on every process, also when its rows span several."""
-    if jax.process_count() == 1:
+    """`result` as NumPy arrays, whole on every process, also when its rows span several.
+    A result already in NumPy arrays (e.g. of `generate_with_tools`) is returned as it is."""
+    on_host = all(isinstance(x, np.ndarray) for x in jax.tree.leaves(result))
+    if jax.process_count() == 1 or on_host:
         return jax.device_get(result)
     return multihost_utils.process_allgather(result, tiled=True)
 

@@ -2,6 +2,8 @@
 
 The same prefill, sampling and effort forcing as `sampler.generate`, but the decode loop
 runs in Python around one jitted step, so each token can be shown as soon as it exists.
+With a toolbox, a `</tool>` runs the call and its `<result>...</result>` tokens are fed
+into the cache and yielded too (`jaxllm.infer.tool_use`).
 """
 
 import functools
@@ -15,9 +17,12 @@ from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.cache import decode_step, prefill
 from jaxllm.infer.sampler import Sampler
 from jaxllm.infer.sampling import SamplingConfig, sample
+from jaxllm.infer.tool_use import ToolTokens, result_tokens, run_call
+from jaxllm.tools import Toolbox
 
 
 _prefill = jax.jit(prefill, static_argnums=(0, 4))
+_feed = jax.jit(decode_step, static_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampling", "think"))
@@ -40,9 +45,15 @@ def stream(
     top_k: int | None = None,
     top_p: float | None = None,
     effort: str | effort_lib.Effort | None = None,
+    toolbox: Toolbox | None = None,
+    max_calls: int = 4,
 ) -> Iterator[int]:
     """Yields the generated token ids one at a time, up to and including a stop token
-    (`</answer>` or `<eos>`). With an `effort`, `prompt` should end with `<think>`."""
+    (`</answer>` or `<eos>`). With an `effort`, `prompt` should end with `<think>`. With a
+    `toolbox` (not with an effort), up to `max_calls` calls run and their results are
+    yielded; `max_new_tokens` counts them."""
+    if toolbox is not None and effort is not None:
+        raise ValueError("effort: budget forcing does not combine with tools")
     model, tokenizer = sampler.model, sampler.tokenizer
     variables = {"params": sampler.params}
     if sampler.moe_bias is not None:
@@ -57,12 +68,24 @@ def stream(
         limits = (np.int32(chosen.budget), np.int32(chosen.num_waits))
     stops = {tokenizer.special.get("</answer>"), tokenizer.eos_id}
     sampling = SamplingConfig(temperature, top_k, top_p)
-    for step in range(max_new_tokens):
+    marks = None if toolbox is None else ToolTokens.from_tokenizer(tokenizer)
+    generated, calls = [], 0
+    while len(generated) < max_new_tokens:
+        step = len(generated)
         token, logits, cache, state = _next(
             variables, cache, logits, jax.random.fold_in(rng, step), length + step, state,
             limits, model=model, sampling=sampling, think=sampler.think,
         )
-        token = int(token[0])
-        yield token
-        if token in stops:
+        generated.append(int(token[0]))
+        yield generated[-1]
+        if generated[-1] in stops:
             return
+        if marks is not None and generated[-1] == marks.close:
+            _, output = run_call(toolbox, tokenizer, generated, marks, calls_before=calls,
+                                 max_calls=max_calls)
+            calls += 1
+            for fed in result_tokens(output, tokenizer, marks)[:max_new_tokens - len(generated)]:
+                logits, cache = _feed(model, variables, cache, jnp.asarray([fed], jnp.int32),
+                                      length + len(generated))
+                generated.append(fed)
+                yield fed

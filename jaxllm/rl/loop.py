@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from jaxllm import config as config_lib
+from jaxllm import tools
 from jaxllm.data import tasks
 from jaxllm.data.readers import reasoning_problems
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
@@ -62,6 +63,7 @@ def _rollout_metrics(ro: Rollout, rewards: rewards_lib.Rewards, total: np.ndarra
         metrics[f"reward/{name}_failures"] = float(rewards.failures[name])
     metrics["completion_length"] = float(ro.lengths.mean())
     metrics["groups_dropped"] = float(1.0 - keep.mean())
+    metrics.update(ro.tool_metrics)
     return metrics
 
 
@@ -74,9 +76,12 @@ def format_line(record: dict, total_steps: int) -> str:
     held_out = ""
     if "eval/accuracy" in record:
         held_out = f" | held-out accuracy {record['eval/accuracy']:.3f}"
+    tools = ""
+    if "tools/calls" in record:
+        tools = f" | tool calls {record['tools/calls']:.2f} ({record['tools/errors']:.2f} errors)"
     return (
         f"step {record['step']:>5}/{total_steps} | reward {record['reward']:.3f}{per_function} "
-        f"| len {record['completion_length']:.1f} | kl {record.get('kl', 0.0):.4f} "
+        f"| len {record['completion_length']:.1f}{tools} | kl {record.get('kl', 0.0):.4f} "
         f"| clip {record.get('clip_fraction', 0.0):.3f} "
         f"| sampler kl {record.get('offpolicy/kl', 0.0):.2e} "
         f"w {record.get('offpolicy/weight_mean', 1.0):.3f} "
@@ -146,6 +151,7 @@ class _GRPOStep:
         self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings)
         self.ref = initial_weights(run) if rl.beta > 0 else None  # the KL's reference
         self.device_batch = batch_shardings(run.mesh, rl)
+        self.toolbox = tools.toolbox(rl.tool_names) if rl.tool_names else None
         self.samples_log = None
         if run.config.workdir and jax.process_index() == 0:  # a remote run's samples first
             self.samples_log = workdir_lib.pull(run.config.workdir, "samples.txt")
@@ -197,8 +203,12 @@ class _GRPOStep:
         return {f"eval/{k}": v for k, v in accuracy.items()}
 
     def _sampler(self, state: TrainState) -> Sampler:
+        """A sampler of the current policy, in `grpo.rollout_dtype`; with `grpo.tools`, one
+        that lets the model call them."""
+        rl = self.run.config.grpo
         return rollout_sampler(self.run.model, state.params, self.task.tokenizer,
-                               moe_bias=state.moe_bias, dtype=self.run.config.grpo.rollout_dtype)
+                               moe_bias=state.moe_bias, dtype=rl.rollout_dtype,
+                               toolbox=self.toolbox, max_tool_calls=rl.max_tool_calls)
 
     def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
                 ) -> tuple[TrainState, dict[str, float]]:

@@ -4,7 +4,8 @@ A row is the left-padded prompt followed by its completion: [B, P + W] tokens, w
 positions that start at 0 on the first real token, segment id 1 on real tokens (0 on
 padding), and `completion_mask` 1 on the completion tokens the loss counts. W is the
 longest completion rounded up to a multiple of `WIDTH_STEP` (at most the sampling budget),
-so the update computes no columns past it and compiles for only a few widths.
+so the update computes no columns past it and compiles for only a few widths. With a
+`ToolSampler`, the `<result>...</result>` tokens tools wrote have `completion_mask` 0.
 `sampler_logprobs` holds the sampler's log-probs of the completion tokens, for the update's
 off-policy correction (`jaxllm.rl.importance`).
 """
@@ -19,6 +20,8 @@ from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
 from jaxllm.infer.sampler import to_host
+from jaxllm.infer.tool_use import ToolResult, ToolSampler
+from jaxllm.tools import Toolbox
 
 WIDTH_STEP = 16
 
@@ -37,17 +40,19 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
     return (tokenizer.eos_id,) if answer is None else (answer, tokenizer.eos_id)
 
 
-def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str | None = None
-                    ) -> Sampler:
-    """A sampler of `model` that computes in `dtype` (`grpo.rollout_dtype`), its floating
-    params cast to it, as an inference engine in that precision would; `moe_bias` stays.
-    None: the model as it is."""
-    if dtype is None:
+def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str | None = None,
+                    toolbox: Toolbox | None = None, max_tool_calls: int = 4) -> Sampler:
+    """A sampler of `model` that computes in `dtype` (`grpo.rollout_dtype`; None: the model's
+    own), its floating params cast to it, as an inference engine in that precision would;
+    `moe_bias` stays. With a `toolbox`, a `ToolSampler` that lets the model call its tools."""
+    if dtype is not None:
+        model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+        params = jax.tree.map(
+            lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    if toolbox is None:
         return Sampler(model, params, tokenizer, moe_bias=moe_bias)
-    model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
-    params = jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
-    return Sampler(model, params, tokenizer, moe_bias=moe_bias)
+    return ToolSampler(model, params, tokenizer, moe_bias=moe_bias, toolbox=toolbox,
+                       max_calls=max_tool_calls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Rollout:
     lengths: np.ndarray  # [B] completion tokens, the stop token included
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
+    tool_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # tool_metrics()
 
     def batch(self) -> dict[str, np.ndarray]:
         """The arrays of a GRPO update batch (advantages and the trainer's log-probs are
@@ -103,11 +109,14 @@ def rollout(
     for row, tokens in enumerate(prompts):
         padded[row, prompt_len - len(tokens):] = tokens
     real = (column >= first) & (column < end)
+    sampled = (result.tool_mask == 0 if isinstance(result, ToolResult)
+               else np.ones(result.tokens.shape, bool))  # not written by a tool
+    sampled = np.concatenate([np.ones(padded.shape, bool), sampled[:, :used]], axis=1)
     return Rollout(
         tokens=np.concatenate([padded, result.tokens[:, :used]], axis=1),
         positions=np.maximum(column - first, 0).astype(np.int32),
         segment_ids=real.astype(np.int32),
-        completion_mask=(real & (column >= prompt_len)).astype(np.int32),
+        completion_mask=(real & (column >= prompt_len) & sampled).astype(np.int32),
         sampler_logprobs=np.concatenate(
             [np.zeros(padded.shape, np.float32), result.logprobs[:, :used]], axis=1),
         lengths=np.asarray(result.lengths),
@@ -115,4 +124,16 @@ def rollout(
         completions=[
             tokenizer.decode(row[:length]) for row, length in zip(result.tokens, result.lengths)
         ],
+        tool_metrics=tool_metrics(result) if isinstance(result, ToolResult) else {},
     )
+
+
+def tool_metrics(result: ToolResult) -> dict[str, float]:
+    """Per completion: tool calls, failed calls (an "error:" result) and result tokens."""
+    calls = [len(row) for row in result.calls]
+    errors = [sum(call.failed for call in row) for row in result.calls]
+    return {
+        "tools/calls": float(np.mean(calls)),
+        "tools/errors": float(np.mean(errors)),
+        "tools/result_tokens": float(result.tool_mask.sum(axis=1).mean()),
+    }

@@ -9,11 +9,11 @@ parse is a bug in the task and raises. Families and canonical answers:
   evaluates to the target.
 """
 
-from collections import Counter
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 
-from jaxllm.rl.parse import ParseError, parse_expression, parse_number, parse_number_list
+from jaxllm.tools.parse import (
+    ParseError, parse_expression, parse_number, parse_number_list, reaches_target,
+)
 
 
 def _or_none(parse: Callable, text: str):
@@ -38,11 +38,7 @@ def _reaches_target(text: str, answer: str, numbers, target) -> bool:
     if numbers is None or target is None:
         raise ValueError("countdown: needs the given `numbers` and the `target`")
     expression = _or_none(parse_expression, text)
-    return (
-        expression is not None
-        and expression.value == Fraction(target)
-        and Counter(expression.numbers) == Counter(int(n) for n in numbers)
-    )
+    return expression is not None and reaches_target(expression, numbers, target)
 
 
 CHECKS: dict[str, Callable[..., bool]] = {

@@ -14,6 +14,8 @@ length, literal size and nesting depth, so every call finishes in microseconds.
 
 import dataclasses
 import re
+from collections import Counter
+from collections.abc import Sequence
 from fractions import Fraction
 
 MAX_CHARS = 256  # longest answer text accepted
@@ -146,3 +148,10 @@ def parse_expression(text: str) -> Expression:
     if parser.peek() is not None:
         raise ParseError(f"unexpected {parser.peek()!r} after a complete expression")
     return Expression(value, tuple(parser.numbers))
+
+
+def reaches_target(expression: Expression, numbers: Sequence[int], target: int) -> bool:
+    """Whether `expression` uses each of `numbers` exactly once and evaluates to `target`."""
+    return expression.value == Fraction(target) and Counter(expression.numbers) == Counter(
+        int(n) for n in numbers
+    )

@@ -23,6 +23,15 @@ class ConfigError(ValueError):
     """A config field holds a value that cannot work. The message names the field."""
 
 
+# The effort levels a prompt can name with a control token `<effort:LEVEL>`.
+EFFORT_LEVELS = ("instant", "low", "medium", "high")
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c"); "" -> ()."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
@@ -484,6 +493,9 @@ class DataConfig:
     # reasoning: conversations of the synthetic assistant domain (jaxllm.data.assistant)
     # added to the train split, with demonstrations of the Constitutional AI requests
     assistant_documents: int = 0
+    # reasoning: every document carries an effort control token, and its worked solution is
+    # cut to the level's length (jaxllm.data.tasks.effort_document)
+    effort_documents: bool = False
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -501,6 +513,9 @@ class DataConfig:
         _require_positive(self, prefix, ("difficulty", "train_size", "validation_size",
                                          "test_size"))
         _require_non_negative(self, prefix, ("assistant_documents",))
+        _require(not self.effort_documents or self.source == "reasoning",
+                 f"{prefix}effort_documents", "rewrites the reasoning corpus; set "
+                 f"{prefix}source=reasoning or turn it off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -591,9 +606,16 @@ class GRPOConfig:
     format_reward: float = 0.0  # weight of the format reward; accuracy has weight 1
     eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
     eval_problems: int = 64  # validation problems per accuracy check
+    # Effort-conditioned GRPO (docs/rl.md): the levels the prompts cycle through, comma-separated
+    # from instant, low, medium, high (e.g. "instant,low,medium,high"); empty: off
+    efforts: str = ""
+    effort_budgets: str = ""  # thinking-token budget of each level, e.g. "0,8,16,32"; empty: EFFORTS
+    length_penalty: float = 0.0  # lambda of the length reward relative to the budget; 0: off
+    length_tolerance: float = 0.5  # rho: thinking up to rho * budget is free
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
+        self._validate_efforts(prefix)
         _require(
             self.group_size >= 2,
             f"{prefix}group_size",
@@ -610,6 +632,28 @@ class GRPOConfig:
             f"{prefix}overlong_buffer",
             f"must lie in [0, {prefix}max_completion_len={self.max_completion_len}]",
         )
+
+    @property
+    def effort_levels(self) -> tuple[str, ...]:
+        return split_list(self.efforts)
+
+    def _validate_efforts(self, prefix: str) -> None:
+        levels = self.effort_levels
+        unknown = sorted(set(levels) - set(EFFORT_LEVELS))
+        _require(not unknown, f"{prefix}efforts",
+                 f"{unknown} are not effort levels; choose from {list(EFFORT_LEVELS)}")
+        _require(len(set(levels)) == len(levels), f"{prefix}efforts",
+                 f"names a level twice: {self.efforts!r}")
+        budgets = split_list(self.effort_budgets)
+        _require(all(b.isdigit() for b in budgets), f"{prefix}effort_budgets",
+                 f"expects comma-separated integers >= 0, got {self.effort_budgets!r}")
+        _require(not budgets or len(budgets) == len(levels), f"{prefix}effort_budgets",
+                 f"{len(budgets)} budgets for the {len(levels)} levels of {prefix}efforts")
+        _require_non_negative(self, prefix, ("length_penalty",))
+        _require(self.length_penalty == 0 or bool(levels), f"{prefix}length_penalty",
+                 f"the length reward is relative to an effort's budget; set {prefix}efforts")
+        _require(0 <= self.length_tolerance <= 1, f"{prefix}length_tolerance",
+                 f"must lie in [0, 1], got {self.length_tolerance}")
 
 
 @dataclasses.dataclass(frozen=True)

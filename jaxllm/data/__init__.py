@@ -6,7 +6,7 @@ positions, loss_mask (see `jaxllm.data.sources`).
 """
 
 from jaxllm.config import Config, ConfigError, ConstitutionConfig, DataConfig
-from jaxllm.data import assistant, readers
+from jaxllm.data import assistant, readers, tasks
 from jaxllm.data.arithmetic import ArithmeticSource
 from jaxllm.data.sources import ChatSource, DocumentSource
 from jaxllm.data.tokenizer import (
@@ -44,6 +44,8 @@ def make_source(
         return _chat_source(data, split, tokenizer)
     if data.source == "reasoning":
         texts = readers.reasoning_texts(data, split)
+        if data.effort_documents:
+            texts = tasks.effort_documents(texts)
         if split == data.split and data.assistant_documents:
             texts += assistant.documents(
                 data.seed, data.assistant_documents, difficulty=data.difficulty,

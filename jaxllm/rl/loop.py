@@ -19,7 +19,8 @@ from jaxllm import config as config_lib
 from jaxllm.data import tasks
 from jaxllm.data.readers import reasoning_problems
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
-from jaxllm.infer import Sampler
+from jaxllm.infer import EFFORTS, Sampler
+from jaxllm.rl import effort as rl_effort
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
@@ -110,7 +111,8 @@ def grpo(
     eval_problems = (
         reasoning_problems(config.data, "validation")[: rl.eval_problems] if rl.eval_every else []
     )
-    prompt_len = max(len(prompt_tokens(p, tokenizer)) for p in problems + eval_problems)
+    level = rl.effort_levels[0] if rl.effort_levels else None  # control tokens: one token each
+    prompt_len = max(len(prompt_tokens(p, tokenizer, level)) for p in problems + eval_problems)
     if reward_fns is None:
         reward_fns, weights = reward_functions(rl)
     task = _Task(tokenizer=tokenizer, problems=problems, eval_problems=eval_problems,
@@ -155,7 +157,8 @@ class _GRPOStep:
         ro = rollout(self._sampler(state), chosen, group_size=rl.group_size,
                      max_new_tokens=rl.max_completion_len, temperature=rl.temperature,
                      rng=jax.random.fold_in(jax.random.key(cfg.seed), number),
-                     prompt_len=self.task.prompt_len)
+                     prompt_len=self.task.prompt_len,
+                     efforts=rl_effort.efforts_of_step(rl, number, len(chosen)))
         rollout_s = time.perf_counter() - began
         rewards, total, keep = self._score(ro, chosen)
         began = time.perf_counter()
@@ -164,6 +167,8 @@ class _GRPOStep:
             "step": number, **_rollout_metrics(ro, rewards, total, keep), **metrics,
             "rollout_s": rollout_s, "update_s": time.perf_counter() - began,
         }
+        if ro.efforts is not None:
+            record.update(rl_effort.metrics(ro, total, rewards.per_function, self._close_id))
         if rl.eval_every and (number % rl.eval_every == 0 or final):
             record.update(self._evaluate(state))
             _write_samples(self.samples_log, number, ro)
@@ -179,6 +184,8 @@ class _GRPOStep:
         rewards = rewards_lib.score(self.task.reward_fns, ro.prompts, ro.completions,
                                     self.task.weights, **_columns(chosen, rl.group_size))
         total = rewards.total
+        if ro.efforts is not None and rl.length_penalty:
+            total = total + rl_effort.rollout_length_reward(ro, rl, self._close_id)
         if rl.overlong_buffer:
             total = total + np.asarray(loss_lib.overlong_penalty(
                 ro.lengths, rl.max_completion_len, rl.overlong_buffer))
@@ -194,7 +201,12 @@ class _GRPOStep:
         return {f"eval/{k}": v for k, v in accuracy.items()}
 
     def _sampler(self, state: TrainState) -> Sampler:
-        return Sampler(self.run.model, state.params, self.task.tokenizer, moe_bias=state.moe_bias)
+        return Sampler(self.run.model, state.params, self.task.tokenizer, moe_bias=state.moe_bias,
+                       efforts={**EFFORTS, **rl_effort.levels(self.run.config.grpo)})
+
+    @property
+    def _close_id(self) -> int:
+        return self.task.tokenizer.special["</think>"]
 
     def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
                 ) -> tuple[TrainState, dict[str, float]]:

@@ -15,17 +15,24 @@ import numpy as np
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
+from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.sampler import to_host
 
 WIDTH_STEP = 16
 
 
-def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
+def prompt_tokens(problem: tasks.Problem, tokenizer, effort: str | None = None) -> list[int]:
     """`<bos>` and the task's prompt, or the prompt through the tokenizer's chat template
-    (`chat_prompt`), then `<think>` if the vocabulary has it: the model continues with its
-    reasoning."""
+    (`chat_prompt`), then the control token `<effort:LEVEL>` of an `effort` level, then
+    `<think>` if the vocabulary has it: the model continues with its reasoning."""
     think = [tokenizer.special["<think>"]] if "<think>" in tokenizer.special else []
-    return chat_prompt(tokenizer, tasks.prompt(problem)) + think
+    control = []
+    if effort is not None:
+        token = effort_lib.control_token(effort)
+        if token not in tokenizer.special:
+            raise ValueError(f"effort: the vocabulary has no control token {token}")
+        control = [tokenizer.special[token]]
+    return chat_prompt(tokenizer, tasks.prompt(problem)) + control + think
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
@@ -45,6 +52,7 @@ class Rollout:
     lengths: np.ndarray  # [B] completion tokens, the stop token included
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
+    efforts: list[str] | None = None  # [B] effort levels, when sampled with efforts
 
     def batch(self) -> dict[str, np.ndarray]:
         """The arrays of a GRPO update batch (advantages and log-probs are added later)."""
@@ -65,14 +73,24 @@ def rollout(
     temperature: float,
     rng: jax.Array,
     prompt_len: int | None = None,
+    efforts: list[str] | None = None,
 ) -> Rollout:
-    """Samples `group_size` completions of each problem's prompt."""
+    """Samples `group_size` completions of each problem's prompt; with `efforts` (a level
+    per problem), each prompt carries its level's control token and its group is
+    budget-forced at that level of `sampler.efforts`."""
     tokenizer = sampler.tokenizer
-    prompts = [prompt_tokens(p, tokenizer) for p in problems for _ in range(group_size)]
+    levels = [None] * len(problems) if efforts is None else efforts
+    prompts = [prompt_tokens(p, tokenizer, level)
+               for p, level in zip(problems, levels, strict=True) for _ in range(group_size)]
+    rows = None if efforts is None else [level for level in efforts for _ in range(group_size)]
+    forcing = {}
+    if rows is not None:
+        forcing = {"effort": [effort_lib.resolve(r, sampler.efforts) for r in rows],
+                   "think": sampler.think}
     prompt_len = prompt_len or max(len(p) for p in prompts)
     result = to_host(sampler.generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
-        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len,
+        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len, **forcing,
     ))
     prompt_lengths = np.array([len(p) for p in prompts])
     used = min(max_new_tokens, -(-int(result.lengths.max()) // WIDTH_STEP) * WIDTH_STEP)
@@ -94,4 +112,5 @@ def rollout(
         completions=[
             tokenizer.decode(row[:length]) for row, length in zip(result.tokens, result.lengths)
         ],
+        efforts=rows,
     )

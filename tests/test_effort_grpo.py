@@ -87,8 +87,12 @@ def test_the_rollout_length_reward_counts_the_thinking_of_each_completion():
     np.testing.assert_array_equal(rl_effort.row_thinking(ro, CLOSE), [3, 0, 6])
     cfg = config_lib.GRPOConfig(efforts="instant,low,high", effort_budgets="0,2,8",
                                 length_penalty=1.0, length_tolerance=0.5)
-    np.testing.assert_allclose(rl_effort.rollout_length_reward(ro, cfg, CLOSE),
+    np.testing.assert_allclose(rl_effort.rollout_length_reward(ro, np.ones(3), cfg, CLOSE),
                                [-(3 - 1) / 2, 0.0, -(6 - 4) / 8])
+    # Only completions with a positive task reward pay for their length.
+    np.testing.assert_allclose(
+        rl_effort.rollout_length_reward(ro, np.array([0.0, 1.0, 0.5]), cfg, CLOSE),
+        [0.0, 0.0, -(6 - 4) / 8])
 
 
 def test_levels_cycle_over_the_prompts_of_a_step_and_take_their_budgets():
@@ -105,6 +109,7 @@ def letters(prompts, completions, **_):
             for text in completions]
 
 
+@pytest.mark.slow
 def test_a_two_step_grpo_run_with_efforts_logs_per_effort_metrics(tmp_path):
     config = config_lib.Config(
         model=tiny_model(vocab_size=TOKENIZER.vocab_size, embed_dim=32, mlp_dim=64),
@@ -116,8 +121,10 @@ def test_a_two_step_grpo_run_with_efforts_logs_per_effort_metrics(tmp_path):
                                    length_penalty=0.1),
         workdir=str(tmp_path),
     )
-    history = grpo(config, log=lambda _: None, reward_fns=[letters], problems=PROBLEMS)
+    lines = []
+    history = grpo(config, log=lines.append, reward_fns=[letters], problems=PROBLEMS)
     assert [r["step"] for r in history] == [1, 2]
+    assert " | thinking instant 0.0 low " in next(l for l in lines if l.startswith("step "))
     for record in history:
         assert record["effort/instant/thinking_tokens"] == 0.0
         assert record["effort/low/thinking_tokens"] <= 3.0

@@ -7,7 +7,8 @@ relative to the level's thinking budget B (docs/rl.md, "Effort-conditioned GRPO"
     r_len = -lambda * max(0, T - rho * B) / max(B, 1)
 
 T: the completion's thinking tokens (before its `</think>`); lambda: grpo.length_penalty;
-rho: grpo.length_tolerance, the share of the budget that costs nothing.
+rho: grpo.length_tolerance, the share of the budget that costs nothing. It applies only to
+completions whose task reward is positive: a wrong answer gains nothing by being short.
 """
 
 import numpy as np
@@ -50,12 +51,15 @@ def row_thinking(ro: Rollout, close_id: int) -> np.ndarray:
                      for row, m, length in zip(ro.tokens, mask, ro.lengths)], np.float32)
 
 
-def rollout_length_reward(ro: Rollout, cfg: GRPOConfig, close_id: int) -> np.ndarray:
-    """[B] r_len of a rollout sampled with efforts."""
+def rollout_length_reward(ro: Rollout, task_reward: np.ndarray, cfg: GRPOConfig,
+                          close_id: int) -> np.ndarray:
+    """[B] r_len of a rollout sampled with efforts, where the task reward [B] is positive;
+    0 elsewhere."""
     budget = levels(cfg)
-    return length_reward(row_thinking(ro, close_id),
-                         np.array([budget[e].budget for e in ro.efforts], np.float32),
-                         penalty=cfg.length_penalty, tolerance=cfg.length_tolerance)
+    r_len = length_reward(row_thinking(ro, close_id),
+                          np.array([budget[e].budget for e in ro.efforts], np.float32),
+                          penalty=cfg.length_penalty, tolerance=cfg.length_tolerance)
+    return np.where(task_reward > 0, r_len, 0.0).astype(np.float32)
 
 
 def metrics(ro: Rollout, total: np.ndarray, per_function: dict[str, np.ndarray],

@@ -67,18 +67,24 @@ def _rollout_metrics(ro: Rollout, rewards: rewards_lib.Rewards, total: np.ndarra
 
 
 def format_line(record: dict, total_steps: int) -> str:
-    """One RL step's log line: rewards, completion length, KL, clipping and timings."""
+    """One RL step's log line: rewards, completion length, KL, clipping, thinking tokens per
+    effort level and timings."""
     per_function = "".join(
         f" | {key.removeprefix('reward/')} {value:.3f}" for key, value in record.items()
         if key.startswith("reward/") and not key.endswith(("_std", "_failures"))
     )
+    thinking = "".join(
+        f" {key.split('/')[1]} {value:.1f}" for key, value in record.items()
+        if key.startswith("effort/") and key.endswith("/thinking_tokens")
+    )
+    thinking = f" | thinking{thinking}" if thinking else ""
     held_out = ""
     if "eval/accuracy" in record:
         held_out = f" | held-out accuracy {record['eval/accuracy']:.3f}"
     return (
         f"step {record['step']:>5}/{total_steps} | reward {record['reward']:.3f}{per_function} "
         f"| len {record['completion_length']:.1f} | kl {record.get('kl', 0.0):.4f} "
-        f"| clip {record.get('clip_fraction', 0.0):.3f}{held_out} "
+        f"| clip {record.get('clip_fraction', 0.0):.3f}{thinking}{held_out} "
         f"| rollout {record['rollout_s']:.2f} s | update {record['update_s']:.2f} s"
     )
 
@@ -185,7 +191,7 @@ class _GRPOStep:
                                     self.task.weights, **_columns(chosen, rl.group_size))
         total = rewards.total
         if ro.efforts is not None and rl.length_penalty:
-            total = total + rl_effort.rollout_length_reward(ro, rl, self._close_id)
+            total = total + rl_effort.rollout_length_reward(ro, total, rl, self._close_id)
         if rl.overlong_buffer:
             total = total + np.asarray(loss_lib.overlong_penalty(
                 ro.lengths, rl.max_completion_len, rl.overlong_buffer))

@@ -36,12 +36,12 @@ def configs(workdir: str) -> tuple[Config, Config]:
     pre = dataclasses.replace(pre, data=data)
     rl = dataclasses.replace(
         rl, data=data,
-        train=dataclasses.replace(rl.train, steps=60, batch_size=64, log_every=5),
+        train=dataclasses.replace(rl.train, steps=200, log_every=10),
         grpo=config_lib.GRPOConfig(
-            group_size=4, max_completion_len=48, eval_every=0, efforts="instant,low,medium,high",
+            group_size=8, max_completion_len=48, eval_every=0, efforts="instant,low,medium,high",
             effort_budgets="0,12,20,32", length_penalty=0.5, length_tolerance=0.5,
         ),
-        checkpoint=config_lib.CheckpointConfig(every=30),
+        checkpoint=config_lib.CheckpointConfig(every=100),
     )
     return pre, rl
 

@@ -13,7 +13,6 @@ from jaxllm.infer import Effort, Sampler
 from jaxllm.infer import sampler as sampler_lib
 from jaxllm.nn import Transformer
 from jaxllm.rl import effort as rl_effort
-from jaxllm.rl import sweep
 from jaxllm.rl.evaluate import thinking_tokens
 from jaxllm.rl.loop import grpo
 from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout
@@ -133,14 +132,6 @@ def test_a_two_step_grpo_run_with_efforts_logs_per_effort_metrics(tmp_path):
         mean = (record["effort/instant/reward"] + record["effort/low/reward"]) / 2
         assert mean == pytest.approx(record["reward"], abs=1e-6)
         assert "effort/low/letters" in record
-
-
-def test_the_control_sweep_reports_each_level_unforced(sampler):
-    problems = [tasks.generate("arithmetic", np.random.default_rng(i), 1) for i in range(2)]
-    rows = sweep.control_sweep(sampler, problems, levels=("instant", "high"),
-                               max_new_tokens=6, rng=jax.random.key(0), log=lambda _: None)
-    assert [r["effort"] for r in rows] == ["instant", "high"]
-    assert all(r["budget"] == 6 and 0 <= r["thinking_tokens"] <= 6 for r in rows)
 
 
 def test_effort_documents_carry_the_token_and_a_solution_of_fitting_length():

@@ -116,18 +116,26 @@ def _eval(args) -> None:
     problems = reasoning_problems(config.data, args.split)[: args.problems]
     rng = jax.random.key(args.seed)
     options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    if not args.sweep:
+    if not (args.sweep or args.control):
         result = evaluate(sampler, problems, effort=args.effort, votes=args.votes, rng=rng,
                           **options)
         print(json.dumps(result, indent=2))
         return
-    rows = sweep.sweep(sampler, problems, efforts=sweep.budgets(args.budgets), votes=args.votes_list,
-                       rng=rng, **options)
     out = workdir_lib.path(args.workdir, "sweep")  # a local or a gs:// workdir
-    workdir_lib.write_text(out / "sweep.md", sweep.table(rows) + "\n")
-    workdir_lib.write_text(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    if args.control:
+        name = "control"
+        rows = sweep.control_sweep(sampler, problems, levels=config_lib.EFFORT_LEVELS, rng=rng,
+                                   **options)
+        figure = sweep.control_plot({args.workdir: rows}, out / "control.png")
+    else:
+        name = "sweep"
+        rows = sweep.sweep(sampler, problems, efforts=sweep.budgets(args.budgets),
+                           votes=args.votes_list, rng=rng, **options)
+        figure = sweep.plot(rows, out / "sweep.png")
+    workdir_lib.write_text(out / f"{name}.md", sweep.table(rows) + "\n")
+    workdir_lib.write_text(out / f"{name}.json", json.dumps(rows, indent=2) + "\n")
     print(sweep.table(rows))
-    print(f"wrote {out / 'sweep.md'}, {out / 'sweep.json'} and {sweep.plot(rows, out / 'sweep.png')}")
+    print(f"wrote {out / f'{name}.md'}, {out / f'{name}.json'} and {figure}")
 
 
 def _demo(args) -> None:
@@ -297,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--votes", type=int, default=1, help="self-consistency samples")
     evaluate.add_argument("--sweep", action="store_true",
                           help="every budget x vote count: a table and a PNG in WORKDIR/sweep")
+    evaluate.add_argument("--control", action="store_true",
+                          help="sweep the effort control tokens instead, unforced: accuracy "
+                          "and thinking tokens per level, in WORKDIR/sweep/control.*")
     evaluate.add_argument("--budgets", default="0,8,16,32,64",
                           help="sweep: thinking-token budgets, comma-separated")
     evaluate.add_argument("--votes-list", type=lambda s: [int(v) for v in s.split(",")],

@@ -25,6 +25,15 @@ class ConfigError(ValueError):
     """A config field holds a value that cannot work. The message names the field."""
 
 
+# The effort levels a prompt can name with a control token `<effort:LEVEL>`.
+EFFORT_LEVELS = ("instant", "low", "medium", "high")
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """"a, b,c" -> ("a", "b", "c"); "" -> ()."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _require(ok: bool, field: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{field}: {message}")
@@ -496,6 +505,9 @@ class DataConfig:
     # reasoning: worked solutions that call the tools (`<tool>calc: ...</tool>`), written for
     # up to this many arithmetic and countdown problems of the train split and added to it
     tool_documents: int = 0
+    # reasoning: every document carries an effort control token, and its worked solution is
+    # cut to the level's length (jaxllm.data.tasks.effort_document)
+    effort_documents: bool = False
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -515,6 +527,9 @@ class DataConfig:
         _require_non_negative(self, prefix, ("assistant_documents", "tool_documents"))
         _require(self.tool_documents <= self.train_size, f"{prefix}tool_documents",
                  f"must be <= {prefix}train_size={self.train_size}")
+        _require(not self.effort_documents or self.source == "reasoning",
+                 f"{prefix}effort_documents", "rewrites the reasoning corpus; set "
+                 f"{prefix}source=reasoning or turn it off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,12 +634,18 @@ class GRPOConfig:
     tools: str = ""  # built-in tools rollouts and evaluations may call, e.g. "calc,countdown"
     max_tool_calls: int = 4  # per completion; later calls get an error result
 
-    @property
-    def tool_names(self) -> tuple[str, ...]:
-        return tuple(name.strip() for name in self.tools.split(",") if name.strip())
+    # Effort-conditioned GRPO (docs/rl.md): the levels the prompts cycle through, comma-separated
+    # from instant, low, medium, high (e.g. "instant,low,medium,high"); empty: off
+    efforts: str = ""
+    effort_budgets: str = ""  # thinking-token budget of each level, e.g. "0,8,16,32"; empty: EFFORTS
+    length_penalty: float = 0.0  # lambda of the length reward relative to the budget; 0: off
+    length_tolerance: float = 0.5  # rho: thinking up to rho * budget is free
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
+        self._validate_efforts(prefix)
+        _require(not (self.tool_names and self.efforts), f"{prefix}tools",
+                 "tools do not combine with grpo.efforts' budget forcing yet; set one of them")
         _require(self.rollout_dtype in (None, "float32", "bfloat16"), f"{prefix}rollout_dtype",
                  f"must be float32, bfloat16 or None, got {self.rollout_dtype!r}")
         _require_choice(self, prefix, "importance_sampling")
@@ -653,6 +674,32 @@ class GRPOConfig:
             f"{prefix}overlong_buffer",
             f"must lie in [0, {prefix}max_completion_len={self.max_completion_len}]",
         )
+
+    @property
+    def tool_names(self) -> tuple[str, ...]:
+        return split_list(self.tools)
+
+    @property
+    def effort_levels(self) -> tuple[str, ...]:
+        return split_list(self.efforts)
+
+    def _validate_efforts(self, prefix: str) -> None:
+        levels = self.effort_levels
+        unknown = sorted(set(levels) - set(EFFORT_LEVELS))
+        _require(not unknown, f"{prefix}efforts",
+                 f"{unknown} are not effort levels; choose from {list(EFFORT_LEVELS)}")
+        _require(len(set(levels)) == len(levels), f"{prefix}efforts",
+                 f"names a level twice: {self.efforts!r}")
+        budgets = split_list(self.effort_budgets)
+        _require(all(b.isdigit() for b in budgets), f"{prefix}effort_budgets",
+                 f"expects comma-separated integers >= 0, got {self.effort_budgets!r}")
+        _require(not budgets or len(budgets) == len(levels), f"{prefix}effort_budgets",
+                 f"{len(budgets)} budgets for the {len(levels)} levels of {prefix}efforts")
+        _require_non_negative(self, prefix, ("length_penalty",))
+        _require(self.length_penalty == 0 or bool(levels), f"{prefix}length_penalty",
+                 f"the length reward is relative to an effort's budget; set {prefix}efforts")
+        _require(0 <= self.length_tolerance <= 1, f"{prefix}length_tolerance",
+                 f"must lie in [0, 1], got {self.length_tolerance}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,3 +67,12 @@ def test_eval_reports_accuracy_and_the_sweep_writes_its_table_and_plot(trained, 
 def test_eval_of_a_directory_without_a_run_fails_clearly(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 2
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_eval_control_sweeps_the_effort_tokens_unforced(trained, capsys):
+    assert main(["eval", str(trained), "--control", "--problems", "2",
+                 "--max-new-tokens", "6"]) == 0
+    rows = json.loads((trained / "sweep" / "control.json").read_text())
+    assert [r["effort"] for r in rows] == list(config_lib.EFFORT_LEVELS)
+    assert all(r["budget"] == 6 and 0 <= r["thinking_tokens"] <= 6 for r in rows)
+    assert (trained / "sweep" / "control.png").stat().st_size > 0

@@ -44,6 +44,8 @@ def make_source(
         return _chat_source(data, split, tokenizer)
     if data.source == "reasoning":
         texts = readers.reasoning_texts(data, split)
+        if data.effort_documents:
+            texts = tasks.effort_documents(texts)
         if split == data.split and data.assistant_documents:
             texts += assistant.documents(
                 data.seed, data.assistant_documents, difficulty=data.difficulty,

@@ -1,7 +1,8 @@
 """Reasoning task families: seeded problems with short worked solutions.
 
 Pure Python and numpy. The reasoning corpus, the packed pretraining documents and the RL phase
-all use this module's public API: `Problem`, `generate`, `prompt`, `solution` and `document`.
+all use this module's public API: `Problem`, `generate`, `prompt`, `solution` and `document`
+(and `effort_document`, its effort-conditioned variant).
 
 The text format of one problem, e.g. an arithmetic one:
 
@@ -33,7 +34,9 @@ default 2, a document is at most about 110 bytes.
 """
 
 import dataclasses
+import math
 import re
+import zlib
 
 import numpy as np
 
@@ -83,6 +86,31 @@ def tool_document(problem: Problem) -> str:
         f"{prompt(problem)}<think>{thought}<tool>{name}: {args}</tool><result>{result}</result>"
         f"</think><answer>{problem.answer}</answer>"
     )
+
+
+# The share of a worked solution's steps kept at each effort level (its last steps).
+EFFORT_SHARES = {"instant": 0.0, "low": 1 / 3, "medium": 2 / 3, "high": 1.0}
+
+
+def effort_document(text: str, level: str) -> str:
+    """A `document` text with the control token `<effort:level>` before `<think>` and its
+    worked solution cut to the last ceil(share * steps) comma-separated steps
+    (`EFFORT_SHARES`): instant thinks not at all, high writes the whole solution."""
+    head, sep, rest = text.partition("<think>")
+    thought, close, tail = rest.partition("</think>")
+    if not (sep and close) or level not in EFFORT_SHARES:
+        raise ValueError(f"effort_document: needs a document with a thought and a level of "
+                         f"{list(EFFORT_SHARES)}, got {level!r}")
+    steps = thought.split(",") if thought else []
+    kept = steps[len(steps) - math.ceil(EFFORT_SHARES[level] * len(steps)):]
+    return f"{head}<effort:{level}><think>{','.join(kept)}</think>{tail}"
+
+
+def effort_documents(texts: list[str]) -> list[str]:
+    """Each `document` text as its `effort_document` at a level picked by the text's hash,
+    so a document keeps its level whichever process or epoch reads it."""
+    levels = list(EFFORT_SHARES)
+    return [effort_document(t, levels[zlib.crc32(t.encode()) % len(levels)]) for t in texts]
 
 
 def generate(family: str, rng: np.random.Generator, difficulty: int = 2) -> Problem:

@@ -6,13 +6,19 @@ token is forced to `</think>`, so a row never thinks for more than `budget` toke
 `instant`, budget 0, closes the thought at once). With `num_waits` > 0 an early `</think>`
 is suppressed and replaced by the "Wait" tokens, up to `num_waits` times per row (s1's
 forced extension). `auto` lets the model decide, under a hard cap.
+
+Each row of a batch may have its own effort: the loop traces [B] budgets and wait counts.
+A prompt can also name its level with a control token (`control_token`), which a model
+learns to follow without forcing (effort-conditioned GRPO, docs/rl.md).
 """
 
 import dataclasses
+from collections.abc import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +61,20 @@ EFFORTS = {
 }
 
 
+def control_token(level: str) -> str:
+    """The prompt token that asks for effort `level`: "<effort:low>"."""
+    return f"<effort:{level}>"
+
+
+def per_row(effort: Effort | Sequence[Effort], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """[rows] budgets and [rows] wait counts: one `Effort` for every row, or one per row."""
+    efforts = [effort] * rows if isinstance(effort, Effort) else list(effort)
+    if len(efforts) != rows:
+        raise ValueError(f"effort: {len(efforts)} efforts for {rows} rows")
+    return (np.array([e.budget for e in efforts], np.int32),
+            np.array([e.num_waits for e in efforts], np.int32))
+
+
 def resolve(effort: str | Effort, levels: dict[str, Effort] = EFFORTS) -> Effort:
     """An `Effort`, or the name of one of `levels`."""
     if isinstance(effort, Effort):
@@ -85,7 +105,7 @@ def force(
     state: EffortState, sampled: jax.Array, budget, num_waits, tokens: ThinkTokens
 ) -> tuple[jax.Array, EffortState]:
     """The token each row emits instead of `sampled` [B], and the next state, under an
-    `Effort(budget, num_waits)` (scalars, traced or not).
+    `Effort(budget, num_waits)` (scalars or [B] per row, traced or not).
 
     Priority: an exhausted budget forces `</think>`; then a "Wait" in progress continues;
     then an early `</think>` with waits left starts a "Wait".

@@ -50,8 +50,9 @@ def _generate(
     variables, prompts, prompt_lengths, rng, stop_ids, pad_id, effort, budgets, *, model,
     max_new_tokens, sampling, think,
 ):
-    """The jitted loop. `stop_ids` [n], `pad_id`, `effort`, (budget, num_waits) or None, and
-    the per-row token `budgets` [B] are traced, so changing their values does not recompile."""
+    """The jitted loop. `stop_ids` [n], `pad_id`, `effort`, ([B] budgets, [B] num_waits) or
+    None, and the per-row token `budgets` [B] are traced, so changing their values does not
+    recompile."""
     batch, prompt_len = prompts.shape
     logits, cache = prefill(model, variables, prompts, prompt_lengths, prompt_len + max_new_tokens)
     result = GenerationResult(
@@ -102,7 +103,7 @@ def generate(
     stop_ids: Sequence[int] = (),
     rng: jax.Array | None = None,
     moe_bias=None,
-    effort: effort_lib.Effort | None = None,
+    effort: effort_lib.Effort | Sequence[effort_lib.Effort] | None = None,
     think: effort_lib.ThinkTokens | None = None,
     pad_id: int = 0,
     prompt_len: int | None = None,
@@ -116,11 +117,12 @@ def generate(
       prompts: B token lists of any lengths >= 1; they are left-padded to `prompt_len`
         (default: the longest). It compiles once per batch size, prompt_len,
         max_new_tokens, sampling settings and effort-or-not; the values of stop_ids,
-        pad_id and the effort budget are traced.
+        pad_id and the effort budgets are traced.
       temperature, top_k, top_p: see `SamplingConfig`; temperature 0 is greedy.
       stop_ids: tokens that end a row (the stop token is kept and counted).
       rng: the key for sampling; required unless greedy.
       effort, think: budget forcing of thoughts (`jaxllm.infer.effort`); both or neither.
+        `effort` is one `Effort` for every row, or B of them, one per row.
       pad_id: the token that pads prompts and ended rows.
       budgets: at most this many tokens for each row (traced; default max_new_tokens).
 
@@ -138,7 +140,7 @@ def generate(
     tokens, lengths = left_pad(prompts, pad_id, prompt_len)
     variables = {"params": params} | ({"moe_bias": moe_bias} if moe_bias is not None else {})
     stop = np.array(tuple(stop_ids) or (-1,), np.int32)  # -1 matches no token
-    limits = None if effort is None else (np.int32(effort.budget), np.int32(effort.num_waits))
+    limits = None if effort is None else effort_lib.per_row(effort, len(tokens))
     budgets = np.full(len(prompts), max_new_tokens, np.int32) if budgets is None else budgets
     return _generate(
         variables, tokens, lengths, rng, stop, np.int32(pad_id), limits,

@@ -25,12 +25,16 @@ def evaluate(
     *,
     rng: jax.Array,
     effort: str | effort_lib.Effort | None = None,
+    control: str | None = None,
     votes: int = 1,
     temperature: float = 1.0,
     max_new_tokens: int = 96,
     batch_size: int = 256,
 ) -> dict[str, float]:
     """Accuracy of the majority answer of `votes` samples per problem.
+
+    `effort` budget-forces the thoughts; `control` puts that level's control token
+    `<effort:LEVEL>` in each prompt and forces nothing.
 
     Returns accuracy, per-family accuracy (`accuracy/<family>`), the mean agreement of the
     votes, and the mean thinking and completion tokens per sample.
@@ -40,7 +44,7 @@ def evaluate(
     forcing = {}
     if effort is not None:
         forcing = {"effort": effort_lib.resolve(effort, sampler.efforts), "think": think}
-    rows = [prompt_tokens(p, tokenizer) for p in problems for _ in range(votes)]
+    rows = [prompt_tokens(p, tokenizer, control) for p in problems for _ in range(votes)]
     prompt_len = max(len(r) for r in rows)
     batch_size = min(batch_size, len(rows))
     answers, thinking, lengths = [], [], []

@@ -20,7 +20,8 @@ from jaxllm import tools
 from jaxllm.data import tasks
 from jaxllm.data.readers import reasoning_problems
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
-from jaxllm.infer import Sampler
+from jaxllm.infer import EFFORTS, Sampler
+from jaxllm.rl import effort as rl_effort
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
 from jaxllm.rl.evaluate import evaluate
@@ -68,11 +69,17 @@ def _rollout_metrics(ro: Rollout, rewards: rewards_lib.Rewards, total: np.ndarra
 
 
 def format_line(record: dict, total_steps: int) -> str:
-    """One RL step's log line: rewards, completion length, KL, clipping and timings."""
+    """One RL step's log line: rewards, completion length, KL, clipping, thinking tokens per
+    effort level and timings."""
     per_function = "".join(
         f" | {key.removeprefix('reward/')} {value:.3f}" for key, value in record.items()
         if key.startswith("reward/") and not key.endswith(("_std", "_failures"))
     )
+    thinking = "".join(
+        f" {key.split('/')[1]} {value:.1f}" for key, value in record.items()
+        if key.startswith("effort/") and key.endswith("/thinking_tokens")
+    )
+    thinking = f" | thinking{thinking}" if thinking else ""
     held_out = ""
     if "eval/accuracy" in record:
         held_out = f" | held-out accuracy {record['eval/accuracy']:.3f}"
@@ -85,7 +92,7 @@ def format_line(record: dict, total_steps: int) -> str:
         f"| clip {record.get('clip_fraction', 0.0):.3f} "
         f"| sampler kl {record.get('offpolicy/kl', 0.0):.2e} "
         f"w {record.get('offpolicy/weight_mean', 1.0):.3f} "
-        f"capped {record.get('offpolicy/capped_fraction', 0.0):.3f}{held_out} "
+        f"capped {record.get('offpolicy/capped_fraction', 0.0):.3f}{thinking}{held_out} "
         f"| rollout {record['rollout_s']:.2f} s | update {record['update_s']:.2f} s"
     )
 
@@ -118,7 +125,8 @@ def grpo(
     eval_problems = (
         reasoning_problems(config.data, "validation")[: rl.eval_problems] if rl.eval_every else []
     )
-    prompt_len = max(len(prompt_tokens(p, tokenizer)) for p in problems + eval_problems)
+    level = rl.effort_levels[0] if rl.effort_levels else None  # control tokens: one token each
+    prompt_len = max(len(prompt_tokens(p, tokenizer, level)) for p in problems + eval_problems)
     if reward_fns is None:
         reward_fns, weights = reward_functions(rl)
     task = _Task(tokenizer=tokenizer, problems=problems, eval_problems=eval_problems,
@@ -164,7 +172,8 @@ class _GRPOStep:
         ro = rollout(self._sampler(state), chosen, group_size=rl.group_size,
                      max_new_tokens=rl.max_completion_len, temperature=rl.temperature,
                      rng=jax.random.fold_in(jax.random.key(cfg.seed), number),
-                     prompt_len=self.task.prompt_len)
+                     prompt_len=self.task.prompt_len,
+                     efforts=rl_effort.efforts_of_step(rl, number, len(chosen)))
         rollout_s = time.perf_counter() - began
         rewards, total, keep = self._score(ro, chosen)
         began = time.perf_counter()
@@ -173,6 +182,8 @@ class _GRPOStep:
             "step": number, **_rollout_metrics(ro, rewards, total, keep), **metrics,
             "rollout_s": rollout_s, "update_s": time.perf_counter() - began,
         }
+        if ro.efforts is not None:
+            record.update(rl_effort.metrics(ro, total, rewards.per_function, self._close_id))
         if rl.eval_every and (number % rl.eval_every == 0 or final):
             record.update(self._evaluate(state))
             _write_samples(self.samples_log, number, ro)
@@ -188,6 +199,8 @@ class _GRPOStep:
         rewards = rewards_lib.score(self.task.reward_fns, ro.prompts, ro.completions,
                                     self.task.weights, **_columns(chosen, rl.group_size))
         total = rewards.total
+        if ro.efforts is not None and rl.length_penalty:
+            total = total + rl_effort.rollout_length_reward(ro, total, rl, self._close_id)
         if rl.overlong_buffer:
             total = total + np.asarray(loss_lib.overlong_penalty(
                 ro.lengths, rl.max_completion_len, rl.overlong_buffer))
@@ -203,12 +216,17 @@ class _GRPOStep:
         return {f"eval/{k}": v for k, v in accuracy.items()}
 
     def _sampler(self, state: TrainState) -> Sampler:
-        """A sampler of the current policy, in `grpo.rollout_dtype`; with `grpo.tools`, one
-        that lets the model call them."""
+        """A sampler of the current policy, in `grpo.rollout_dtype`, with the effort levels'
+        budgets; with `grpo.tools`, one that lets the model call them."""
         rl = self.run.config.grpo
         return rollout_sampler(self.run.model, state.params, self.task.tokenizer,
                                moe_bias=state.moe_bias, dtype=rl.rollout_dtype,
-                               toolbox=self.toolbox, max_tool_calls=rl.max_tool_calls)
+                               toolbox=self.toolbox, max_tool_calls=rl.max_tool_calls,
+                               efforts={**EFFORTS, **rl_effort.levels(rl)})
+
+    @property
+    def _close_id(self) -> int:
+        return self.task.tokenizer.special["</think>"]
 
     def _update(self, state: TrainState, ro: Rollout, *, total: np.ndarray, keep: np.ndarray
                 ) -> tuple[TrainState, dict[str, float]]:

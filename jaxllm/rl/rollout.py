@@ -19,6 +19,7 @@ import numpy as np
 from jaxllm.data import tasks
 from jaxllm.data.tokenizer import chat_prompt
 from jaxllm.infer import Sampler
+from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.sampler import to_host
 from jaxllm.infer.tool_use import ToolResult, ToolSampler
 from jaxllm.tools import Toolbox
@@ -26,12 +27,18 @@ from jaxllm.tools import Toolbox
 WIDTH_STEP = 16
 
 
-def prompt_tokens(problem: tasks.Problem, tokenizer) -> list[int]:
+def prompt_tokens(problem: tasks.Problem, tokenizer, effort: str | None = None) -> list[int]:
     """`<bos>` and the task's prompt, or the prompt through the tokenizer's chat template
-    (`chat_prompt`), then `<think>` if the vocabulary has it: the model continues with its
-    reasoning."""
+    (`chat_prompt`), then the control token `<effort:LEVEL>` of an `effort` level, then
+    `<think>` if the vocabulary has it: the model continues with its reasoning."""
     think = [tokenizer.special["<think>"]] if "<think>" in tokenizer.special else []
-    return chat_prompt(tokenizer, tasks.prompt(problem)) + think
+    control = []
+    if effort is not None:
+        token = effort_lib.control_token(effort)
+        if token not in tokenizer.special:
+            raise ValueError(f"effort: the vocabulary has no control token {token}")
+        control = [tokenizer.special[token]]
+    return chat_prompt(tokenizer, tasks.prompt(problem)) + control + think
 
 
 def stop_ids(tokenizer) -> tuple[int, ...]:
@@ -41,18 +48,19 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
 
 
 def rollout_sampler(model, params, tokenizer, *, moe_bias=None, dtype: str | None = None,
-                    toolbox: Toolbox | None = None, max_tool_calls: int = 4) -> Sampler:
+                    toolbox: Toolbox | None = None, max_tool_calls: int = 4, **options) -> Sampler:
     """A sampler of `model` that computes in `dtype` (`grpo.rollout_dtype`; None: the model's
     own), its floating params cast to it, as an inference engine in that precision would;
-    `moe_bias` stays. With a `toolbox`, a `ToolSampler` that lets the model call its tools."""
+    `moe_bias` stays. With a `toolbox`, a `ToolSampler` that lets the model call its tools.
+    `options` go to the sampler (e.g. `efforts`)."""
     if dtype is not None:
         model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
         params = jax.tree.map(
             lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     if toolbox is None:
-        return Sampler(model, params, tokenizer, moe_bias=moe_bias)
+        return Sampler(model, params, tokenizer, moe_bias=moe_bias, **options)
     return ToolSampler(model, params, tokenizer, moe_bias=moe_bias, toolbox=toolbox,
-                       max_calls=max_tool_calls)
+                       max_calls=max_tool_calls, **options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Rollout:
     prompts: list[str]  # [B] prompt texts
     completions: list[str]  # [B] completion texts, the stop token included
     tool_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # tool_metrics()
+    efforts: list[str] | None = None  # [B] effort levels, when sampled with efforts
 
     def batch(self) -> dict[str, np.ndarray]:
         """The arrays of a GRPO update batch (advantages and the trainer's log-probs are
@@ -90,14 +99,24 @@ def rollout(
     temperature: float,
     rng: jax.Array,
     prompt_len: int | None = None,
+    efforts: list[str] | None = None,
 ) -> Rollout:
-    """Samples `group_size` completions of each problem's prompt."""
+    """Samples `group_size` completions of each problem's prompt; with `efforts` (a level
+    per problem), each prompt carries its level's control token and its group is
+    budget-forced at that level of `sampler.efforts`."""
     tokenizer = sampler.tokenizer
-    prompts = [prompt_tokens(p, tokenizer) for p in problems for _ in range(group_size)]
+    levels = [None] * len(problems) if efforts is None else efforts
+    prompts = [prompt_tokens(p, tokenizer, level)
+               for p, level in zip(problems, levels, strict=True) for _ in range(group_size)]
+    rows = None if efforts is None else [level for level in efforts for _ in range(group_size)]
+    forcing = {}
+    if rows is not None:
+        forcing = {"effort": [effort_lib.resolve(r, sampler.efforts) for r in rows],
+                   "think": sampler.think}
     prompt_len = prompt_len or max(len(p) for p in prompts)
     result = to_host(sampler.generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
-        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len,
+        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len, **forcing,
     ))
     prompt_lengths = np.array([len(p) for p in prompts])
     used = min(max_new_tokens, -(-int(result.lengths.max()) // WIDTH_STEP) * WIDTH_STEP)
@@ -125,6 +144,7 @@ def rollout(
             tokenizer.decode(row[:length]) for row, length in zip(result.tokens, result.lengths)
         ],
         tool_metrics=tool_metrics(result) if isinstance(result, ToolResult) else {},
+        efforts=rows,
     )
 
 

@@ -1,4 +1,5 @@
-"""The test-time compute sweep: held-out accuracy against thinking budget and vote count."""
+"""The test-time compute sweep: held-out accuracy against thinking budget and vote count,
+or (`control_sweep`) against the effort control token alone, with no forcing."""
 
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,6 +49,29 @@ def sweep(
     return rows
 
 
+def control_sweep(
+    sampler: Sampler,
+    problems: list[tasks.Problem],
+    *,
+    levels: Sequence[str],
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    rng: jax.Array,
+    log=print,
+) -> list[dict]:
+    """One row per effort level whose control token `<effort:LEVEL>` is in the prompt, with
+    no budget forcing: `max_new_tokens` is the only cap (reported as the row's budget). It
+    measures whether the model itself thinks less at a lower level."""
+    rows = []
+    for level in levels:
+        result = evaluate(sampler, problems, control=level, temperature=temperature,
+                          max_new_tokens=max_new_tokens, rng=rng)
+        rows.append({"effort": level, "budget": max_new_tokens, "votes": 1, **result})
+        log(f"control <effort:{level}>: accuracy {result['accuracy']:.3f}, "
+            f"thinking {result['thinking_tokens']:.1f} tokens")
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     """The sweep as a markdown table."""
     lines = [
@@ -84,5 +108,26 @@ def plot(rows: list[dict], path: str | Path | epath.Path) -> epath.Path:
     for axes in (by_tokens, by_votes):
         axes.grid(alpha=0.3)
         axes.legend()
+    figure.tight_layout()
+    return workdir_lib.save_figure(figure, path)  # a local or a gs:// path
+
+
+def control_plot(series: dict[str, list[dict]], path: str | Path | epath.Path) -> epath.Path:
+    """Accuracy against mean thinking tokens per effort level, one line per model (e.g.
+    before and after training), each point labelled with its level, in one PNG."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4))
+    axes = figure.subplots()
+    for name, rows in series.items():
+        xs, ys = [r["thinking_tokens"] for r in rows], [r["accuracy"] for r in rows]
+        axes.plot(xs, ys, marker="o", label=name)
+        for row, x, y in zip(rows, xs, ys):
+            axes.annotate(row["effort"], (x, y), textcoords="offset points", xytext=(4, 4),
+                          fontsize=8)
+    axes.set(xlabel="mean thinking tokens (unforced)", ylabel="held-out accuracy",
+             title="accuracy vs thinking per effort control token")
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     return workdir_lib.save_figure(figure, path)  # a local or a gs:// path

@@ -19,8 +19,9 @@ SCOPE = "lora"  # the adapter's module name in its kernel's scope
 
 
 def for_target(lora: LoRAConfig | None, target: str) -> LoRAConfig | None:
-    """`lora` if it adapts the projection group `target` (q, k, v, o, mlp), else None."""
-    if lora is None or lora.rank == 0 or target not in lora.target_set:
+    """`lora` (an active one, or None) if it adapts the projection group `target` (q, k, v,
+    o, mlp), else None."""
+    if lora is None or target not in lora.target_set:
         return None
     return lora
 

@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh
 from jaxllm import config as config_lib
 from jaxllm import fp8_costs, parallel, presets
 from jaxllm.compile.topology import GENERATIONS
+from jaxllm.nn import lora
 from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.transformer import Transformer, layer_kinds
@@ -80,7 +81,7 @@ def _is_box(x) -> bool:
 
 
 CATEGORIES = ("embedding", "attention", "ssm", "dense_ffn", "experts", "shared_experts",
-              "router", "norms", "head")
+              "router", "norms", "head", "adapters")
 
 
 def _category(path: tuple[str, ...]) -> str:
@@ -89,6 +90,8 @@ def _category(path: tuple[str, ...]) -> str:
         return path[0]
     if path[-1] == "scale":
         return "norms"
+    if lora.SCOPE in path[:-1]:
+        return "adapters"
     for key, category in (("router", "router"), ("shared", "shared_experts"), ("moe", "experts"),
                           ("mlp", "dense_ffn"), ("attn", "attention"), ("ssm", "ssm")):
         if key in path:

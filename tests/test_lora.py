@@ -12,16 +12,18 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
-from helpers import arithmetic_batch, init_params, tiny_model
+from helpers import abstract_params, arithmetic_batch, init_params, tiny_model
 from runs import quiet, run_config
 
-from jaxllm import Config, ConfigError, MeshConfig, TrainConfig, config as config_lib, parallel
+from jaxllm import Config, ConfigError, MeshConfig, TrainConfig, calculator
+from jaxllm import config as config_lib
+from jaxllm import parallel
 from jaxllm.config import GRPOConfig, LoRAConfig
 from jaxllm.nn import Transformer
 from jaxllm.nn import lora as lora_lib
 from jaxllm.rl.step import jit_grpo_step
 from jaxllm.train.optimizer import make_optimizer
-from jaxllm.train.state import init_state
+from jaxllm.train.state import abstract_state, init_state
 from jaxllm.train.step import jit_train_step
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -56,17 +58,28 @@ def with_random_b(params, seed: int = 1):
         if path[-1].key == "b" else x, params)
 
 
-@pytest.mark.parametrize("targets", ["q,k,v,o,mlp", "v,o"])
-def test_a_fresh_adapter_leaves_the_model_exactly_the_base_model(targets):
-    config = dataclasses.replace(BASE, lora=LoRAConfig(rank=4, alpha=8.0, targets=targets))
-    params, base = init_params(Transformer(config)), init_params(Transformer(BASE))
-    expected = {("decoder", "layers", *PROJECTIONS[t]) for t in targets.split(",")}
-    expected |= {("decoder", "layers", "mlp", "wo")} if "mlp" in targets else set()
-    assert adapted_kernels(params) == expected
+def test_a_fresh_adapter_leaves_the_model_exactly_the_base_model():
+    params, base = init_params(Transformer(ADAPTED)), init_params(Transformer(BASE))
     adapters, rest = lora_lib.split(params)
     assert leaves_equal(rest, base)  # the base weights draw the same init keys
     assert all(np.all(b == 0) for b in jax.tree.leaves(adapters)[1::2])  # a, b per kernel
-    np.testing.assert_array_equal(logits(config, params), logits(BASE, base))
+    np.testing.assert_array_equal(logits(ADAPTED, params), logits(BASE, base))
+
+
+@pytest.mark.parametrize("targets", ["q,k,v,o,mlp", "v,o", "q,mlp"])
+def test_adapters_sit_on_the_named_projections_only(targets):
+    config = dataclasses.replace(BASE, lora=LoRAConfig(rank=4, targets=targets))
+    expected = {("decoder", "layers", *PROJECTIONS[t]) for t in targets.split(",")}
+    expected |= {("decoder", "layers", "mlp", "wo")} if "mlp" in targets else set()
+    params = abstract_params(Transformer(config))
+    assert adapted_kernels(params) == expected
+    for path in expected:
+        node = traverse_util.flatten_dict(params)
+        kernel, a, b = (node[(*path, *name)] for name in (("kernel",), ("lora", "a"),
+                                                            ("lora", "b")))
+        num_in = a.ndim - 1  # [L, in..., r] and [L, r, out...] around [L, in..., out...]
+        assert a.shape == (*kernel.shape[:num_in], 4)
+        assert b.shape == (kernel.shape[0], 4, *kernel.shape[num_in:])
 
 
 def test_merging_folds_each_adapter_into_its_kernel():
@@ -102,24 +115,33 @@ def test_bad_lora_configs_name_the_field(override, field):
 def test_rank_zero_is_off():
     config = config_lib.apply_overrides(Config(), ["model.lora.rank=0"])
     assert config.model.active_lora is None
-    assert not adapted_kernels(init_params(Transformer(config.model)))
+    assert not adapted_kernels(abstract_params(Transformer(config.model)))
 
 
 def test_the_optimizer_keeps_moments_for_adapters_only():
     mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=1)), jax.devices()[:1])
     tx = make_optimizer(TrainConfig(steps=2))
-    state, _ = init_state(Transformer(ADAPTED), tx, 8, mesh, jax.random.key(0))
+    state = abstract_state(Transformer(ADAPTED), tx, 8, mesh)
     adapters, _ = lora_lib.split(state.params)
     adam = state.opt_state[1][0]  # chain(clip, adamw): adamw's ScaleByAdamState
+    shapes = [x.shape for x in jax.tree.leaves(adapters)]
     for moment in (adam.mu, adam.nu):
         assert jax.tree.structure(moment) == jax.tree.structure(adapters)
-        assert jax.tree.map(jnp.shape, moment) == jax.tree.map(jnp.shape, adapters)
+        assert [x.shape for x in jax.tree.leaves(moment)] == shapes
     sizes = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
     assert sizes == 2 * sum(x.size for x in jax.tree.leaves(adapters))
 
 
+def test_jaxllm_params_counts_the_adapters_apart():
+    total, _ = calculator.param_counts(ADAPTED)
+    adapters, _ = lora_lib.split(abstract_params(Transformer(ADAPTED)))
+    assert total.pop("adapters") == sum(x.size for x in jax.tree.leaves(adapters))
+    assert total == calculator.param_counts(BASE)[0]
+
+
 def sharded_state(mesh_config: MeshConfig, tx, seq_len: int):
-    mesh = parallel.make_mesh(Config(mesh=mesh_config))
+    devices = jax.devices()[:max(mesh_config.data, 1) * mesh_config.fsdp * mesh_config.tensor]
+    mesh = parallel.make_mesh(Config(mesh=mesh_config), devices)
     state, shardings = init_state(Transformer(ADAPTED), tx, seq_len, mesh, jax.random.key(0))
     return mesh, state, shardings
 
@@ -145,8 +167,9 @@ def test_an_sft_step_trains_the_adapters_by_the_chain_rule():
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
         return (nll * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
-    np.testing.assert_allclose(metrics["loss"], mean_nll(lora_lib.split(start)[1]), rtol=1e-5)
-    kernel_grads = jax.grad(mean_nll)(lora_lib.split(start)[1])
+    np.testing.assert_allclose(metrics["loss"], jax.jit(mean_nll)(lora_lib.split(start)[1]),
+                               rtol=1e-5)
+    kernel_grads = jax.jit(jax.grad(mean_nll))(lora_lib.split(start)[1])
     for path in adapted_kernels(start):
         node = traverse_util.flatten_dict(start)
         a, b = (node[(*path, "lora", n)] for n in ("a", "b"))
@@ -170,7 +193,7 @@ def test_a_grpo_step_changes_only_the_adapters():
              "completion_mask": np.broadcast_to(t >= 4, (b, s)).astype(np.int32),
              "advantages": np.array([1, -1] * (b // 2), np.float32)}
     tx = optax.sgd(LEARNING_RATE)
-    mesh, state, shardings = sharded_state(MeshConfig(data=4, fsdp=2), tx, s)
+    mesh, state, shardings = sharded_state(MeshConfig(data=1), tx, s)
     start = jax.device_get(state.params)
     with parallel.use_mesh(mesh):
         step = jit_grpo_step(Transformer(ADAPTED), tx, cfg, optax.constant_schedule(

@@ -109,8 +109,8 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
     arrays it reads without gradient (a teacher's params). The loss and every reported sum
     are divided by all the masked-in tokens of the whole batch, whatever the number of
     micro-batches, so accumulation is exact. Gradients are taken for the trainable params
-    only (`split_trainable`: with LoRA, the adapters). After the update, the MoE selection biases take
-    one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
+    only (`split_trainable`: with LoRA, the adapters). After the update, the MoE selection
+    biases take one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
     `fp8_meta=`) take each micro-batch's amax, the largest over the micro-batches.
     """
     trainable, frozen_params = split_trainable(state.params, model.config)

@@ -191,7 +191,8 @@ def test_a_grpo_step_changes_only_the_adapters():
              "positions": np.broadcast_to(t, (b, s)).astype(np.int32),
              "segment_ids": np.ones((b, s), np.int32),
              "completion_mask": np.broadcast_to(t >= 4, (b, s)).astype(np.int32),
-             "advantages": np.array([1, -1] * (b // 2), np.float32)}
+             "advantages": np.array([1, -1] * (b // 2), np.float32),
+             "sampler_logprobs": rng.normal(-3, 0.1, (b, s)).astype(np.float32)}
     tx = optax.sgd(LEARNING_RATE)
     mesh, state, shardings = sharded_state(MeshConfig(data=1), tx, s)
     start = jax.device_get(state.params)

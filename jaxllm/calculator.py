@@ -18,11 +18,12 @@ from jax.sharding import AbstractMesh
 from jaxllm import config as config_lib
 from jaxllm import fp8_costs, parallel, presets
 from jaxllm.compile.topology import GENERATIONS
+from jaxllm.nn import lora
 from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.transformer import Transformer, layer_kinds
 from jaxllm.train import flops
-from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.optimizer import make_optimizer, split_trainable
 
 # The HBM per chip the preset table fits against.
 HBM_BYTES = {name: GENERATIONS[name].hbm_bytes for name in ("v5e", "v5p")}
@@ -80,7 +81,7 @@ def _is_box(x) -> bool:
 
 
 CATEGORIES = ("embedding", "attention", "ssm", "dense_ffn", "experts", "shared_experts",
-              "router", "norms", "head")
+              "router", "norms", "head", "adapters")
 
 
 def _category(path: tuple[str, ...]) -> str:
@@ -89,6 +90,8 @@ def _category(path: tuple[str, ...]) -> str:
         return path[0]
     if path[-1] == "scale":
         return "norms"
+    if lora.SCOPE in path[:-1]:
+        return "adapters"
     for key, category in (("router", "router"), ("shared", "shared_experts"), ("moe", "experts"),
                           ("mlp", "dense_ffn"), ("attn", "attention"), ("ssm", "ssm")):
         if key in path:
@@ -230,16 +233,17 @@ def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int
 
 
 def memory(config: config_lib.Config, mesh: dict[str, int]) -> Memory:
-    """Per-device bytes of params, grads (the params' layout and dtype), the optimizer
-    state of `make_optimizer` (AdamW: two float32 moments), activations, and the largest
-    layer's gathered weights and gradients (`gathered_layer_bytes`)."""
+    """Per-device bytes of params, grads (the trainable params' layout and dtype: with LoRA,
+    the adapters'), the optimizer state of `make_optimizer` (AdamW: two float32 moments of
+    each trainable param), activations, and the largest layer's gathered weights and
+    gradients (`gathered_layer_bytes`)."""
     abstract = abstract_mesh(mesh)
     params = boxed_params(config.model)
-    opt_state = jax.eval_shape(make_optimizer(config.train).init, params)
-    param_bytes = device_bytes(params, abstract)
+    trainable, _ = split_trainable(params, config.model)
+    opt_state = jax.eval_shape(make_optimizer(config.train).init, trainable)
     return Memory(
-        params=param_bytes,
-        grads=param_bytes,
+        params=device_bytes(params, abstract),
+        grads=device_bytes(trainable, abstract),
         optimizer=device_bytes(opt_state, abstract),
         activations=activation_bytes(config, mesh),
         gathered=gathered_layer_bytes(config, mesh),

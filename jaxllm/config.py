@@ -295,6 +295,42 @@ class AttentionConfig:
                      "MLA projections have no biases; set qkv_bias=false")
 
 
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021, arXiv 2106.09685) on the projections `targets`
+    names: W x + (alpha / rank) B(A x), B zero at init, and only A and B train.
+    `docs/lora.md`.
+    """
+
+    rank: int = 8  # r of A [in, r] and B [r, out]; 0: off, as lora=None
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    # comma-separated projection groups: q, k, v, o (attention query, key, value, output),
+    # mlp (both matmuls of the dense SwiGLU layers)
+    targets: str = "q,k,v,o,mlp"
+
+    @property
+    def target_set(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.targets.split(","))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; which layers the targets exist in is `ModelConfig`'s to check."""
+        _require_non_negative(self, prefix, ("rank",))
+        _require_positive(self, prefix, ("alpha",))
+        names = [t.strip() for t in self.targets.split(",")]
+        for name in names:
+            _require(name in LORA_TARGETS, f"{prefix}targets",
+                     f"{name!r} in {self.targets!r} is not one of {list(LORA_TARGETS)}")
+        _require(len(names) == len(set(names)), f"{prefix}targets",
+                 f"{self.targets!r} names a target twice")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer."""
@@ -322,6 +358,12 @@ class ModelConfig:
     fp8: Literal["none", "tensorwise", "blockwise"] = "none"
     fp8_block_size: int = 128
     fp8_history: int = 16
+    lora: LoRAConfig | None = None  # low-rank adapters, the only weights that train; None: off
+
+    @property
+    def active_lora(self) -> LoRAConfig | None:
+        """`lora` when it adds adapters (rank > 0), else None."""
+        return self.lora if self.lora is not None and self.lora.rank > 0 else None
 
     @property
     def resolved_head_dim(self) -> int:
@@ -346,6 +388,17 @@ class ModelConfig:
         self.attention.validate(f"{prefix}attention.")
         self._validate_attention_layers(prefix)
         self._validate_fp8(prefix)
+        if self.lora is not None:
+            self.lora.validate(f"{prefix}lora.")
+            self._validate_lora(prefix)
+
+    def _validate_lora(self, prefix: str) -> None:
+        """The targets exist in this model's layers."""
+        targets = self.lora.target_set if self.active_lora else frozenset()
+        _require(not targets - {"mlp"} or self.attention.mla is None, f"{prefix}lora.targets",
+                 "MLA projections take no adapters; set the targets to mlp, or lora=none")
+        _require("mlp" not in targets or not all(self.moe_layers()), f"{prefix}lora.targets",
+                 "mlp adapts the dense SwiGLU layers, and every layer here is MoE; drop mlp")
 
     def _validate_heads(self, prefix: str) -> None:
         """The heads split the width (or `head_dim` is set) and the kv heads split the heads."""

@@ -1,6 +1,7 @@
 """`jaxllm convert hf-export`: a jaxllm workdir -> an HF checkpoint directory that
 `transformers` loads (safetensors shards, their index, `config.json`, tokenizer files)."""
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from jaxllm import config as config_lib
 from jaxllm.convert import hf_config, hf_weights
 from jaxllm.convert.hf_files import read_json, write_shards
 from jaxllm.convert.hf_import import SIDE_FILES
+from jaxllm.nn import lora as lora_lib
 from jaxllm.train.run import load_run
 
 # Keys of an imported config.json that our own settings replace.
@@ -49,12 +51,22 @@ def write_hf(variables: dict, model: config_lib.ModelConfig, kind: str, out: str
     return out
 
 
+def merged(model: config_lib.ModelConfig, params: dict
+           ) -> tuple[config_lib.ModelConfig, dict]:
+    """(model, params) with any LoRA adapters folded into the kernels: the same function as
+    a model without adapters."""
+    if model.active_lora is None:
+        return model, params
+    return dataclasses.replace(model, lora=None), lora_lib.merge(params, model.active_lora)
+
+
 def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
               overrides: Sequence[str] = (), log: Callable[[str], None] = print) -> Path:
     """Writes the latest checkpoint of `workdir` as an HF checkpoint of family `kind`
     (default: the family it was imported from) into `out`, with the imported tokenizer
     and chat-template files. The checkpoint is restored on one device, or on the mesh that
-    `overrides` set (`load_run`); one layer (or expert) at a time comes to the host."""
+    `overrides` set (`load_run`); one layer (or expert) at a time comes to the host. A LoRA
+    run's adapters are merged into its kernels first (`merged`)."""
     workdir, out = Path(workdir), Path(out)
     side = workdir / "hf"
     imported = read_json(side / "config.json") if (side / "config.json").is_file() else None
@@ -64,10 +76,11 @@ def export_hf(workdir: str | Path, out: str | Path, kind: str | None = None,
             f"{workdir} was not imported from HF; name the family with --family, one of "
             f"{sorted(hf_config.FAMILIES)}")
     config, _, state = load_run(workdir, overrides)
-    variables = {"params": state.params}
+    model, params = merged(config.model, state.params)
+    variables = {"params": params}
     if state.moe_bias:
         variables["moe_bias"] = state.moe_bias
-    write_hf(variables, config.model, kind, out, imported)
+    write_hf(variables, model, kind, out, imported)
     for name in SIDE_FILES:
         if name != "config.json" and (side / name).is_file():
             shutil.copyfile(side / name, out / name)

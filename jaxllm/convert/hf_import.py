@@ -114,6 +114,10 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, overrides: Sequence[str] 
         data=config_lib.DataConfig(tokenizer=tokenizer or "byte"),
     )
     config = config_lib.apply_overrides(config, list(overrides))
+    if config.model.lora is not None:
+        raise config_lib.ConfigError(
+            "model.lora: an import holds the base model; set model.lora on the run that "
+            f"starts from it (init_from={workdir})")
     mesh = parallel.make_mesh(config)
     variables = load_variables(hf_dir, config.model, mesh, log)
     tx = make_optimizer(config.train)

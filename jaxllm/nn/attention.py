@@ -10,8 +10,11 @@ from jaxllm.nn.attention_base import AttentionBase
 from jaxllm.nn.attention_kernels import attend, self_attention
 from jaxllm.nn.kv_cache import write_cache, write_ring_cache
 from jaxllm.nn.linear import Einsum
+from jaxllm.nn.lora import for_target
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import alibi_slopes, apply_rope, softmax_scale
+
+LORA_TARGETS = {"query": "q", "key": "k", "value": "v"}  # model.lora.targets of each projection
 
 
 class Attention(AttentionBase, kw_only=True):
@@ -49,7 +52,7 @@ class Attention(AttentionBase, kw_only=True):
             out = Einsum(
                 (x.shape[-1], heads, self.head_dim), ("embed", head_axis, "head_dim"),
                 "bse,ehd->bshd", dtype=self.dtype, use_bias=self.qkv_bias, fp8=self.fp8,
-                name=name,
+                lora=for_target(self.lora, LORA_TARGETS[name]), name=name,
             )(x)
             return nn.with_logical_constraint(
                 out, ("act_batch", "act_length", f"act_{head_axis}", None)
@@ -83,7 +86,8 @@ class Attention(AttentionBase, kw_only=True):
         out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", None))
         return Einsum(
             (self.num_heads, self.head_dim, x.shape[-1]), ("heads", "head_dim", "embed"),
-            "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, fp8=self.fp8, name="out",
+            "bshd,hde->bse", fan_in=(0, 1), dtype=self.dtype, fp8=self.fp8,
+            lora=for_target(self.lora, "o"), name="out",
         )(out)
 
     def _position(self, x: jax.Array, positions: jax.Array, name: str) -> jax.Array:

@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxllm.config import SparseConfig
+from jaxllm.config import LoRAConfig, SparseConfig
 from jaxllm.nn.fp8 import Recipe
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.positions import RopeScaling
@@ -32,6 +32,7 @@ class AttentionBase(nn.Module, kw_only=True):
       sparse: DeepSeek sparse attention (`SparseAttention`) for a mask of kind "sparse".
       fp8: the fp8 recipe of the projections (`Einsum`); attention itself and the sparse
         indexer stay in the compute dtype.
+      lora: low-rank adapters on the projections its targets q, k, v, o name (`Attention`).
     """
 
     num_heads: int
@@ -47,6 +48,7 @@ class AttentionBase(nn.Module, kw_only=True):
     norm_eps: float = 1e-6
     sparse: SparseConfig | None = None
     fp8: Recipe | None = None
+    lora: LoRAConfig | None = None
 
     def _sparse_attention(self, x, q, k, v, positions, segment_ids, scale) -> jax.Array:
         """`SparseAttention` of queries q to keys k and values v (the whole cache when

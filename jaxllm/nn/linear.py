@@ -6,7 +6,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxllm.config import LoRAConfig
 from jaxllm.nn import fp8 as fp8_lib
+from jaxllm.nn import lora as lora_lib
 
 
 class Einsum(nn.Module):
@@ -22,6 +24,8 @@ class Einsum(nn.Module):
       use_bias: add a float32 `bias` over the kernel's output axes (the axes not in fan_in).
       fp8: multiply in fp8 with this recipe (`jaxllm.nn.fp8`) when the equation is a matmul
         (no axis shared by both operands and the output); None: in the compute dtype.
+      lora: add a low-rank adapter (`jaxllm.nn.lora.Adapter`) in the compute dtype; fan_in
+        must then be the kernel's leading axes. None: none.
 
     A tensorwise fp8 layer scales by the amax histories `amax_history` [3, H] in the
     "fp8_meta" collection when the caller passes it (the train step updates them), and by
@@ -35,6 +39,7 @@ class Einsum(nn.Module):
     dtype: jnp.dtype = jnp.float32
     use_bias: bool = False
     fp8: fp8_lib.Recipe | None = None
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -48,12 +53,18 @@ class Einsum(nn.Module):
             y = jnp.einsum(self.equation, x, kernel)
         else:
             y = fp8_lib.einsum(self.equation, x, kernel, self._amax_history(), self.fp8)
-        if not self.use_bias:
+        if self.use_bias:
+            axes = tuple(self.axes[i] for i in fan_out)
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                              tuple(self.shape[i] for i in fan_out))
+            y = y + bias.astype(self.dtype)
+        if self.lora is None:
             return y
-        axes = tuple(self.axes[i] for i in fan_out)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                          tuple(self.shape[i] for i in fan_out))
-        return y + bias.astype(self.dtype)
+        if tuple(self.fan_in) != tuple(range(len(self.fan_in))):
+            raise ValueError(f"lora: fan_in {self.fan_in} must be the kernel's leading axes")
+        adapter = lora_lib.Adapter(self.lora, self.shape, self.axes, self.equation,
+                                   len(self.fan_in), self.dtype, name=lora_lib.SCOPE)
+        return y + adapter(x)
 
     def _amax_history(self) -> jax.Array:
         """[3, H] amax histories of the input, kernel and output gradient; [3, 0] (current

@@ -99,7 +99,7 @@ def attention_layer(config: ModelConfig, kind: LayerKind, decode: bool) -> nn.Mo
         mask=Mask(kind=kind.attention, window=a.window, chunk=a.chunk, stride=a.stride),
         position=kind.position, rope_scaling=scaling, kernel=a.kernel,
         block_size=a.block_size, norm_eps=config.norm_eps, sparse=a.sparse,
-        fp8=fp8.recipe(config), name="attn",
+        fp8=fp8.recipe(config), lora=config.active_lora, name="attn",
     )
     if a.mla is not None:
         return MLAttention(mla=a.mla, **common)
@@ -127,7 +127,7 @@ class Block(nn.Module):
         if self.kind.moe:
             h = MoE(cfg.moe, dtype, fp8.recipe(cfg), name="moe")(h)
         else:
-            h = SwiGLU(cfg.mlp_dim, dtype, fp8.recipe(cfg), name="mlp")(h)
+            h = SwiGLU(cfg.mlp_dim, dtype, fp8.recipe(cfg), cfg.active_lora, name="mlp")(h)
         x = nn.with_logical_constraint(x + h, ("act_batch", "act_length", "act_embed"))
         return x, None
 

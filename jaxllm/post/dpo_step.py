@@ -19,6 +19,7 @@ from jaxllm.post.dpo_loss import dpo_loss, sequence_logps
 from jaxllm.rl.step import token_logprobs
 from jaxllm.train import moe
 from jaxllm.train.state import TrainState
+from jaxllm.train.optimizer import split_trainable, with_frozen
 from jaxllm.train.step import apply_gradients
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
@@ -48,10 +49,13 @@ def _loss(params, moe_bias, batch, model: nn.Module, cfg: DPOConfig):
 
 
 def dpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: DPOConfig, schedule):
-    """One optimizer step on the DPO loss plus the MoE aux losses; MoE selection biases then
+    """One optimizer step on the DPO loss plus the MoE aux losses, for the trainable params
+    (with LoRA, the adapters); MoE selection biases then
     take their aux-loss-free step on the batch's load, as in pretraining."""
-    grad_fn = jax.grad(functools.partial(_loss, model=model, cfg=cfg), has_aux=True)
-    grads, (metrics, moe_metrics) = grad_fn(state.params, state.moe_bias, batch)
+    trainable, frozen = split_trainable(state.params, model.config)
+    loss_fn = with_frozen(functools.partial(_loss, model=model, cfg=cfg), frozen)
+    grads, (metrics, moe_metrics) = jax.grad(loss_fn, has_aux=True)(
+        trainable, state.moe_bias, batch)
     metrics = {
         **metrics,
         "grad_norm": optax.tree.norm(grads),

@@ -28,6 +28,7 @@ from jaxllm.config import GRPOConfig
 from jaxllm.rl.importance import importance_weights, off_policy_sequence_mask
 from jaxllm.rl.loss import grpo_loss
 from jaxllm.train import moe
+from jaxllm.train.optimizer import split_trainable, with_frozen
 from jaxllm.train.state import TrainState
 from jaxllm.train.step import apply_gradients
 
@@ -85,10 +86,12 @@ def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
 
 def grpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: GRPOConfig, schedule):
     """One optimizer step on the GRPO loss, plus the MoE aux losses at their configured
-    weights; MoE selection biases then take their aux-loss-free step on the batch's load,
-    as in pretraining."""
-    grad_fn = jax.grad(functools.partial(_loss, model=model, cfg=cfg), has_aux=True)
-    grads, (loss, metrics, moe_metrics) = grad_fn(state.params, state.moe_bias, batch)
+    weights, for the trainable params (with LoRA, the adapters); MoE selection biases then
+    take their aux-loss-free step on the batch's load, as in pretraining."""
+    trainable, frozen = split_trainable(state.params, model.config)
+    loss_fn = with_frozen(functools.partial(_loss, model=model, cfg=cfg), frozen)
+    grads, (loss, metrics, moe_metrics) = jax.grad(loss_fn, has_aux=True)(
+        trainable, state.moe_bias, batch)
     metrics = {
         "loss": loss,
         **metrics,

@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxllm import config as config_lib
+from jaxllm.nn import lora as lora_lib
 from jaxllm.train.state import TrainState
 
 
@@ -105,17 +106,26 @@ class Checkpointer:
     def _restore_item(self, step: int, **args):
         return self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**args)))
 
-    def check_model(self, step: int, config: config_lib.Config) -> None:
-        """Raises CheckpointError, naming the fields, if `step` holds another model."""
+    def _saved_model(self, step: int) -> config_lib.ModelConfig:
+        """The model config checkpoint `step` was saved with."""
         saved = self._restore_item(step, run=ocp.args.JsonRestore()).run["config"]["model"]
         try:  # fields added since the save take their defaults
-            saved = config_lib.to_dict(config_lib.from_dict({"model": saved}))["model"]
+            return config_lib.from_dict({"model": saved}).model
         except (TypeError, config_lib.ConfigError) as error:
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} holds a model config this "
                 f"version cannot read: {error}"
             ) from None
-        differences = _model_differences(saved, config_lib.to_dict(config)["model"])
+
+    def check_model(self, step: int, config: config_lib.Config, *, adapters: bool = True
+                    ) -> None:
+        """Raises CheckpointError, naming the fields, if `step` holds another model;
+        `adapters=False` leaves the LoRA sections out of the comparison."""
+        saved = self._saved_model(step)
+        if not adapters:
+            saved = dataclasses.replace(saved, lora=config.model.lora)
+        differences = _model_differences(dataclasses.asdict(saved),
+                                         dataclasses.asdict(config.model))
         if differences:
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} holds another model: "
@@ -173,18 +183,28 @@ class Checkpointer:
         layout of `state`'s; the optimizer state is not read (about a third of the memory and
         reading of a whole restore) and stays as `state` holds it.
 
+        A LoRA run may load a checkpoint without adapters (its base model, `init_from`): the
+        adapters of `state` stay, with B zeroed so that the model is the base model.
+
         The arrays of those fields in `state` are freed first, as in `restore`: use only the
         returned state afterwards."""
-        self.check_model(step, config)
+        base_only = (config.model.active_lora is not None
+                     and self._saved_model(step).active_lora is None)
+        self.check_model(step, config, adapters=not base_only)
         fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
                   if f.name != "opt_state"}
+        adapters = {}
+        if base_only:
+            adapters, fields["params"] = lora_lib.split(fields["params"])
         target = _abstract(fields)
         jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, fields)
         restored = self._restore_item(step, state=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True,
-        ))
-        return state.replace(**restored.state)
+        )).state
+        if base_only:
+            restored["params"] = lora_lib.join(lora_lib.identity(adapters), restored["params"])
+        return state.replace(**restored)
 
     def resume(self, state: TrainState, config: config_lib.Config) -> tuple[TrainState, int]:
         """Restores `resume_step(config)`, or returns (state, 0) if there is none.

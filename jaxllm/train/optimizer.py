@@ -1,9 +1,11 @@
-"""AdamW with warmup + cosine decay, global-norm clipping, and no decay on norms or biases."""
+"""AdamW with warmup + cosine decay, global-norm clipping, and no decay on norms or biases;
+which parameters it trains: all of them, or with LoRA only the adapters."""
 
 import jax
 import optax
 
-from jaxllm.config import TrainConfig
+from jaxllm.config import ModelConfig, TrainConfig
+from jaxllm.nn import lora as lora_lib
 
 # Norm scales, biases, and the per-head decay, step bias and skip of SSM layers.
 NO_DECAY = frozenset({"scale", "bias", "a_log", "dt_bias", "d_skip"})
@@ -44,3 +46,26 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
+
+
+def split_trainable(params, model: ModelConfig) -> tuple[dict, dict]:
+    """(trainable, frozen) parts of `params`: with `model.lora` the adapters and the base
+    weights, else all of `params` and nothing. The optimizer sees only the trainable part,
+    so it keeps no moments for frozen weights, and gradients are taken for it alone."""
+    if model.active_lora is None:
+        return params, {}
+    return lora_lib.split(params)
+
+
+def join_trainable(trainable, frozen) -> dict:
+    """The params tree of `split_trainable`'s two parts."""
+    return lora_lib.join(trainable, frozen) if frozen else trainable
+
+
+def with_frozen(fn, frozen):
+    """`fn(params, *args)` as a function of the trainable part: fn(trainable, *args)."""
+
+    def of_trainable(trainable, *args, **kwargs):
+        return fn(join_trainable(trainable, frozen), *args, **kwargs)
+
+    return of_trainable

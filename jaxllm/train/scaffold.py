@@ -29,7 +29,7 @@ from jaxllm.nn import Transformer
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import Checkpointer, checkpointer
 from jaxllm.train.metrics import MetricsWriter
-from jaxllm.train.optimizer import make_optimizer
+from jaxllm.train.optimizer import make_optimizer, split_trainable
 from jaxllm.train.preemption import stop_on_sigterm
 from jaxllm.train.progress import Progress
 from jaxllm.train.run import restore_weights
@@ -70,9 +70,8 @@ def load_weights(workdir: str, state: TrainState, config: config_lib.Config,
     restored = restore_weights(workdir, state, config)
     shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
     opt_state = jax.jit(tx.init, out_shardings=shardings)
-    return restored.replace(
-        step=jnp.zeros_like(restored.step), opt_state=opt_state(restored.params)
-    )
+    trainable, _ = split_trainable(restored.params, config.model)
+    return restored.replace(step=jnp.zeros_like(restored.step), opt_state=opt_state(trainable))
 
 
 def initial_weights(run: Run):

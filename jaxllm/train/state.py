@@ -10,6 +10,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxllm import parallel
+from jaxllm.train.optimizer import split_trainable
 
 
 @flax.struct.dataclass
@@ -29,8 +30,9 @@ def _create(rng, *, model: nn.Module, tx: optax.GradientTransformation, seq_len:
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     variables = model.init(init_rng, tokens)
     params = variables["params"]
+    opt_state = tx.init(split_trainable(params, model.config)[0])
     return TrainState(
-        jnp.zeros((), jnp.int32), params, tx.init(params), rng, variables.get("moe_bias", {}),
+        jnp.zeros((), jnp.int32), params, opt_state, rng, variables.get("moe_bias", {}),
         variables.get("fp8_meta", {}),
     )
 

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxllm import parallel
 from jaxllm.config import TrainConfig
 from jaxllm.train import moe
+from jaxllm.train.optimizer import join_trainable, split_trainable, with_frozen
 from jaxllm.train.state import TrainState
 
 
@@ -107,12 +108,14 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
     moe_metrics, indexer loss)), `sums` a dict of token-summed values to report; `frozen` are
     arrays it reads without gradient (a teacher's params). The loss and every reported sum
     are divided by all the masked-in tokens of the whole batch, whatever the number of
-    micro-batches, so accumulation is exact. After the update, the MoE selection biases take
-    one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
+    micro-batches, so accumulation is exact. Gradients are taken for the trainable params
+    only (`split_trainable`: with LoRA, the adapters). After the update, the MoE selection
+    biases take one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
     `fp8_meta=`) take each micro-batch's amax, the largest over the micro-batches.
     """
-    grad_fn = jax.grad(_with_fp8_meta(loss), has_aux=True)
-    variables = (state.params, state.fp8_meta)
+    trainable, frozen_params = split_trainable(state.params, model.config)
+    grad_fn = jax.grad(_with_fp8_meta(with_frozen(loss, frozen_params)), has_aux=True)
+    variables = (trainable, state.fp8_meta)
 
     def accumulate(carry, micro_batch):
         (grads, fp8_meta), sums, tokens, moe_metrics, indexer = carry
@@ -152,10 +155,12 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
 
 
 def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, tx) -> TrainState:
-    """The next state: one optimizer update, then the MoE selection biases' aux-loss-free
-    step on the batch's expert load. The fp8 amax histories stay as they are."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    """The next state: one optimizer update of the trainable params (`grads` is laid out as
+    `split_trainable`'s trainable part), then the MoE selection biases' aux-loss-free step
+    on the batch's expert load. The fp8 amax histories stay as they are."""
+    trainable, frozen = split_trainable(state.params, model.config)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = join_trainable(optax.apply_updates(trainable, updates), frozen)
     moe_config = model.config.moe
     rate = moe_config.bias_update_rate if moe_config else 0.0
     moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)

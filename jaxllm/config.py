@@ -690,7 +690,7 @@ class GRPOConfig:
     # Effort-conditioned GRPO (docs/rl.md): the levels the prompts cycle through, comma-separated
     # from instant, low, medium, high (e.g. "instant,low,medium,high"); empty: off
     efforts: str = ""
-    effort_budgets: str = ""  # thinking-token budget of each level, e.g. "0,8,16,32"; empty: EFFORTS
+    effort_budgets: str = ""  # thinking-token budget per level, e.g. "0,8,16,32"; empty: EFFORTS
     length_penalty: float = 0.0  # lambda of the length reward relative to the budget; 0: off
     length_tolerance: float = 0.5  # rho: thinking up to rho * budget is free
 

@@ -81,7 +81,8 @@ def test_the_rollout_length_reward_counts_the_thinking_of_each_completion():
     mask = np.zeros_like(tokens)
     mask[0, 2:7], mask[1, 2:4], mask[2, 2:] = 1, 1, 1
     ro = Rollout(tokens=tokens, positions=tokens, segment_ids=tokens, completion_mask=mask,
-                 sampler_logprobs=np.zeros(tokens.shape, np.float32), lengths=mask.sum(1), prompts=[""] * 3, completions=[""] * 3,
+                 sampler_logprobs=np.zeros(tokens.shape, np.float32), lengths=mask.sum(1),
+                 prompts=[""] * 3, completions=[""] * 3,
                  efforts=["low", "instant", "high"])
     np.testing.assert_array_equal(rl_effort.row_thinking(ro, CLOSE), [3, 0, 6])
     cfg = config_lib.GRPOConfig(efforts="instant,low,high", effort_budgets="0,2,8",

@@ -152,6 +152,8 @@ def test_k3_is_nonnegative_zero_on_policy_and_k1_k2_match_their_formulas():
     np.testing.assert_allclose(k3, np.exp(ref - logp) - (ref - logp) - 1, rtol=1e-5, atol=1e-6)
     assert (k3 >= 0).all()
     np.testing.assert_array_equal(kl_divergence(logp, logp, "k3"), 0)
+    near = jnp.asarray(rng.normal(0, 1e-4, 10_000), jnp.float32)  # float32, near r = 1
+    assert (kl_divergence(near, jnp.zeros_like(near), "k3") >= 0).all()
     np.testing.assert_allclose(kl_divergence(logp, ref, "k1"), logp - ref, rtol=1e-6)
     np.testing.assert_allclose(kl_divergence(logp, ref, "k2"), 0.5 * (logp - ref) ** 2, rtol=1e-5)
     # verl's clamps: log-ratio to +-20, k3 to 10, so a vanishing log-prob stays finite.

@@ -64,7 +64,8 @@ def kl_divergence(logp, ref_logp, estimator: str = "k3"):
     if estimator == "k2":
         return 0.5 * jnp.square(log_ratio)
     if estimator == "k3":
-        return jnp.clip(jnp.exp(-log_ratio) + log_ratio - 1.0, -KL_CLAMP, KL_CLAMP)
+        # expm1: exact near r = 1, where exp(x) - 1 + x would round below 0
+        return jnp.clip(jnp.expm1(-log_ratio) + log_ratio, -KL_CLAMP, KL_CLAMP)
     raise ValueError(f"kl_estimator: unknown {estimator!r}; expected k1, k2 or k3")
 
 

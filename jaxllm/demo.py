@@ -52,7 +52,7 @@ def configs(workdir: str) -> tuple[config_lib.Config, config_lib.Config]:
         model=model,
         data=data,
         train=config_lib.TrainConfig(
-            steps=240, batch_size=128, seq_len=128, learning_rate=1e-4, warmup_steps=0,
+            steps=320, batch_size=128, seq_len=128, learning_rate=1e-4, warmup_steps=0,
             weight_decay=0.0, b2=0.999, log_every=10,
         ),
         grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=48, eval_every=40),

@@ -10,7 +10,7 @@ def sleep_forever(args: str) -> str:
 
 
 def spin(args: str) -> str:
-    while True:
+    while True:  # a busy loop that never sleeps: only the worker's time limit ends it
         pass
 
 

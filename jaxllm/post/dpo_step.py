@@ -50,8 +50,8 @@ def _loss(params, moe_bias, batch, model: nn.Module, cfg: DPOConfig):
 
 def dpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: DPOConfig, schedule):
     """One optimizer step on the DPO loss plus the MoE aux losses, for the trainable params
-    (with LoRA, the adapters); MoE selection biases then
-    take their aux-loss-free step on the batch's load, as in pretraining."""
+    (with LoRA, the adapters); MoE selection biases then take their aux-loss-free step on
+    the batch's load, as in pretraining."""
     trainable, frozen = split_trainable(state.params, model.config)
     loss_fn = with_frozen(functools.partial(_loss, model=model, cfg=cfg), frozen)
     grads, (metrics, moe_metrics) = jax.grad(loss_fn, has_aux=True)(

@@ -110,8 +110,8 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
     are divided by all the masked-in tokens of the whole batch, whatever the number of
     micro-batches, so accumulation is exact. Gradients are taken for the trainable params
     only (`split_trainable`: with LoRA, the adapters). After the update, the MoE selection
-    biases take one aux-loss-free step on the whole batch's load. The fp8 amax histories (the loss's
-    `fp8_meta=`) take each micro-batch's amax, the largest over the micro-batches.
+    biases take one aux-loss-free step on the whole batch's load. The fp8 amax histories
+    (the loss's `fp8_meta=`) take each micro-batch's amax, the largest over the micro-batches.
     """
     trainable, frozen_params = split_trainable(state.params, model.config)
     grad_fn = jax.grad(_with_fp8_meta(with_frozen(loss, frozen_params)), has_aux=True)

@@ -332,6 +332,36 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Early-fusion images (`docs/multimodal.md`): each `<patch>` token of the input takes
+    the linear embedding of one image patch in place of its token embedding."""
+
+    image_size: int = 0  # pixels of the square images; 0: text only
+    patch_size: int = 4  # pixels of a square patch's side
+    channels: int = 3
+    patch_token_id: int = 273  # the `<patch>` placeholder token
+
+    @property
+    def grid(self) -> int:
+        """Patches along each side of an image."""
+        return self.image_size // self.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one flattened patch: patch_size**2 * channels."""
+        return self.patch_size**2 * self.channels
+
+    def validate(self, prefix: str) -> None:
+        """Checks the fields; the placeholder against the vocabulary is `ModelConfig`'s to
+        check."""
+        _require_positive(self, prefix, ("patch_size", "channels"))
+        _require(self.image_size >= 0 and self.image_size % self.patch_size == 0,
+                 f"{prefix}image_size",
+                 f"must be 0 (text only) or a positive multiple of {prefix}patch_size="
+                 f"{self.patch_size}, got {self.image_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only transformer."""
 
@@ -359,6 +389,7 @@ class ModelConfig:
     fp8_block_size: int = 128
     fp8_history: int = 16
     lora: LoRAConfig | None = None  # low-rank adapters, the only weights that train; None: off
+    vision: VisionConfig = VisionConfig()  # image patches as tokens; image_size=0: text only
 
     @property
     def active_lora(self) -> LoRAConfig | None:
@@ -391,6 +422,11 @@ class ModelConfig:
         if self.lora is not None:
             self.lora.validate(f"{prefix}lora.")
             self._validate_lora(prefix)
+        self.vision.validate(f"{prefix}vision.")
+        _require(not self.vision.image_size or 0 <= self.vision.patch_token_id < self.vocab_size,
+                 f"{prefix}vision.patch_token_id",
+                 f"must lie in [0, {prefix}vocab_size={self.vocab_size}), got "
+                 f"{self.vision.patch_token_id}")
 
     def _validate_lora(self, prefix: str) -> None:
         """The targets exist in this model's layers."""
@@ -901,6 +937,12 @@ def _validate_across_sections(config: Config) -> None:
         "mesh.context",
         "SSM layers do not pass their state between sequence shards; set mesh.context=1 or "
         "drop the ssm entries of model.attention.pattern",
+    )
+    _require(
+        config.mesh.context == 1 or not config.model.vision.image_size,
+        "mesh.context",
+        "`<patch>` tokens take their patches in row order, which the context split permutes; "
+        "set mesh.context=1 or model.vision.image_size=0",
     )
     _require(
         a.kernel != "blockwise" or t.seq_len % min(a.block_size, t.seq_len) == 0,

@@ -120,6 +120,18 @@ MESSAGES = [
     ("model.attention.kernel=splash model.attention.pattern=global,strided",
      "model.attention.kernel: splash does not run strided layers (layer 1); use kernel=auto or "
      "blockwise"),
+    ("model.vision.image_size=30",
+     "model.vision.image_size: must be 0 (text only) or a positive multiple of "
+     "model.vision.patch_size=4, got 30"),
+    ("model.vision.image_size=-4",
+     "model.vision.image_size: must be 0 (text only) or a positive multiple of "
+     "model.vision.patch_size=4, got -4"),
+    ("model.vision.channels=0", "model.vision.channels: must be positive, got 0"),
+    ("model.vision.image_size=32 model.vision.patch_token_id=512",
+     "model.vision.patch_token_id: must lie in [0, model.vocab_size=512), got 512"),
+    ("model.vision.image_size=32 mesh.context=2",
+     "mesh.context: `<patch>` tokens take their patches in row order, which the context "
+     "split permutes; set mesh.context=1 or model.vision.image_size=0"),
     ("mesh.fsdp=-1",
      "mesh: at most one axis may be -1, got {'data': -1, 'fsdp': -1, 'tensor': 1, 'expert': 1, "
      "'context': 1}"),

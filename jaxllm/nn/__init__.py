@@ -18,6 +18,7 @@ from jaxllm.nn.splash import splash_attention
 from jaxllm.nn.ssd import ssd_chunked, ssd_recurrent
 from jaxllm.nn.ssm import Mamba2
 from jaxllm.nn.transformer import Block, Decoder, Transformer
+from jaxllm.nn.vision import PatchEmbed, patch_layout, patchify, unpatchify
 
 __all__ = [
     "Attention",
@@ -29,6 +30,7 @@ __all__ = [
     "Mamba2",
     "Mask",
     "MoE",
+    "PatchEmbed",
     "RMSNorm",
     "RopeScaling",
     "SparseAttention",
@@ -42,9 +44,12 @@ __all__ = [
     "cache_positions",
     "causal_segment_mask",
     "dot_product_attention",
+    "patch_layout",
+    "patchify",
     "ring_attention",
     "sparse_attention",
     "splash_attention",
     "ssd_chunked",
     "ssd_recurrent",
+    "unpatchify",
 ]

@@ -17,6 +17,7 @@ from jaxllm.nn.moe import MoE
 from jaxllm.nn.norms import RMSNorm
 from jaxllm.nn.positions import RopeScaling
 from jaxllm.nn.ssm import Mamba2
+from jaxllm.nn.vision import PatchEmbed
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -215,13 +216,18 @@ class Transformer(nn.Module):
 
     With `decode=True` the model attends over a KV cache, the mutable "cache" collection
     (see `Attention`), and `positions` place each row's tokens; `jaxllm.infer` drives it.
+
+    With `model.vision.image_size` > 0, `patches` [B, P, patch_size**2 * channels] are the
+    images of each row: the k-th `<patch>` token of a row takes the embedding of
+    `patches[b, k]` (`jaxllm.nn.vision.PatchEmbed`) in place of its token embedding.
+    Without `patches` the model is the text model.
     """
 
     config: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, patches=None):
         cfg, dtype = self.config, compute_dtype(self.config)
         if self.decode and segment_ids is not None:
             raise ValueError("segment_ids: packed documents cannot be decoded; pass positions")
@@ -235,6 +241,7 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.embed_dim),
         )
         x = embed_lookup(table.astype(dtype), tokens)
+        x = self._embed_images(x, tokens, patches)
         x = Decoder(cfg, self.decode, name="decoder")(x, positions, segment_ids)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -245,3 +252,20 @@ class Transformer(nn.Module):
                 dtype=dtype, name="head",
             )(x)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
+
+    def _embed_images(self, x, tokens, patches):
+        """`x` [B, S, embed] with each `<patch>` token's embedding replaced by its patch's."""
+        vision = self.config.vision
+        if not vision.image_size:
+            if patches is not None:
+                raise ValueError("patches: the model is text only; set model.vision.image_size "
+                                 "to the images' size to give it images")
+            return x
+        embed = PatchEmbed(vision, self.config.embed_dim, compute_dtype(self.config),
+                           name="patch_embed")
+        if patches is None:
+            if self.is_initializing():  # the parameters exist whether or not init saw images
+                embed(tokens, jnp.zeros((tokens.shape[0], 1, vision.patch_dim)))
+            return x
+        y, mask = embed(tokens, patches)
+        return jnp.where(mask[..., None], y, x)

@@ -65,11 +65,13 @@ def full_logits(model, variables, tokens):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def cached_and_full_logits(model, variables, prompts, lengths, continuation, full_tokens):
+def cached_and_full_logits(model, variables, prompts, lengths, continuation, full_tokens,
+                           patches=None):
     """Teacher-forced decoding through the cache: the logits before each continuation
-    token [steps, B, V], and the full forward pass over the whole rows [B, S, V]."""
+    token [steps, B, V], and the full forward pass over the whole rows [B, S, V]; `patches`,
+    the images of the prompts' `<patch>` tokens, or None."""
     steps = continuation.shape[1]
-    start = prefill(model, variables, prompts, lengths, prompts.shape[1] + steps)
+    start = prefill(model, variables, prompts, lengths, prompts.shape[1] + steps, patches)
 
     def step(carry, inputs):
         logits, cache = carry
@@ -77,7 +79,7 @@ def cached_and_full_logits(model, variables, prompts, lengths, continuation, ful
         return decode_step(model, variables, cache, token, lengths + i), logits
 
     _, cached = jax.lax.scan(step, start, (continuation.T, jnp.arange(steps)))
-    return cached, model.apply(variables, full_tokens)
+    return cached, model.apply(variables, full_tokens, patches=patches)
 
 
 def cached_and_recomputed(model, variables, steps: int = 5):

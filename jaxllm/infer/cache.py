@@ -50,20 +50,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None =
     return tokens, lengths
 
 
-def _apply(model, variables, cache, tokens, positions):
+def _apply(model, variables, cache, tokens, positions, patches=None):
     logits, updated = decoding(model).apply(
-        {**variables, "cache": cache}, tokens, positions, mutable=["cache"]
+        {**variables, "cache": cache}, tokens, positions, patches=patches, mutable=["cache"]
     )
     return logits, updated["cache"]
 
 
-def prefill(model, variables, tokens, lengths, cache_len: int):
+def prefill(model, variables, tokens, lengths, cache_len: int, patches=None):
     """Runs left-padded prompts [B, P] (`lengths` [B]) through a fresh cache of `cache_len`
-    slots. Returns (logits [B, V] for the token after each prompt, cache)."""
+    slots, with the images of their `<patch>` tokens `patches` (`Transformer`), if any.
+    Returns (logits [B, V] for the token after each prompt, cache)."""
     batch, width = tokens.shape
     positions = jnp.maximum(jnp.arange(width) - (width - lengths)[:, None], 0)
     cache = init_cache(model, batch, cache_len)
-    logits, cache = _apply(model, variables, cache, tokens, positions)
+    logits, cache = _apply(model, variables, cache, tokens, positions, patches)
     return logits[:, -1], cache
 
 

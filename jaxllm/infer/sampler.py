@@ -47,14 +47,15 @@ class _Loop:
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "think"))
 def _generate(
-    variables, prompts, prompt_lengths, rng, stop_ids, pad_id, effort, budgets, *, model,
-    max_new_tokens, sampling, think,
+    variables, prompts, prompt_lengths, rng, stop_ids, pad_id, effort, budgets, patches, *,
+    model, max_new_tokens, sampling, think,
 ):
     """The jitted loop. `stop_ids` [n], `pad_id`, `effort`, ([B] budgets, [B] num_waits) or
     None, and the per-row token `budgets` [B] are traced, so changing their values does not
-    recompile."""
+    recompile. The prompts' images `patches` (or None) enter the prefill only."""
     batch, prompt_len = prompts.shape
-    logits, cache = prefill(model, variables, prompts, prompt_lengths, prompt_len + max_new_tokens)
+    logits, cache = prefill(model, variables, prompts, prompt_lengths,
+                            prompt_len + max_new_tokens, patches)
     result = GenerationResult(
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         jnp.zeros((batch, max_new_tokens), jnp.float32),
@@ -108,6 +109,7 @@ def generate(
     pad_id: int = 0,
     prompt_len: int | None = None,
     budgets: Sequence[int] | None = None,
+    patches: jax.Array | None = None,
 ) -> GenerationResult:
     """Samples up to `max_new_tokens` tokens after each prompt.
 
@@ -125,6 +127,9 @@ def generate(
         `effort` is one `Effort` for every row, or B of them, one per row.
       pad_id: the token that pads prompts and ended rows.
       budgets: at most this many tokens for each row (traced; default max_new_tokens).
+      patches: [B, P, patch_dim] the images of the prompts' `<patch>` tokens, for a model
+        with `model.vision.image_size` > 0 (`Transformer`); the prefill reads them, and the
+        generated tokens are text.
 
     Run it under `parallel.use_mesh(mesh)` to shard the batch and the cache on the mesh.
     """
@@ -144,7 +149,7 @@ def generate(
     budgets = np.full(len(prompts), max_new_tokens, np.int32) if budgets is None else budgets
     return _generate(
         variables, tokens, lengths, rng, stop, np.int32(pad_id), limits,
-        np.asarray(budgets, np.int32),
+        np.asarray(budgets, np.int32), patches,
         model=model, max_new_tokens=max_new_tokens, sampling=sampling, think=think,
     )
 
@@ -174,7 +179,8 @@ class Sampler:
         self.think = effort_lib.ThinkTokens.from_tokenizer(tokenizer, wait_text) if thinks else None
 
     def generate(self, prompts: Sequence[Sequence[int]], **kwargs) -> GenerationResult:
-        """`generate` with this sampler's model; stops at `<eos>` unless `stop_ids` is given."""
+        """`generate` with this sampler's model (images included: `patches=`); stops at
+        `<eos>` unless `stop_ids` is given."""
         kwargs.setdefault("stop_ids", (self.tokenizer.eos_id,))
         kwargs.setdefault("pad_id", self.tokenizer.pad_id)
         return generate(self.model, self.params, prompts, moe_bias=self.moe_bias, **kwargs)

@@ -11,6 +11,7 @@ A batch holds B whole sequences (prompt + completion), each [B, S] array aligned
     old_logprobs: [B, S], when grpo.num_iterations > 1 (with mu = 1, pi_old is the
         policy itself under stop_gradient, so the ratio is exactly 1)
     ref_logprobs: [B, S], when grpo.beta > 0
+    patches: [B, P, patch_dim], the images of the rows' `<patch>` tokens, with `images=True`
 
 The mu inner iterations are the caller's loop over this step.
 """
@@ -46,25 +47,29 @@ def token_logprobs(logits, tokens):
     return jnp.concatenate([pad, chosen], 1), jnp.concatenate([pad, entropy], 1)
 
 
-def _forward(params, moe_bias, tokens, positions, segment_ids, model: nn.Module):
-    """(logprobs, entropy, moe_metrics) of `tokens` under `params`."""
+def _forward(params, moe_bias, tokens, positions, segment_ids, model: nn.Module, patches=None):
+    """(logprobs, entropy, moe_metrics) of `tokens` (and their images `patches`, or None)
+    under `params`."""
     logits, sown = model.apply(
-        {"params": params, "moe_bias": moe_bias}, tokens, positions, segment_ids,
+        {"params": params, "moe_bias": moe_bias}, tokens, positions, segment_ids, patches,
         mutable=["moe_metrics"],
     )
     logprobs, entropy = token_logprobs(logits, tokens)
     return logprobs, entropy, sown.get("moe_metrics", {})
 
 
-def logprobs(params, moe_bias, tokens, positions, segment_ids, *, model: nn.Module):
-    """[B, S] log-probs of `tokens`, for pi_old (mu > 1) or the reference model."""
-    return _forward(params, moe_bias, tokens, positions, segment_ids, model)[0]
+def logprobs(params, moe_bias, tokens, positions, segment_ids, patches=None, *,
+             model: nn.Module):
+    """[B, S] log-probs of `tokens` (with their images `patches`, or None), for pi_old
+    (mu > 1) or the reference model."""
+    return _forward(params, moe_bias, tokens, positions, segment_ids, model, patches)[0]
 
 
 def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
     """(GRPO loss + MoE aux losses, (GRPO loss, metrics, moe_metrics))."""
     logp, entropy, moe_metrics = _forward(
-        params, moe_bias, batch["tokens"], batch["positions"], batch["segment_ids"], model
+        params, moe_bias, batch["tokens"], batch["positions"], batch["segment_ids"], model,
+        batch.get("patches"),
     )
     old = batch["old_logprobs"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logp)
     mask = batch["completion_mask"].astype(jnp.float32)
@@ -103,42 +108,48 @@ def grpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: GRPOConfig
     return apply_gradients(state, grads, moe_metrics, model=model, tx=tx), metrics
 
 
-def batch_keys(cfg: GRPOConfig) -> tuple[str, ...]:
-    """The arrays a GRPO batch must hold under `cfg`."""
+def batch_keys(cfg: GRPOConfig, images: bool = False) -> tuple[str, ...]:
+    """The arrays a GRPO batch must hold under `cfg`; `images`: its rows' `patches` too."""
     keys = ("tokens", "positions", "segment_ids", "completion_mask", "advantages",
             "sampler_logprobs")
     keys += ("old_logprobs",) if cfg.num_iterations > 1 else ()
+    keys += ("patches",) if images else ()
     return keys + (("ref_logprobs",) if cfg.beta > 0 else ())
 
 
-def batch_shardings(mesh: Mesh, cfg: GRPOConfig) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, cfg: GRPOConfig, images: bool = False
+                    ) -> dict[str, NamedSharding]:
     """Sequences over (data, fsdp); [B, S] positions over context."""
     per_token = parallel.batch_sharding(mesh)
     per_sequence = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
-    return {k: per_sequence if k == "advantages" else per_token for k in batch_keys(cfg)}
+    return {k: per_sequence if k == "advantages" else per_token
+            for k in batch_keys(cfg, images)}
 
 
-def jit_grpo_step(model, tx, cfg: GRPOConfig, schedule, mesh: Mesh, state_shardings):
+def jit_grpo_step(model, tx, cfg: GRPOConfig, schedule, mesh: Mesh, state_shardings, *,
+                  images: bool = False):
     """`grpo_step` under jit with explicit shardings and the state donated.
 
-    The batch must hold exactly `batch_keys(cfg)`. Call the result inside
+    The batch must hold exactly `batch_keys(cfg, images)`. Call the result inside
     `parallel.use_mesh(mesh)`.
     """
     step = functools.partial(grpo_step, model=model, tx=tx, cfg=cfg, schedule=schedule)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings(mesh, cfg)),
+        in_shardings=(state_shardings, batch_shardings(mesh, cfg, images)),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
 
 
-def jit_logprobs(model, mesh: Mesh, state_shardings):
+def jit_logprobs(model, mesh: Mesh, state_shardings, *, images: bool = False):
     """`logprobs` under jit: (params, moe_bias, tokens, positions, segment_ids) -> [B, S],
-    for any state laid out like `state_shardings` (the policy, or a frozen reference copy)."""
+    for any state laid out like `state_shardings` (the policy, or a frozen reference copy);
+    `images`: the rows' `patches` follow segment_ids."""
     per_token = parallel.batch_sharding(mesh)
     return jax.jit(
         functools.partial(logprobs, model=model),
-        in_shardings=(state_shardings.params, state_shardings.moe_bias) + (per_token,) * 3,
+        in_shardings=(state_shardings.params, state_shardings.moe_bias)
+        + (per_token,) * (4 if images else 3),
         out_shardings=per_token,
     )

@@ -16,7 +16,7 @@ def eval_sums(params, moe_bias, batch, *, model: nn.Module):
     """(summed masked cross-entropy, masked-in tokens) of one batch; no z-loss, no aux losses."""
     logits = model.apply(
         {"params": params, "moe_bias": moe_bias},
-        batch["inputs"], batch["positions"], batch["segment_ids"],
+        batch["inputs"], batch["positions"], batch["segment_ids"], batch.get("patches"),
     )
     nll, _, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return nll, tokens

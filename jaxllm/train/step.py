@@ -38,12 +38,13 @@ def indexer_loss(attention_metrics) -> jnp.ndarray:
 
 
 def forward(params, moe_bias, batch, model: nn.Module, fp8_meta=None):
-    """(logits, moe_metrics, indexer loss) of one micro-batch; `fp8_meta`, the amax
-    histories of tensorwise fp8 layers, where the caller keeps them."""
+    """(logits, moe_metrics, indexer loss) of one micro-batch (with its images, where it holds
+    `patches`); `fp8_meta`, the amax histories of tensorwise fp8 layers, where the caller
+    keeps them."""
     fp8 = {"fp8_meta": fp8_meta} if fp8_meta else {}
     logits, sown = model.apply(
         {"params": params, "moe_bias": moe_bias, **fp8},
-        batch["inputs"], batch["positions"], batch["segment_ids"],
+        batch["inputs"], batch["positions"], batch["segment_ids"], batch.get("patches"),
         mutable=["moe_metrics", "attention_metrics"],
     )
     return logits, sown.get("moe_metrics", {}), indexer_loss(sown.get("attention_metrics", {}))

@@ -80,14 +80,16 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-CATEGORIES = ("embedding", "attention", "ssm", "dense_ffn", "experts", "shared_experts",
-              "router", "norms", "head", "adapters")
+CATEGORIES = ("embedding", "vision", "attention", "ssm", "dense_ffn", "experts",
+              "shared_experts", "router", "norms", "head", "adapters")
 
 
 def _category(path: tuple[str, ...]) -> str:
     """Which part of the model a parameter at `path` belongs to."""
     if path[0] in ("embedding", "head"):
         return path[0]
+    if path[0] == "patch_embed":
+        return "vision"
     if path[-1] == "scale":
         return "norms"
     if lora.SCOPE in path[:-1]:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jaxllm import Config, MeshConfig, TrainConfig, calculator, cli, presets
-from jaxllm.config import load_experiment
+from jaxllm.config import VisionConfig, load_experiment
 from jaxllm.nn.transformer import Transformer
 from jaxllm.parallel import make_mesh, validate_for_devices
+from jaxllm.train import flops
 from jaxllm.train.optimizer import make_optimizer
 from jaxllm.train.state import init_state
 
@@ -78,6 +79,19 @@ def test_categories_follow_the_worked_mixtral_formula():
         "head": V * h,
     }
     assert active["experts"] == L * 2 * 3 * h * I
+
+
+def test_vision_counts_the_patch_projection_and_the_row_and_column_tables():
+    """(p^2 C + 1) h for the projection and its bias, 2 g h for the tables; no matmul FLOPs
+    for a text token."""
+    text = presets.llama3_1b()
+    cfg = dataclasses.replace(text, vision=VisionConfig(image_size=64, patch_size=8))
+    h, g, width = cfg.embed_dim, 64 // 8, 8 * 8 * 3
+    counts, active = calculator.param_counts(cfg)
+    assert counts["vision"] == active["vision"] == (width + 1) * h + 2 * g * h
+    assert counts == {**calculator.param_counts(text)[0], "vision": counts["vision"]}
+    assert (flops.matmul_params(cfg, sum(counts.values()))
+            == flops.matmul_params(text, sum(counts.values()) - counts["vision"]))
 
 
 def test_kv_cache_is_two_by_layers_kv_heads_head_dim():

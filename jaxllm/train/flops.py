@@ -25,9 +25,12 @@ KNOWN_PEAK_FLOPS = {
 
 def matmul_params(cfg: ModelConfig, num_params: int) -> int:
     """Parameters that take part in a matmul for every token: all of them except the input
-    embedding table, which is a lookup (a tied table is counted once, as the head), and the
-    routed experts a token does not choose (E - k of E in each MoE layer)."""
+    embedding table, which is a lookup (a tied table is counted once, as the head), the
+    image patch embedding, which only `<patch>` tokens use, and the routed experts a token
+    does not choose (E - k of E in each MoE layer)."""
     embedding = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.embed_dim
+    if cfg.vision.image_size:  # proj kernel and bias, the row and col tables
+        embedding += (cfg.vision.patch_dim + 1 + 2 * cfg.vision.grid) * cfg.embed_dim
     inactive = 0
     if cfg.moe is not None:
         per_expert = 3 * cfg.embed_dim * cfg.moe.expert_dim

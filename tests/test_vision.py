@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from helpers import abstract_params, init_params, loss_and_grads, tiny_model
+from helpers import abstract_params, loss_and_grads, tiny_model
 from test_infer import cached_and_full_logits, random_variables, right_padded
 from jaxllm import Config, MeshConfig, parallel
 from jaxllm.config import VisionConfig
@@ -107,7 +107,7 @@ def test_patches_of_the_wrong_width_name_the_expected_shape():
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(MODEL)
+    return random_variables(MODEL)["params"]
 
 
 def test_the_image_changes_the_text_after_it_and_not_before(params):
@@ -138,13 +138,12 @@ def test_the_patch_embedding_learns_from_text_after_the_image_only(params):
     tokens = jnp.array([text_and_images(0, (3, 3))])
     patches = random_patches(0, 1, GRID**2)
 
-    def grads_from(position):
-        def loss(p):
-            logits = MODEL.apply({"params": p}, tokens, patches=patches)
-            return jax.nn.log_softmax(logits[0, position])[tokens[0, position + 1]]
-        return jax.jit(jax.grad(loss))(params)["patch_embed"]
+    def losses(p):  # next-token log-likelihoods after the image (9) and before it (2)
+        logits = MODEL.apply({"params": p}, tokens, patches=patches)
+        return jnp.stack([jax.nn.log_softmax(logits[0, t])[tokens[0, t + 1]] for t in (9, 2)])
 
-    after, before = grads_from(9), grads_from(2)
+    grads = jax.jit(jax.jacrev(losses))(params)["patch_embed"]
+    after, before = jax.tree.map(lambda g: g[0], grads), jax.tree.map(lambda g: g[1], grads)
     for name, grad in jax.tree_util.tree_leaves_with_path(after):
         assert np.all(np.abs(grad).reshape(grad.shape[0], -1).max(-1) > 0), name
     for grad in jax.tree.leaves(before):
@@ -189,8 +188,8 @@ def test_sharded_loss_and_gradients_with_images_match_one_device(params):
 PROMPTS = [text_and_images(0, (2, 1)), text_and_images(1, (3,)), text_and_images(2, (0, 2))]
 
 
-def test_cached_decode_after_an_image_prompt_matches_full_recompute():
-    variables = random_variables(MODEL)
+def test_cached_decode_after_an_image_prompt_matches_full_recompute(params):
+    variables = {"params": params}
     steps = 4
     continuation = np.asarray(jax.random.randint(jax.random.key(2), (3, steps), 0, 256))
     rows = [p + list(c) for p, c in zip(PROMPTS, continuation)]
@@ -202,8 +201,8 @@ def test_cached_decode_after_an_image_prompt_matches_full_recompute():
     np.testing.assert_allclose(cached, want, atol=1e-5)
 
 
-def test_generate_reads_the_prompts_images():
-    variables = random_variables(MODEL)
+def test_generate_reads_the_prompts_images(params):
+    variables = {"params": params}
     patches = random_patches(0, 3, GRID**2)
     result = generate(MODEL, variables["params"], PROMPTS, max_new_tokens=2, temperature=0,
                       patches=patches)

@@ -1,20 +1,24 @@
 """Early-fusion images in the model: patches, where each `<patch>` token's patch comes from,
 the patch embedding against a loop, what the image changes and what it cannot, gradients,
-sharded against one device, and cached decoding after an image prompt."""
+the train, eval and GRPO steps (sharded against one device), and decoding after an image
+prompt against full recompute."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import abstract_params, loss_and_grads, tiny_model
 from test_infer import cached_and_full_logits, random_variables, right_padded
+from test_rl_step import LEARNING_RATE, random_state
 from jaxllm import Config, MeshConfig, parallel
-from jaxllm.config import VisionConfig
+from jaxllm.config import GRPOConfig, VisionConfig
 from jaxllm.infer import generate, left_pad
 from jaxllm.nn import PatchEmbed, Transformer, patch_layout, patchify, unpatchify
+from jaxllm.rl.step import batch_keys, jit_grpo_step, jit_logprobs, token_logprobs
 from jaxllm.train.evaluate import eval_sums
 
 VISION = VisionConfig(image_size=4, patch_size=2, channels=3)  # 2 x 2 patches of 12 values
@@ -180,6 +184,27 @@ def test_sharded_loss_and_gradients_with_images_match_one_device(params):
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
                  grads, want_grads)
+
+
+def test_the_grpo_log_probs_and_step_read_the_images():
+    batch = image_batch()
+    mesh, tx, state, shardings = random_state(MODEL, MeshConfig(data=1), jax.devices()[:1])
+    sequences = (batch["inputs"], batch["positions"], batch["segment_ids"], batch["patches"])
+    with parallel.use_mesh(mesh):
+        logprobs = jit_logprobs(MODEL, mesh, shardings, images=True)
+        logp = logprobs(state.params, state.moe_bias, *sequences)
+        logits = jax.jit(MODEL.apply)({"params": state.params}, *sequences)
+        np.testing.assert_allclose(logp, token_logprobs(logits, batch["inputs"])[0], atol=1e-5)
+        cfg = GRPOConfig(group_size=2)
+        rl_batch = dict(zip(("tokens", "positions", "segment_ids", "patches"), sequences),
+                        completion_mask=batch["loss_mask"], sampler_logprobs=logp,
+                        advantages=jnp.array([1.0, -1.0, 1.0, -1.0]))
+        step = jit_grpo_step(MODEL, tx, cfg, optax.constant_schedule(LEARNING_RATE), mesh,
+                             shardings, images=True)
+        before = jax.device_get(state.params["patch_embed"])
+        after, _ = step(state, {k: rl_batch[k] for k in batch_keys(cfg, images=True)})
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after.params["patch_embed"])):
+        assert np.any(old != new)  # the patch embedding took a gradient step
 
 
 # ---------------------------------------------------------------------------------------

@@ -79,6 +79,13 @@ def test_rendering_is_deterministic_from_the_seed(family):
     assert not all(np.array_equal(a.image, b.image) for a, b in zip(first, other))
 
 
+@pytest.mark.parametrize("family", images.FAMILIES)
+def test_chance_is_the_rate_of_the_commonest_answer(family):
+    answers = [p.answer for p in problems(family, 9, count=600)]
+    commonest = max(answers.count(a) for a in set(answers)) / len(answers)
+    assert abs(commonest - images.CHANCE[family]) < 0.06
+
+
 def test_colour_and_shape_answers_match_the_pixels():
     for problem in problems("colour", 3):
         colours = np.unique(problem.image[painted(problem.image)], axis=0)
@@ -328,6 +335,18 @@ def test_image_data_fields_are_validated_by_name(fields, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(Config(data=DataConfig(**fields)))
+
+
+def test_image_sources_need_the_image_tokens(tmp_path):
+    class TextOnly(ByteTokenizer):
+        def __init__(self):
+            super().__init__()
+            del self.special["<patch>"]
+
+    paths = write_folder(tmp_path, [{"image": "a.png", "text": "t"}],
+                         {"a.png": np.zeros((8, 8, 3), np.uint8)})
+    with pytest.raises(ConfigError, match="^data.tokenizer: has no <patch> token"):
+        image_source(folder_config(paths), tokenizer=TextOnly(), image_size=8, patch_size=4)
 
 
 def test_make_source_points_image_sources_to_image_source():

@@ -16,7 +16,7 @@ from PIL import Image
 
 from jaxllm.config import ConfigError, DataConfig
 from jaxllm.data import readers
-from jaxllm.data.image_sources import ImageDocument, ImageTextSource
+from jaxllm.data.image_sources import ImageDocument, ImageTextSource, missing_tokens
 from jaxllm.data.images import IMAGE
 from jaxllm.data.tokenizer import Tokenizer
 
@@ -37,13 +37,16 @@ def image_source(data: DataConfig, *, tokenizer: Tokenizer, image_size: int, pat
         documents = tfds_documents(data, split, image_size=image_size)
     else:
         raise ConfigError(f"data.source: {data.source!r} is not an image source")
+    if missing := missing_tokens(tokenizer):
+        raise ConfigError(f"data.tokenizer: {missing}")
     texts = readers.reasoning_texts(data, split) if data.text_share else ()
     try:
         return ImageTextSource(documents, tokenizer, image_size=image_size,
                                patch_size=patch_size, seed=data.seed, texts=texts,
                                text_share=data.text_share)
-    except ValueError as error:  # a tokenizer without the image tokens, a bad document
-        raise ConfigError(f"data.source: {error}") from None
+    except ValueError as error:  # a document whose text or image does not fit the source
+        field = {"image_folder": "paths", "image_tfds": "name"}.get(data.source, "source")
+        raise ConfigError(f"data.{field}: {error}") from None
 
 
 def corpus_documents(data: DataConfig, split: str, *, image_size: int) -> list[ImageDocument]:

@@ -56,10 +56,8 @@ class ImageTextSource:
         if image_size % patch_size:
             raise ValueError(f"image_size: {image_size} is not a multiple of patch_size "
                              f"{patch_size}")
-        missing = [t for t in (IMAGE, IMAGE_END, PATCH) if t not in tokenizer.special]
-        if missing:
-            raise ValueError(f"the tokenizer has no {', '.join(missing)} token; image sources "
-                             f"need {IMAGE}, {IMAGE_END} and {PATCH}")
+        if missing := missing_tokens(tokenizer):
+            raise ValueError(f"the tokenizer {missing}")
         self.tokenizer, self.seed = tokenizer, seed
         self.image_size, self.patch_size = image_size, patch_size
         self.patches_per_image = (image_size // patch_size) ** 2
@@ -132,6 +130,14 @@ class ImageTextSource:
         patches = [np.zeros((0, self.patch_dim), np.uint8)]
         patches += [patchify(image, self.patch_size) for image in doc.images]
         return np.asarray(expanded, np.int32), np.concatenate(patches)
+
+
+def missing_tokens(tokenizer: Tokenizer) -> str | None:
+    """What the tokenizer lacks of the image tokens, in words; None if it has them all."""
+    missing = [t for t in (IMAGE, IMAGE_END, PATCH) if t not in tokenizer.special]
+    if not missing:
+        return None
+    return f"has no {', '.join(missing)} token; image sources need {IMAGE}, {IMAGE_END}, {PATCH}"
 
 
 def _mixed_texts(texts: Sequence[str], share: float | None, image_documents: int) -> list[str]:

@@ -560,6 +560,9 @@ class MeshConfig:
         _require(self.slices >= 1, f"{prefix}slices", f"must be >= 1, got {self.slices}")
 
 
+IMAGE_SOURCES = ("images", "image_folder", "image_tfds")  # data.source values with images
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where training batches come from.
@@ -570,9 +573,16 @@ class DataConfig:
     arithmetic: bare arithmetic problems generated in memory, without TensorFlow;
     chat:       chat or prompt/response records (SFT): JSONL files `paths`, or the TFDS
                 dataset `name`; the loss is on assistant tokens only.
+    images:     the offline image-text corpus (rendered pictures, questions, answers),
+                built on first use into `data_dir`;
+    image_folder: JSONL files `paths` of {image_key: image file, text_key: text} records,
+                the image paths relative to the JSONL file;
+    image_tfds: the prepared TFDS dataset `name`, features `image_key` and `text_key`.
+    Image sources are built by `jaxllm.data.image_readers.image_source`.
     """
 
-    source: Literal["reasoning", "tfds", "text", "arithmetic", "chat"] = "reasoning"
+    source: Literal["reasoning", "tfds", "text", "arithmetic", "chat", "images", "image_folder",
+                    "image_tfds"] = "reasoning"
     seed: int = 0  # the corpus and the order of the documents
     split: str = "train"
     eval_split: str | None = "validation"  # None: no evaluation split
@@ -582,7 +592,7 @@ class DataConfig:
     paths: str | None = None  # text: "a.txt,corpus/*.jsonl"
     tokenizer: str = "byte"  # "byte", a tokenizer.json or a SentencePiece .model
     difficulty: int = 2  # reasoning: digits, coefficient ranges, countdown numbers
-    train_size: int = 20_000  # reasoning: problems per split
+    train_size: int = 20_000  # reasoning, images: problems per split
     validation_size: int = 500
     test_size: int = 500
     messages_key: str = "messages"  # chat: the list of {"role", "content"} messages
@@ -597,6 +607,11 @@ class DataConfig:
     # reasoning: every document carries an effort control token, and its worked solution is
     # cut to the level's length (jaxllm.data.tasks.effort_document)
     effort_documents: bool = False
+    image_key: str = "image"  # image_folder: the JSONL field of the image file; image_tfds: feature
+    max_image_pixels: int = 16_777_216  # image_folder, image_tfds: larger images are refused
+    # images, image_folder, image_tfds: the share of the documents that are text-only
+    # documents of the reasoning corpus (same seed and sizes), mixed in
+    text_share: float = 0.0
 
     def validate(self, prefix: str) -> None:
         """Checks the fields; files and datasets are checked when the source is made."""
@@ -619,6 +634,23 @@ class DataConfig:
         _require(not self.effort_documents or self.source == "reasoning",
                  f"{prefix}effort_documents", "rewrites the reasoning corpus; set "
                  f"{prefix}source=reasoning or turn it off")
+        self._validate_images(prefix)
+
+    def _validate_images(self, prefix: str) -> None:
+        """Checks the fields of the image sources."""
+        _require(self.source != "image_folder" or bool(self.paths), f"{prefix}paths",
+                 "source=image_folder needs JSONL file paths")
+        _require(self.source != "image_folder" or self.eval_split is None,
+                 f"{prefix}eval_split", "JSONL files are one split; set data.eval_split=none")
+        _require(self.source != "image_tfds" or bool(self.name), f"{prefix}name",
+                 "source=image_tfds needs a dataset name")
+        _require(bool(self.image_key), f"{prefix}image_key", "must name a record field")
+        _require_positive(self, prefix, ("max_image_pixels",))
+        _require(0 <= self.text_share < 1, f"{prefix}text_share",
+                 f"must be in [0, 1), got {self.text_share}")
+        _require(self.text_share == 0 or self.source in IMAGE_SOURCES, f"{prefix}text_share",
+                 f"mixes text into an image source; set {prefix}source to one of "
+                 f"{IMAGE_SOURCES} or {prefix}text_share=0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ def toy_config(workdir, steps: int) -> config_lib.Config:
         model=tiny_model(vocab_size=ByteTokenizer().vocab_size, embed_dim=32, mlp_dim=64),
         mesh=config_lib.MeshConfig(data=2, fsdp=4),
         data=config_lib.DataConfig(source="arithmetic"),
-        train=config_lib.TrainConfig(steps=steps, batch_size=32, learning_rate=1e-2,
+        train=config_lib.TrainConfig(steps=steps, batch_size=32, learning_rate=2e-2,
                                      warmup_steps=0, weight_decay=0.0, log_every=1),
         grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=8, eval_every=0),
         checkpoint=config_lib.CheckpointConfig(every=4),

@@ -5,7 +5,7 @@ yields this process's rows of each batch as numpy arrays: inputs, targets, segme
 positions, loss_mask (see `jaxllm.data.sources`).
 """
 
-from jaxllm.config import Config, ConfigError, ConstitutionConfig, DataConfig
+from jaxllm.config import IMAGE_SOURCES, Config, ConfigError, ConstitutionConfig, DataConfig
 from jaxllm.data import assistant, readers, tasks
 from jaxllm.data.arithmetic import ArithmeticSource
 from jaxllm.data.sources import ChatSource, DocumentSource
@@ -36,6 +36,9 @@ def make_source(
             f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens"
         )
+    if data.source in IMAGE_SOURCES:
+        raise ConfigError(f"data.source: {data.source!r} batches carry image patches; build them "
+                          "with jaxllm.data.image_readers.image_source")
     if data.source == "arithmetic":
         if data.tokenizer != "byte":
             raise ConfigError("data.tokenizer: the arithmetic source is byte-level")

@@ -13,6 +13,8 @@ import dataclasses
 import functools
 import hashlib
 import re
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -25,11 +27,11 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(eq=False)
-class ReasoningConfig(tfds.core.BuilderConfig):
-    """The generator settings; each distinct setting is its own builder config name."""
+class GeneratedConfig(tfds.core.BuilderConfig):
+    """A generated corpus's seed and split sizes; each distinct setting is its own builder
+    config name."""
 
     seed: int = 0
-    difficulty: int = 2
     train_size: int = 20_000
     validation_size: int = 500
     test_size: int = 500
@@ -40,6 +42,18 @@ class ReasoningConfig(tfds.core.BuilderConfig):
                 "test": self.test_size}
 
 
+@dataclasses.dataclass(eq=False)
+class ReasoningConfig(GeneratedConfig):
+    """The generator settings of the reasoning corpus."""
+
+    difficulty: int = 2
+
+
+# The config name's parts: each field's value after its label, joined by "_".
+_NAME_FIELDS = (("seed", "seed"), ("difficulty", "difficulty"), ("train_size", ""),
+                ("validation_size", ""), ("test_size", ""))
+
+
 def config_name(
     seed: int = 0,
     difficulty: int = 2,
@@ -48,21 +62,24 @@ def config_name(
     test_size: int = 500,
 ) -> str:
     """The builder config name of these settings, e.g. "seed0_difficulty2_20000_500_500"."""
-    return f"seed{seed}_difficulty{difficulty}_{train_size}_{validation_size}_{test_size}"
+    return spell_name(_NAME_FIELDS, locals())
 
 
-_CONFIG_NAME = re.compile(r"seed(-?\d+)_difficulty(\d+)_(\d+)_(\d+)_(\d+)")
+def spell_name(fields: tuple[tuple[str, str], ...], settings: dict[str, int]) -> str:
+    """The config name of `settings`: each of `fields` (name, label) as label and value."""
+    return "_".join(f"{label}{settings[field]}" for field, label in fields)
 
 
 @functools.cache
-def _named_config(name: str) -> ReasoningConfig | None:
-    """The config a name spells out; one object per name, as TFDS requires."""
-    match = _CONFIG_NAME.fullmatch(name)
+def named_config(config_class: type, fields: tuple[tuple[str, str], ...],
+                 name: str) -> GeneratedConfig | None:
+    """The config a name spells out (`spell_name`), or None; one object per name, as TFDS
+    requires."""
+    match = re.fullmatch("_".join(rf"{label}(-?\d+)" for _, label in fields), name)
     if match is None:
         return None
-    seed, difficulty, train, validation, test = map(int, match.groups())
-    return ReasoningConfig(name=name, seed=seed, difficulty=difficulty, train_size=train,
-                           validation_size=validation, test_size=test)
+    return config_class(name=name, **{field: int(value) for (field, _), value
+                                      in zip(fields, match.groups())})
 
 
 class JaxllmReasoning(tfds.core.GeneratorBasedBuilder):
@@ -73,11 +90,12 @@ class JaxllmReasoning(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [_named_config(config_name())]
+    BUILDER_CONFIGS = [named_config(ReasoningConfig, _NAME_FIELDS, config_name())]
 
     @classmethod
     def get_builder_config(cls, name, version=None):
-        return super().get_builder_config(name, version) or _named_config(name)
+        return (super().get_builder_config(name, version)
+                or named_config(ReasoningConfig, _NAME_FIELDS, name))
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
@@ -105,30 +123,39 @@ class JaxllmReasoning(tfds.core.GeneratorBasedBuilder):
 
 def split_problems(config: ReasoningConfig) -> dict[str, list[tasks.Problem]]:
     """Distinct problems, drawn until each split is full; a question's hash picks its split."""
-    sizes = config.sizes
+    rng = np.random.default_rng(config.seed)
+
+    def draw() -> tasks.Problem:
+        family = tasks.FAMILIES[int(rng.integers(len(tasks.FAMILIES)))]
+        return tasks.generate(family, rng, config.difficulty)
+
+    return draw_splits(config.sizes, draw, key=lambda problem: problem.question,
+                       settings=f"difficulty {config.difficulty}")
+
+
+def draw_splits(sizes: dict[str, int], draw: Callable[[], Any], *, key: Callable[[Any], str],
+                settings: str) -> dict[str, list]:
+    """Items of `draw()` with distinct keys, until each split holds its size; the hash of an
+    item's key picks its split (`split_of`)."""
     total = sum(sizes.values())
     splits = {name: [] for name in SPLITS}
-    rng = np.random.default_rng(config.seed)
     seen = set()
     for _ in range(50 * total):
         if all(len(splits[name]) == sizes[name] for name in SPLITS):
             return splits
-        family = tasks.FAMILIES[int(rng.integers(len(tasks.FAMILIES)))]
-        problem = tasks.generate(family, rng, config.difficulty)
-        if problem.question in seen:
+        item = draw()
+        if key(item) in seen:
             continue
-        seen.add(problem.question)
-        name = _split_of(problem.question, sizes, total)
+        seen.add(key(item))
+        name = split_of(key(item), sizes, total)
         if len(splits[name]) < sizes[name]:
-            splits[name].append(problem)
-    raise ValueError(
-        f"difficulty {config.difficulty} has too few distinct problems for splits of {sizes}"
-    )
+            splits[name].append(item)
+    raise ValueError(f"{settings} has too few distinct problems for splits of {sizes}")
 
 
-def _split_of(question: str, sizes: dict[str, int], total: int) -> str:
-    """test, validation or train, in proportion to the split sizes, by the question's hash."""
-    bucket = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "little") % total
+def split_of(key: str, sizes: dict[str, int], total: int) -> str:
+    """test, validation or train, in proportion to the split sizes, by the key's hash."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % total
     if bucket < sizes["test"]:
         return "test"
     return "validation" if bucket < sizes["test"] + sizes["validation"] else "train"
@@ -164,11 +191,15 @@ def prepare(data_dir: str | None = None, **settings) -> JaxllmReasoning:
     In a multi-process run, process 0 builds first and the others wait for it, so processes
     that share a data_dir never build into it at once; every process must call this.
     """
-    name = config_name(**settings)
+    return build_once(JaxllmReasoning, config_name(**settings), data_dir)
+
+
+def build_once(builder_class: type, name: str, data_dir: str | None):
+    """The builder of config `name`, built into `data_dir` on first use (see `prepare`)."""
     if jax.process_count() > 1:
         if jax.process_index() == 0:
-            JaxllmReasoning(config=name, data_dir=data_dir).download_and_prepare()
-        multihost_utils.sync_global_devices(f"jaxllm_reasoning/{name} prepared")
-    builder = JaxllmReasoning(config=name, data_dir=data_dir)  # reads what is there now
+            builder_class(config=name, data_dir=data_dir).download_and_prepare()
+        multihost_utils.sync_global_devices(f"{builder_class.name}/{name} prepared")
+    builder = builder_class(config=name, data_dir=data_dir)  # reads what is there now
     builder.download_and_prepare()
     return builder

@@ -6,7 +6,9 @@ A row holds whole documents back to back, then padding, as numpy arrays:
   segment_ids: 1, 2, ... per document in the row, 0 on padding;
   positions:   the position of each token within its own document;
   loss_mask:   1 where `targets` is a real next token of the same document that its target
-               mask trains on (every token past the prompt, or every assistant token).
+               mask trains on (every token past the prompt, or every assistant token);
+and, for documents with images (`pack_patches`):
+  patches:     the rows' image patches in token order, zero-padded to a fixed count.
 """
 
 from collections.abc import Iterable, Iterator, Sequence
@@ -30,18 +32,25 @@ def pack(
         row.append(doc)
 
 
-def plan_rows(lengths: Sequence[int], seq_len: int) -> list[tuple[int, int]]:
+def plan_rows(
+    lengths: Sequence[int], seq_len: int, *, patch_counts: Sequence[int] | None = None,
+    max_patches: int = 0,
+) -> list[tuple[int, int]]:
     """Greedy packing of documents of these lengths (each <= seq_len), in order.
 
     Returns each row as the half-open range [first, stop) of the documents it holds; the
-    same rows `pack` makes of the same documents.
+    same rows `pack` makes of the same documents. With `patch_counts` (each <= max_patches),
+    a row also holds at most `max_patches` image patches: a document whose images would not
+    fit starts the next row, as one whose tokens would not.
     """
-    rows, first, used = [], 0, 0
-    for i, length in enumerate(lengths):
-        if used + length > seq_len:
+    counts = np.zeros(len(lengths), int) if patch_counts is None else patch_counts
+    rows, first, used, patches = [], 0, 0, 0
+    for i, (length, count) in enumerate(zip(lengths, counts)):
+        if used + length > seq_len or patches + count > max_patches:
             rows.append((first, i))
-            first, used = i, 0
+            first, used, patches = i, 0, 0
         used += length
+        patches += count
     if first < len(lengths):
         rows.append((first, len(lengths)))
     return rows
@@ -77,3 +86,10 @@ def pack_row(
         "positions": positions.astype(np.int32),
         "loss_mask": (same_doc & np.append(trained[1:], False)).astype(np.float32),
     }
+
+
+def pack_patches(patches: Sequence[np.ndarray], max_patches: int) -> np.ndarray:
+    """The documents' patches (uint8 pixels [k_i, d]) in order, as float32 in [0, 1],
+    zero-padded to [max_patches, d]: patch k is that of the row's k-th `<patch>` token."""
+    flat = np.concatenate(patches).astype(np.float32) / 255
+    return np.pad(flat, ((0, max_patches - len(flat)), (0, 0)))

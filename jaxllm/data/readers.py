@@ -47,7 +47,7 @@ def _reasoning_builder(data: DataConfig, split: str):
     if split not in corpus.SPLITS:
         raise ConfigError(f"data.split: the reasoning corpus has splits {corpus.SPLITS}, "
                           f"not {split!r}")
-    _check_data_dir(data.data_dir)
+    check_data_dir(data.data_dir)
     return corpus.prepare(
         data.data_dir, seed=data.seed, difficulty=data.difficulty, train_size=data.train_size,
         validation_size=data.validation_size, test_size=data.test_size,
@@ -56,7 +56,7 @@ def _reasoning_builder(data: DataConfig, split: str):
 
 def tfds_texts(data: DataConfig, split: str) -> list[str]:
     """This process's documents of a prepared TFDS dataset: `data.name`, feature `data.text_key`."""
-    builder = _tfds_builder(data)
+    builder = tfds_builder(data)
     features = list(builder.info.features)
     if data.text_key not in features:
         raise ConfigError(f"data.text_key: {data.name!r} has no feature {data.text_key!r}; "
@@ -70,7 +70,7 @@ def tfds_conversations(data: DataConfig, split: str) -> list[list[dict]]:
     `data.prompt_key` and `data.response_key`."""
     import tensorflow_datasets as tfds
 
-    builder = _tfds_builder(data)
+    builder = tfds_builder(data)
     features = list(builder.info.features)
     keys = [data.messages_key] if data.messages_key in features else [data.prompt_key,
                                                                        data.response_key]
@@ -78,7 +78,7 @@ def tfds_conversations(data: DataConfig, split: str) -> list[list[dict]]:
         raise ConfigError(f"data.messages_key: {data.name!r} has neither a feature "
                           f"{data.messages_key!r} nor {data.prompt_key!r} and "
                           f"{data.response_key!r}; it has {features}")
-    dataset = _as_dataset(builder, split, keys, repr(data.name))
+    dataset = as_dataset(builder, split, keys, repr(data.name))
     conversations = []
     for number, example in enumerate(tfds.as_numpy(dataset)):
         try:
@@ -105,13 +105,14 @@ def _record(example: dict) -> dict:
     return {key: plain(value) for key, value in example.items()}
 
 
-def _tfds_builder(data: DataConfig):
+def tfds_builder(data: DataConfig):
     """The builder of the prepared TFDS dataset `data.name`."""
     import tensorflow_datasets as tfds
 
     import jaxllm.data.corpus  # noqa: F401  (registers jaxllm_reasoning with TFDS)
+    import jaxllm.data.image_corpus  # noqa: F401  (registers jaxllm_images with TFDS)
 
-    _check_data_dir(data.data_dir)
+    check_data_dir(data.data_dir)
     try:
         builder = tfds.builder(data.name, data_dir=data.data_dir)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
@@ -130,7 +131,7 @@ def text_file_texts(data: DataConfig) -> list[str]:
     A `.jsonl` file holds one document per line, in the field `data.text_key`; any other file
     holds documents separated by blank lines.
     """
-    texts = [text for path in _files(data.paths) for text in _documents(path, data.text_key)]
+    texts = [text for path in files(data.paths) for text in _documents(path, data.text_key)]
     texts = texts[jax.process_index()::jax.process_count()]
     if not texts:
         raise ConfigError(f"data.paths: {data.paths!r} holds no documents for this process")
@@ -143,8 +144,8 @@ def chat_file_conversations(data: DataConfig) -> list[list[dict]]:
     A record that is not a conversation is refused, naming its file and line.
     """
     conversations = []
-    for path in _files(data.paths):
-        for number, record in _jsonl_records(path):
+    for path in files(data.paths):
+        for number, record in jsonl_records(path):
             try:
                 conversations.append(chat.conversation(record, **_chat_keys(data)))
             except ValueError as error:
@@ -160,7 +161,7 @@ def _chat_keys(data: DataConfig) -> dict[str, str]:
                 response_key=data.response_key)
 
 
-def _files(patterns: str) -> list[Path]:
+def files(patterns: str) -> list[Path]:
     """The files of comma-separated names or glob patterns, each of which must match."""
     files = []
     for pattern in patterns.split(","):
@@ -175,14 +176,14 @@ def _documents(path: Path, text_key: str) -> list[str]:
     if path.suffix != ".jsonl":
         return [doc.strip() for doc in re.split(r"\n\s*\n", path.read_text()) if doc.strip()]
     texts = []
-    for number, record in _jsonl_records(path):
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
             raise ConfigError(f"data.text_key: {path}:{number} has no text field {text_key!r}")
         texts.append(record[text_key])
     return texts
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, JSON value) of each non-blank line of a JSONL file."""
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -193,7 +194,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
             raise ConfigError(f"data.paths: {path}:{number} is not JSON ({error})") from None
 
 
-def _check_data_dir(data_dir: str | None) -> None:
+def check_data_dir(data_dir: str | None) -> None:
     from etils import epath
 
     if data_dir is not None and not epath.Path(data_dir).exists():
@@ -204,7 +205,7 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
     """The `key` feature of this process's even share of `split`, decoded to str."""
     import tensorflow_datasets as tfds
 
-    dataset = _as_dataset(builder, split, [key], what)
+    dataset = as_dataset(builder, split, [key], what)
     texts = [text.decode() for batch in tfds.as_numpy(dataset.batch(4096)) for text in batch[key]]
     if not texts:
         raise ConfigError(f"data.split: {split!r} of {what} is empty for process "
@@ -212,7 +213,7 @@ def _read_texts(builder, split: str, key: str, what: str) -> list[str]:
     return texts
 
 
-def _as_dataset(builder, split: str, keys: list[str], what: str):
+def as_dataset(builder, split: str, keys: list[str], what: str):
     """The `keys` features of this process's even share of `split`, as a tf.data dataset."""
     import tensorflow_datasets as tfds
 

@@ -18,6 +18,7 @@ SPECIAL_TOKENS = (
     "<pad>", "<bos>", "<eos>", "<think>", "</think>", "<answer>", "</answer>",
     "<tool>", "</tool>", "<result>", "</result>",  # a tool call inside a thought, its output
     "<effort:instant>", "<effort:low>", "<effort:medium>", "<effort:high>",  # effort control
+    "<image>", "</image>", "<patch>",  # an image span: <image>, one <patch> a patch, </image>
 )
 
 # Other spellings of the control tokens in common pretrained vocabularies.

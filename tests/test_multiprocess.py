@@ -36,7 +36,7 @@ GRPO = textwrap.dedent('''
 
     def config():
         return Config(
-            model=ModelConfig(vocab_size=260, embed_dim=32, num_layers=2, num_heads=4,
+            model=ModelConfig(vocab_size=288, embed_dim=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, mlp_dim=64),
             mesh=MeshConfig(data=2, fsdp=4),
             train=TrainConfig(steps=10_000, batch_size=8, warmup_steps=0, log_every=1),

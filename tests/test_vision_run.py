@@ -114,6 +114,9 @@ def test_generate_with_an_image_equals_the_batched_sampler(vision_run, tmp_path,
     want = sampled(vision_run, picture(0), "What colour?", 8)
     assert out[len(echo):-1] == want
     assert want != sampled(vision_run, None, "What colour?", 8)  # the image matters
+    assert main(["generate", str(vision_run), "--image", str(tmp_path / "a.png"), "--prompt",
+                 "What colour?", "--effort", "instant", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith(f"{echo}<think></think>")
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt"])

@@ -36,7 +36,7 @@ GRPO = textwrap.dedent('''
 
     def config():
         return Config(
-            model=ModelConfig(vocab_size=260, embed_dim=32, num_layers=2, num_heads=4,
+            model=ModelConfig(vocab_size=288, embed_dim=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, mlp_dim=64),
             mesh=MeshConfig(data=2, fsdp=4),
             data=DataConfig(train_size=200, validation_size=20, test_size=20),

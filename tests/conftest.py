@@ -10,8 +10,11 @@ compile the same program (the same tiny model's init or train step) compile it o
 import os
 import tempfile
 
+# The tests' programs are tiny and mostly run a few times: LLVM's optimisation passes cost
+# them more compile time than they save at run time, so the tests skip them.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests compile for TPU topologies through libtpu in several processes at once (xdist workers).

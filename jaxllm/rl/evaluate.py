@@ -41,6 +41,40 @@ def evaluate(
     Returns accuracy, per-family accuracy (`accuracy/<family>`), the mean agreement of the
     votes, and the mean thinking and completion tokens per sample.
     """
+    answers, thinking, lengths = sample_answers(
+        sampler, problems, rng=rng, effort=effort, control=control, votes=votes,
+        temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    correct, agreement = collections.defaultdict(list), []
+    for i, problem in enumerate(problems):
+        vote = majority_vote(answers[i * votes:(i + 1) * votes])
+        agreement.append(vote.agreement)
+        correct[problem.family].append(is_correct(
+            problem.family, vote.answer, problem.answer, getattr(problem, "numbers", None),
+            getattr(problem, "target", None)))
+    everything = [c for family in correct.values() for c in family]
+    return {
+        "accuracy": float(np.mean(everything)),
+        **{f"accuracy/{f}": float(np.mean(c)) for f, c in sorted(correct.items())},
+        "agreement": float(np.mean(agreement)),
+        "thinking_tokens": float(np.mean(thinking)),
+        "completion_tokens": float(np.mean(lengths)),
+    }
+
+
+def sample_answers(
+    sampler: Sampler,
+    problems: list[tasks.Problem],
+    *,
+    rng: jax.Array,
+    effort: str | effort_lib.Effort | None = None,
+    control: str | None = None,
+    votes: int = 1,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+    batch_size: int = 256,
+) -> tuple[list[str | None], list[int], list[int]]:
+    """`votes` samples of each problem, in `batch_size` chunks (as `evaluate`): their
+    answers (None where there is none), thinking tokens and completion tokens."""
     tokenizer = sampler.tokenizer
     think = sampler.think
     forcing = {}
@@ -70,21 +104,7 @@ def evaluate(
             answers.append(extract_answer(tokenizer.decode(tokens[:length])))
             thinking.append(thinking_tokens(tokens, length, think.close))
             lengths.append(length)
-    correct, agreement = collections.defaultdict(list), []
-    for i, problem in enumerate(problems):
-        vote = majority_vote(answers[i * votes:(i + 1) * votes])
-        agreement.append(vote.agreement)
-        correct[problem.family].append(is_correct(
-            problem.family, vote.answer, problem.answer, getattr(problem, "numbers", None),
-            getattr(problem, "target", None)))
-    everything = [c for family in correct.values() for c in family]
-    return {
-        "accuracy": float(np.mean(everything)),
-        **{f"accuracy/{f}": float(np.mean(c)) for f, c in sorted(correct.items())},
-        "agreement": float(np.mean(agreement)),
-        "thinking_tokens": float(np.mean(thinking)),
-        "completion_tokens": float(np.mean(lengths)),
-    }
+    return answers, thinking, lengths
 
 
 def _padded(patches: np.ndarray, padding: int) -> np.ndarray:

@@ -254,19 +254,20 @@ class _GRPOStep:
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def rl_problems(config: config_lib.Config, split: str) -> list:
+def task_problems(config: config_lib.Config, split: str) -> list:
     """The problems of `split` of the reasoning corpus, or of the image corpus with
-    `data.source=images` (at `model.vision.image_size`), of the families `grpo.families`
-    (all if empty), in order."""
-    if config.data.source == "images":
-        size = config.model.vision.image_size
-        if size == 0:
-            raise config_lib.ConfigError("model.vision.image_size: GRPO on data.source=images "
-                                         "needs a vision model; set the image size")
-        problems = corpus_problems(config.data, split, image_size=size)
-    else:
-        problems = reasoning_problems(config.data, split)
-    wanted = config.grpo.family_names if config.grpo else ()
+    `data.source=images` (at `model.vision.image_size`), in order."""
+    if config.data.source != "images":
+        return reasoning_problems(config.data, split)
+    if config.model.vision.image_size == 0:
+        raise config_lib.ConfigError("model.vision.image_size: image problems need a vision "
+                                     "model; set the image size")
+    return corpus_problems(config.data, split, image_size=config.model.vision.image_size)
+
+
+def rl_problems(config: config_lib.Config, split: str) -> list:
+    """`task_problems` of the families `grpo.families` (all if empty)."""
+    problems, wanted = task_problems(config, split), config.grpo.family_names
     if unknown := sorted(set(wanted) - {p.family for p in problems}):
         raise config_lib.ConfigError(
             f"grpo.families: {split!r} of data.source={config.data.source} has no problems of "

@@ -1,6 +1,8 @@
 """GRPO and evaluation on image problems: patches through rollouts and updates, per-family
 accuracy against chance."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -15,8 +17,8 @@ from jaxllm.infer.sampler import GenerationResult
 from jaxllm.nn import Transformer
 from jaxllm.nn.vision import patchify
 from jaxllm.rl import evaluate as evaluate_lib
+from jaxllm.rl import loop
 from jaxllm.rl import visual
-from jaxllm.rl.loop import grpo
 from jaxllm.rl.rollout import prompt_tokens, rollout
 from jaxllm.rl.verify import is_correct
 from jaxllm.train.optimizer import make_optimizer
@@ -89,7 +91,7 @@ def test_one_grpo_step_on_image_problems_trains_the_patch_embedding(tmp_path):
         grpo=config_lib.GRPOConfig(group_size=4, max_completion_len=8, eval_every=0),
         checkpoint=config_lib.CheckpointConfig(every=1), workdir=str(tmp_path),
     )
-    (record,) = grpo(config, log=lambda _: None, reward_fns=[distinct_characters],
+    (record,) = loop.grpo(config, log=lambda _: None, reward_fns=[distinct_characters],
                      problems=image_problems(2))
     assert record["reward_std"] > 0
     initial, _ = init_state(Transformer(config.model), make_optimizer(config.train), 8,
@@ -142,3 +144,18 @@ def test_per_family_accuracy_against_chance(monkeypatch):
     assert rows[2]["stderr"] == pytest.approx(np.sqrt(2 / 3 * 1 / 3 / 3))
     assert result["accuracy"] == pytest.approx(3 / 6)
     assert "| sum | 3 | 0.667 | 0.272 | 0.100 |" in visual.markdown(rows)
+
+
+def test_grpo_families_keep_those_of_the_image_corpus_and_name_a_missing_one(monkeypatch):
+    problems = image_problems(2, "sum") + image_problems(3, "digit")
+    monkeypatch.setattr(loop, "corpus_problems", lambda data, split, image_size: problems)
+    config = config_lib.Config(model=vision_model(), data=config_lib.DataConfig(source="images"),
+                               grpo=config_lib.GRPOConfig(families="sum"))
+    assert loop.rl_problems(config, "train") == problems[:2]
+    assert loop.task_problems(config, "test") == problems
+    missing = dataclasses.replace(config, grpo=config_lib.GRPOConfig(families="sum,colour"))
+    with pytest.raises(config_lib.ConfigError, match=r"grpo.families: .*\['colour'\]"):
+        loop.rl_problems(missing, "train")
+    text_model = dataclasses.replace(config, model=tiny_model())
+    with pytest.raises(config_lib.ConfigError, match="model.vision.image_size"):
+        loop.task_problems(text_model, "train")

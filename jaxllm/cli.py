@@ -47,11 +47,16 @@ def _constitution(args) -> None:
     constitution(config, principles)
 
 
-def _sampler(workdir: str):
+def _sampler(target: str):
+    """(config, Sampler) of the latest checkpoint of a workdir, or of the workdir of an
+    experiment file."""
     from jaxllm.infer import Sampler
     from jaxllm.data.tokenizer import load_tokenizer
     from jaxllm.train.run import load_run
 
+    workdir = config_lib.load_experiment(target).workdir if target.endswith(".py") else target
+    if workdir is None:
+        raise config_lib.ConfigError(f"workdir: {target} sets none; give the run's workdir")
     config, model, state = load_run(workdir)
     tokenizer = load_tokenizer(config.data.tokenizer)
     return config, Sampler(model, state.params, tokenizer, moe_bias=state.moe_bias)
@@ -60,32 +65,49 @@ def _sampler(workdir: str):
 def _generate(args) -> None:
     import jax
 
-    from jaxllm.data import tasks
-    from jaxllm.data.tokenizer import chat_prompt
     from jaxllm.infer.stream import stream
 
-    _, sampler = _sampler(args.workdir)
+    config, sampler = _sampler(args.workdir)
     tokenizer = sampler.tokenizer
-    text = args.prompt if args.raw else tasks.prompt(tasks.Problem("", args.prompt, ""))
-    prompt = chat_prompt(tokenizer, text)
+    prompt, patches = _prompt(args, config, tokenizer)
     if args.effort is not None:
         if sampler.think is None:
             raise config_lib.ConfigError("--effort: the vocabulary has no <think> and </think>")
         prompt.append(sampler.think.open)
     echo = prompt if getattr(tokenizer, "chat_template", None) else prompt[1:]  # no <bos>
-    print(tokenizer.decode(echo), end="", flush=True)
+    patch = tokenizer.special.get("<patch>")
+    print(tokenizer.decode([t for t in echo if t != patch]), end="", flush=True)
     toolbox = _toolbox(args)
     generated = []
     for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
                         rng=jax.random.key(args.seed), temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, effort=args.effort,
-                        toolbox=toolbox):
+                        toolbox=toolbox, patches=patches):
         shown = tokenizer.decode(generated)
         generated.append(token)
         print(tokenizer.decode(generated)[len(shown):], end="", flush=True)
     print()
     if toolbox is not None:
         toolbox.close()
+
+
+def _prompt(args, config: config_lib.Config, tokenizer):
+    """(ids, patches) of `--prompt`, in the task template unless `--raw`; with `--image`, the
+    image's span first (as the image corpus lays out a question) and its patches, else
+    patches None."""
+    from jaxllm.data import tasks
+    from jaxllm.data.tokenizer import chat_prompt
+
+    if args.image is None:
+        text = args.prompt if args.raw else tasks.prompt(tasks.Problem("", args.prompt, ""))
+        return chat_prompt(tokenizer, text), None
+    from jaxllm.data import images
+    from jaxllm.infer.image_prompt import image_prompt, read_prompt_image
+
+    image = read_prompt_image(args.image, config)
+    text = args.prompt if args.raw else images.prompt(
+        images.ImageProblem("", args.prompt, "", "", image))
+    return image_prompt(tokenizer, text, image, patch_size=config.model.vision.patch_size)
 
 
 def _toolbox(args):
@@ -283,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     constitution.set_defaults(run=_constitution)
 
     generate = commands.add_parser("generate", help="stream a completion from a run's model")
-    generate.add_argument("workdir", help="a run's workdir, holding checkpoints")
+    generate.add_argument("workdir", help="a run's workdir, holding checkpoints, or the "
+                          "experiment file that names it")
     generate.add_argument("--prompt", required=True, help='a question, e.g. "12*34=?"')
+    generate.add_argument("--image", help="an image file (PNG, JPEG, ...) the question is "
+                          "about, for a model with model.vision.image_size > 0; it goes "
+                          "first, or where a --raw prompt writes <image>")
     generate.add_argument("--raw", action="store_true",
                           help="use the prompt as is, without the task template")
     generate.add_argument("--effort", choices=("instant", "low", "medium", "high", "auto"),

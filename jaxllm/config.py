@@ -578,7 +578,7 @@ class DataConfig:
     image_folder: JSONL files `paths` of {image_key: image file, text_key: text} records,
                 the image paths relative to the JSONL file;
     image_tfds: the prepared TFDS dataset `name`, features `image_key` and `text_key`.
-    Image sources are built by `jaxllm.data.image_readers.image_source`.
+    Image sources cut their images as `model.vision` says (`image_size` > 0).
     """
 
     source: Literal["reasoning", "tfds", "text", "arithmetic", "chat", "images", "image_folder",
@@ -982,6 +982,12 @@ def _validate_across_sections(config: Config) -> None:
         "mesh.context",
         "`<patch>` tokens take their patches in row order, which the context split permutes; "
         "set mesh.context=1 or model.vision.image_size=0",
+    )
+    _require(
+        config.data.source not in IMAGE_SOURCES or config.model.vision.image_size > 0,
+        "model.vision.image_size",
+        f"data.source={config.data.source} feeds images; set model.vision.image_size to the "
+        "pixels of the model's square images",
     )
     _require(
         a.kernel != "blockwise" or t.seq_len % min(a.block_size, t.seq_len) == 0,

@@ -168,3 +168,11 @@ def shardings(boxed_tree, mesh: Mesh, rules=RULES):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sequences split over (data, fsdp), positions over context."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, CONTEXT))
+
+
+def batch_shardings(mesh: Mesh, keys) -> dict[str, NamedSharding]:
+    """The sharding of each array `keys` names in a training batch: [B, S] arrays as
+    `batch_sharding`; the rows' image `patches` [B, P, patch_dim] over (data, fsdp) only,
+    each row's patches whole on its devices."""
+    per_token, per_row = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return {key: per_row if key == "patches" else per_token for key in keys}

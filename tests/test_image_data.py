@@ -349,8 +349,16 @@ def test_image_sources_need_the_image_tokens(tmp_path):
         image_source(folder_config(paths), tokenizer=TextOnly(), image_size=8, patch_size=4)
 
 
-def test_make_source_points_image_sources_to_image_source():
-    from jaxllm import Config
+def test_make_source_cuts_the_images_as_model_vision_says(corpus_dir):
+    from jaxllm import Config, ModelConfig
+    from jaxllm.config import VisionConfig
 
-    with pytest.raises(ConfigError, match="data.source: 'images' .*image_source"):
-        make_source(Config(data=DataConfig(source="images")))
+    data = DataConfig(source="images", data_dir=str(corpus_dir), **SIZES)
+    model = ModelConfig(vision=VisionConfig(image_size=24, patch_size=8))
+    made = make_source(Config(model=model, data=data), split="validation")
+    want = image_source(data, tokenizer=TOKENIZER, image_size=24, patch_size=8,
+                        split="validation")
+    first, second = next(made.batches(2, 128)), next(want.batches(2, 128))
+    assert first["patches"].shape == (2, 128 // 11 * 9, 8 * 8 * 3)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])

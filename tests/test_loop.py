@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec
 from tensorboardX.proto import event_pb2
 
 from jaxllm import Config, MeshConfig, parallel
@@ -153,11 +154,13 @@ def test_progress_on_a_terminal_shows_a_bar_and_prints_lines_above_it(capsys):
 
 def test_global_batch_assembles_the_sharded_batch():
     mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=2, fsdp=4)))
-    sharding = parallel.batch_sharding(mesh)
-    local = {"inputs": np.arange(8 * 32, dtype=np.int32).reshape(8, 32)}
-    batch = global_batch(local, sharding, batch_size=8)
-    assert batch["inputs"].sharding == sharding
-    np.testing.assert_array_equal(batch["inputs"], local["inputs"])
+    local = {"inputs": np.arange(8 * 32, dtype=np.int32).reshape(8, 32),
+             "patches": np.arange(8 * 4 * 3, dtype=np.float32).reshape(8, 4, 3)}
+    batch = global_batch(local, mesh, batch_size=8)
+    assert batch["inputs"].sharding == parallel.batch_sharding(mesh)
+    assert batch["patches"].sharding.spec == PartitionSpec(parallel.BATCH_AXES)
+    for key in local:
+        np.testing.assert_array_equal(batch[key], local[key])
 
 
 def test_read_jsonl_leaves_out_a_last_line_cut_short(tmp_path):

@@ -31,14 +31,15 @@ PRETRAIN = textwrap.dedent('''
 ''')
 
 GRPO = textwrap.dedent('''
-    from jaxllm import Config, MeshConfig, ModelConfig, TrainConfig
+    from jaxllm import Config, DataConfig, MeshConfig, ModelConfig, TrainConfig
     from jaxllm.config import GRPOConfig
 
     def config():
         return Config(
-            model=ModelConfig(vocab_size=260, embed_dim=32, num_layers=2, num_heads=4,
+            model=ModelConfig(vocab_size=288, embed_dim=32, num_layers=2, num_heads=4,
                               num_kv_heads=2, mlp_dim=64),
             mesh=MeshConfig(data=2, fsdp=4),
+            data=DataConfig(train_size=200, validation_size=20, test_size=20),
             train=TrainConfig(steps=10_000, batch_size=8, warmup_steps=0, log_every=1),
             grpo=GRPOConfig(group_size=4, max_completion_len=8, eval_every=0),
         )

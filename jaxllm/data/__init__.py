@@ -2,12 +2,14 @@
 
 A source has `tokenizer` and `batches(batch_size, seq_len, start=0, mask_prompt=False)`, which
 yields this process's rows of each batch as numpy arrays: inputs, targets, segment_ids,
-positions, loss_mask (see `jaxllm.data.sources`).
+positions, loss_mask (see `jaxllm.data.sources`), and `patches` for an image source
+(`jaxllm.data.image_sources`).
 """
 
 from jaxllm.config import IMAGE_SOURCES, Config, ConfigError, ConstitutionConfig, DataConfig
 from jaxllm.data import assistant, readers, tasks
 from jaxllm.data.arithmetic import ArithmeticSource
+from jaxllm.data.image_sources import PATCH, ImageTextSource
 from jaxllm.data.sources import ChatSource, DocumentSource
 from jaxllm.data.tokenizer import (
     ByteTokenizer,
@@ -20,25 +22,21 @@ from jaxllm.data.tokenizer import (
 
 def make_source(
     config: Config, split: str | None = None
-) -> ArithmeticSource | DocumentSource | ChatSource:
+) -> ArithmeticSource | DocumentSource | ChatSource | ImageTextSource:
     """The source of `split` (default `config.data.split`), checked against the model's vocabulary.
 
-    Raises ConfigError for a missing dataset or file, an empty split or a bad tokenizer.
+    An image source cuts its images as `config.model.vision` says. Raises ConfigError for a
+    missing dataset or file, an empty split or a bad tokenizer.
     """
     data = config.data
     split = data.split if split is None else split
-    try:
-        tokenizer = load_tokenizer(data.tokenizer)
-    except (ValueError, OSError) as error:
-        raise ConfigError(f"data.tokenizer: {error}") from None
-    if tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {config.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens"
-        )
+    tokenizer = checked_tokenizer(config)
     if data.source in IMAGE_SOURCES:
-        raise ConfigError(f"data.source: {data.source!r} batches carry image patches; build them "
-                          "with jaxllm.data.image_readers.image_source")
+        from jaxllm.data.image_readers import image_source  # Pillow, only for images
+
+        vision = config.model.vision
+        return image_source(data, tokenizer=tokenizer, image_size=vision.image_size,
+                            patch_size=vision.patch_size, split=split)
     if data.source == "arithmetic":
         if data.tokenizer != "byte":
             raise ConfigError("data.tokenizer: the arithmetic source is byte-level")
@@ -63,6 +61,29 @@ def make_source(
                               f"no {split!r} (set data.eval_split=none to skip evaluation)")
         texts = readers.text_file_texts(data)
     return DocumentSource(texts, tokenizer, data.seed)
+
+
+def checked_tokenizer(config: Config) -> Tokenizer:
+    """`config.data.tokenizer`, loaded and checked against `config.model`: its vocabulary
+    fits `model.vocab_size`, and a model with images has its `<patch>` token at
+    `model.vision.patch_token_id`. Raises ConfigError naming the field."""
+    try:
+        tokenizer = load_tokenizer(config.data.tokenizer)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"data.tokenizer: {error}") from None
+    model = config.model
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens ({config.data.tokenizer}); set model.vocab_size >= "
+            f"{tokenizer.vocab_size}"
+        )
+    patch = tokenizer.special.get(PATCH)
+    if model.vision.image_size and patch != model.vision.patch_token_id:
+        found = "has no <patch> token" if patch is None else f"has <patch> at id {patch}"
+        raise ConfigError(f"model.vision.patch_token_id: {model.vision.patch_token_id}, but the "
+                          f"tokenizer {config.data.tokenizer} {found}")
+    return tokenizer
 
 
 def _chat_source(data: DataConfig, split: str, tokenizer: Tokenizer) -> ChatSource:
@@ -94,8 +115,10 @@ __all__ = [
     "ChatSource",
     "DocumentSource",
     "HuggingFaceTokenizer",
+    "ImageTextSource",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "checked_tokenizer",
     "load_tokenizer",
     "make_source",
 ]

@@ -47,11 +47,13 @@ def stream(
     effort: str | effort_lib.Effort | None = None,
     toolbox: Toolbox | None = None,
     max_calls: int = 4,
+    patches: jax.Array | None = None,
 ) -> Iterator[int]:
     """Yields the generated token ids one at a time, up to and including a stop token
     (`</answer>` or `<eos>`). With an `effort`, `prompt` should end with `<think>`. With a
     `toolbox` (not with an effort), up to `max_calls` calls run and their results are
-    yielded; `max_new_tokens` counts them."""
+    yielded; `max_new_tokens` counts them. `patches` [1, P, patch_dim] are the images of
+    the prompt's `<patch>` tokens, read by the prefill."""
     if toolbox is not None and effort is not None:
         raise ValueError("effort: budget forcing does not combine with tools")
     model, tokenizer = sampler.model, sampler.tokenizer
@@ -60,7 +62,8 @@ def stream(
         variables["moe_bias"] = sampler.moe_bias
     tokens = jnp.asarray([prompt], jnp.int32)
     length = jnp.asarray([len(prompt)], jnp.int32)
-    logits, cache = _prefill(model, variables, tokens, length, len(prompt) + max_new_tokens)
+    logits, cache = _prefill(model, variables, tokens, length, len(prompt) + max_new_tokens,
+                             patches)
     state, limits = None, None
     if effort is not None:
         chosen = effort_lib.resolve(effort, sampler.efforts)

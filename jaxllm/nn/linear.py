@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jaxllm.config import LoRAConfig
 from jaxllm.nn import fp8 as fp8_lib
 from jaxllm.nn import lora as lora_lib
+from jaxllm.nn.param_cast import cast_param
 
 
 class Einsum(nn.Module):
@@ -48,7 +49,7 @@ class Einsum(nn.Module):
             1.0, "fan_in", "truncated_normal", in_axis=tuple(self.fan_in), out_axis=fan_out
         )
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape)
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        x, kernel = x.astype(self.dtype), cast_param(kernel, self.dtype, self.axes)
         if self.fp8 is None or not fp8_lib.is_matmul(self.equation):
             y = jnp.einsum(self.equation, x, kernel)
         else:

@@ -22,12 +22,15 @@ def eval_sums(params, moe_bias, batch, *, model: nn.Module):
     return nll, tokens
 
 
-def jit_eval_step(model: nn.Module, mesh: Mesh, state_shardings: TrainState):
-    """`eval_sums` under jit on the train state's shardings. Call it inside `use_mesh(mesh)`."""
+def jit_eval_step(model: nn.Module, mesh: Mesh, state_shardings: TrainState,
+                  batch_shardings=None):
+    """`eval_sums` under jit on the train state's shardings, the batch laid out as
+    `batch_shardings` (default `parallel.batch_sharding`). Call it inside `use_mesh(mesh)`."""
     return jax.jit(
         functools.partial(eval_sums, model=model),
         in_shardings=(
-            state_shardings.params, state_shardings.moe_bias, parallel.batch_sharding(mesh)
+            state_shardings.params, state_shardings.moe_bias,
+            batch_shardings or parallel.batch_sharding(mesh),
         ),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )

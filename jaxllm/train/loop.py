@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxllm import config as config_lib
 from jaxllm import parallel
@@ -24,10 +24,13 @@ from jaxllm.train.state import count_params
 from jaxllm.train.step import jit_train_step
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict:
-    """The global [batch_size, ...] arrays, assembled from each process's own rows."""
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh, batch_size: int) -> dict:
+    """The global [batch_size, ...] arrays, assembled from each process's own rows and laid
+    out by `parallel.batch_shardings`."""
+    shardings = parallel.batch_shardings(mesh, local)
     return {
-        key: jax.make_array_from_process_local_data(sharding, rows, (batch_size, *rows.shape[1:]))
+        key: jax.make_array_from_process_local_data(
+            shardings[key], rows, (batch_size, *rows.shape[1:]))
         for key, rows in local.items()
     }
 
@@ -115,15 +118,15 @@ class _Meter:
         }
 
 
-def _eval_set(config: config_lib.Config, sharding: NamedSharding) -> list[dict]:
+def _eval_set(config: config_lib.Config, mesh: Mesh) -> list[dict]:
     """The fixed validation batches of every evaluation; none if evaluation is off."""
     cfg = config.train
     if not cfg.eval_every or config.data.eval_split is None:
         return []
     source = make_source(config, split=config.data.eval_split)
     batches = itertools.islice(source.batches(cfg.batch_size, cfg.seq_len), cfg.eval_batches)
-    batches = context_ordered(batches, sharding.mesh, config.mesh.context_order)
-    return [global_batch(batch, sharding, cfg.batch_size) for batch in batches]
+    batches = context_ordered(batches, mesh, config.mesh.context_order)
+    return [global_batch(batch, mesh, cfg.batch_size) for batch in batches]
 
 
 def pretrain(
@@ -150,23 +153,23 @@ def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
     distillation loss reads a teacher's params from `frozen`, arrays on the run's mesh.
     """
     config, cfg, mesh = run.config, run.config.train, run.mesh
-    batch_sharding = parallel.batch_sharding(mesh)
     position = run.start  # batches consumed: one per step
     source = make_source(config) if source is None else source
     batches = source.batches(cfg.batch_size, cfg.seq_len, start=position)
     batches = context_ordered(batches, mesh, config.mesh.context_order)
-    eval_set = _eval_set(config, batch_sharding)
+    eval_set = _eval_set(config, mesh)
     meter = _Meter(config, count_params(run.state.params), mesh, run.log)
     trace = run.cleanup.enter_context(_Trace(cfg, config.workdir))
 
-    batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
+    batch = global_batch(next(batches), mesh, cfg.batch_size)
+    batch_shardings = {key: x.sharding for key, x in batch.items()}
     compile_start = time.perf_counter()
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train_step = jit_train_step(
         run.model, run.tx, cfg, learning_rate_schedule(cfg), mesh, run.shardings, loss=loss,
-        frozen_shardings=frozen_shardings,
+        frozen_shardings=frozen_shardings, batch_shardings=batch_shardings,
     ).lower(run.state, batch, *frozen).compile()
-    eval_step = jit_eval_step(run.model, mesh, run.shardings)
+    eval_step = jit_eval_step(run.model, mesh, run.shardings, batch_shardings)
     run.log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
     meter.restart(run.start)
 
@@ -176,7 +179,7 @@ def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
         state, metrics = train_step(state, batch, *frozen)
         trace.after(number, metrics)
         if not final:  # the host reads the next batch while the device computes this step
-            batch = global_batch(next(batches), batch_sharding, cfg.batch_size)
+            batch = global_batch(next(batches), mesh, cfg.batch_size)
         record = None
         if number == run.start + 1 or number % cfg.log_every == 0 or final:
             record = meter.record(metrics, number)

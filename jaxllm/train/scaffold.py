@@ -5,7 +5,8 @@ run is set up. `step(state, number, final=...)` takes one step of that phase (it
 its update, its metrics and log lines) and returns the new state and the step's record for
 the run's history, or None. The scaffold owns the rest:
 
-- validation, the mesh, the model, the optimizer and the initial state;
+- validation (the tokenizer against the model too), the mesh, the model, the optimizer and
+  the initial state;
 - resuming from the workdir's checkpoints, else starting from `config.init_from`'s weights;
 - the metrics writer and the progress bar;
 - preemption: SIGTERM in a single process, the hosts' agreed step in a multi-host run;
@@ -25,6 +26,7 @@ from jax.sharding import Mesh
 
 from jaxllm import config as config_lib
 from jaxllm import parallel
+from jaxllm.data import checked_tokenizer
 from jaxllm.nn import Transformer
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.checkpoint import Checkpointer, checkpointer
@@ -106,6 +108,7 @@ def run_phase(
     at the step it reached and returns.
     """
     config = config_lib.validate(config)
+    checked_tokenizer(config)
     with contextlib.ExitStack() as cleanup:
         checkpoints = checkpointer(config)
         if checkpoints is not None:

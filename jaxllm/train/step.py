@@ -170,19 +170,21 @@ def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, 
 
 
 def jit_train_step(model, tx, cfg: TrainConfig, schedule, mesh: Mesh, state_shardings, *,
-                   loss=None, frozen_shardings=()):
+                   loss=None, frozen_shardings=(), batch_shardings=None):
     """`train_step` under jit with explicit shardings and the state donated:
     `step(state, batch, *frozen)`, `frozen` laid out as `frozen_shardings`.
 
-    `loss` defaults to the language-model loss (`lm_loss`). Call the result inside
-    `parallel.use_mesh(mesh)`.
+    `loss` defaults to the language-model loss (`lm_loss`). `batch_shardings` lays out the
+    batch (default: every array as `parallel.batch_sharding`; a batch with images takes
+    `parallel.batch_shardings`). Call the result inside `parallel.use_mesh(mesh)`.
     """
     loss = loss or functools.partial(lm_loss, model=model, z_loss=cfg.z_loss)
     step = functools.partial(train_step, model=model, tx=tx, cfg=cfg, schedule=schedule,
                              loss=loss)
     return jax.jit(
         step,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh), *frozen_shardings),
+        in_shardings=(state_shardings, batch_shardings or parallel.batch_sharding(mesh),
+                      *frozen_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )

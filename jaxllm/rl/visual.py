@@ -13,10 +13,8 @@ import math
 import numpy as np
 
 from jaxllm.data import images
-from jaxllm.data.tokenizer import chat_prompt
+from jaxllm.infer.image_prompt import image_prompt as infer_image_prompt
 from jaxllm.nn.vision import patchify
-
-IMAGE_END, PATCH = "</image>", "<patch>"
 
 
 def is_image(problem) -> bool:
@@ -31,11 +29,8 @@ def patch_size_of(sampler) -> int:
 def image_prompt(problem: images.ImageProblem, tokenizer, patch_size: int) -> list[int]:
     """The prompt's ids up to `<think>`'s place, its `<image>` marker expanded into the span of
     its picture's patches."""
-    special = tokenizer.special
-    grid = problem.image.shape[0] // patch_size
-    span = [special[images.IMAGE], *[special[PATCH]] * grid**2, special[IMAGE_END]]
-    ids = chat_prompt(tokenizer, images.prompt(problem))
-    return [t for i in ids for t in (span if i == special[images.IMAGE] else [i])]
+    return infer_image_prompt(tokenizer, images.prompt(problem), problem.image,
+                              patch_size=patch_size)[0]
 
 
 def prompt_patches(problems, patch_size: int) -> np.ndarray | None:

@@ -42,9 +42,9 @@ def configs(workdir: str) -> tuple[Config, Config]:
                                  validation_size=200, test_size=500, text_share=0.1)
     pre = Config(
         model=model, data=data,
-        train=config_lib.TrainConfig(steps=320, batch_size=32, seq_len=96, learning_rate=3e-3,
+        train=config_lib.TrainConfig(steps=450, batch_size=32, seq_len=96, learning_rate=3e-3,
                                      warmup_steps=30, log_every=20, eval_every=0),
-        checkpoint=config_lib.CheckpointConfig(every=160),
+        checkpoint=config_lib.CheckpointConfig(every=150),
         workdir=str(workdir_lib.path(workdir, "pretrain")),
     )
     rl = Config(

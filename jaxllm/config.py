@@ -741,6 +741,9 @@ class GRPOConfig:
     format_reward: float = 0.0  # weight of the format reward; accuracy has weight 1
     eval_every: int = 10  # RL steps between held-out accuracy checks; 0: never
     eval_problems: int = 64  # validation problems per accuracy check
+    # the task families of the RL and held-out problems, comma-separated, e.g. "sum" (the image
+    # corpus's visual arithmetic); empty: every family of the data source
+    families: str = ""
     # Off-policy correction (docs/rl.md): the rollout's sampler computes in this dtype (None:
     # model.dtype, the update's)
     rollout_dtype: Literal["float32", "bfloat16"] | None = None
@@ -799,6 +802,10 @@ class GRPOConfig:
     @property
     def tool_names(self) -> tuple[str, ...]:
         return split_list(self.tools)
+
+    @property
+    def family_names(self) -> tuple[str, ...]:
+        return split_list(self.families)
 
     @property
     def effort_levels(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from PIL import Image
 from jaxllm.config import ConfigError, DataConfig
 from jaxllm.data import readers
 from jaxllm.data.image_sources import ImageDocument, ImageTextSource, missing_tokens
-from jaxllm.data.images import IMAGE
+from jaxllm.data.images import IMAGE, ImageProblem
 from jaxllm.data.tokenizer import Tokenizer
 
 
@@ -51,18 +51,38 @@ def image_source(data: DataConfig, *, tokenizer: Tokenizer, image_size: int, pat
 
 def corpus_documents(data: DataConfig, split: str, *, image_size: int) -> list[ImageDocument]:
     """This process's documents of `split` of the offline image corpus, built on first use."""
+    builder = corpus_builder(data, split, image_size=image_size)
+    return _dataset_documents(builder, split, image_key="image", text_key="text",
+                              what="the image corpus", image_size=image_size,
+                              max_pixels=data.max_image_pixels)
+
+
+def corpus_problems(data: DataConfig, split: str, *, image_size: int) -> list[ImageProblem]:
+    """All problems of `split` of the offline image corpus, in order, the same on every
+    process (for RL and evaluation), built on first use."""
+    import tensorflow_datasets as tfds
+
+    builder = corpus_builder(data, split, image_size=image_size)
+    problems = []
+    for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+        thought = example["text"].decode().partition("<think>")[2].partition("</think>")[0]
+        problems.append(ImageProblem(example["family"].decode(), example["question"].decode(),
+                                     example["answer"].decode(), thought, example["image"]))
+    return problems
+
+
+def corpus_builder(data: DataConfig, split: str, *, image_size: int):
+    """The prepared image corpus builder of `data`'s settings, after checking `split` and
+    `data.data_dir`."""
     from jaxllm.data import image_corpus
 
     if split not in image_corpus.SPLITS:
         raise ConfigError(f"data.split: the image corpus has splits {image_corpus.SPLITS}, "
                           f"not {split!r}")
     readers.check_data_dir(data.data_dir)
-    builder = image_corpus.prepare(
+    return image_corpus.prepare(
         data.data_dir, seed=data.seed, image_size=image_size, train_size=data.train_size,
         validation_size=data.validation_size, test_size=data.test_size)
-    return _dataset_documents(builder, split, image_key="image", text_key="text",
-                              what="the image corpus", image_size=image_size,
-                              max_pixels=data.max_image_pixels)
 
 
 def tfds_documents(data: DataConfig, split: str, *, image_size: int) -> list[ImageDocument]:

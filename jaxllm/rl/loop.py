@@ -1,7 +1,8 @@
 """The GRPO phase: sample G completions per prompt, score them, update the policy, repeat.
 
 Each RL step takes `train.batch_size // grpo.group_size` problems of the reasoning corpus's
-train split (in a fixed order, so a resumed run sees the same problems), samples
+train split, or with `data.source=images` of the image corpus's (of `grpo.families`, in a fixed
+order, so a resumed run sees the same problems), samples
 `group_size` completions of each, scores them with the verifiers, and takes
 `grpo.num_iterations` optimizer steps on the GRPO loss of that rollout.
 """
@@ -18,12 +19,14 @@ import numpy as np
 from jaxllm import config as config_lib
 from jaxllm import tools
 from jaxllm.data import tasks
+from jaxllm.data.image_readers import corpus_problems
 from jaxllm.data.readers import reasoning_problems
 from jaxllm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxllm.infer import EFFORTS, Sampler
 from jaxllm.rl import effort as rl_effort
 from jaxllm.rl import loss as loss_lib
 from jaxllm.rl import rewards as rewards_lib
+from jaxllm.rl import visual
 from jaxllm.rl.evaluate import evaluate
 from jaxllm.rl.rollout import Rollout, prompt_tokens, rollout, rollout_sampler
 from jaxllm.rl.step import batch_shardings, jit_grpo_step, jit_logprobs
@@ -113,24 +116,26 @@ def grpo(
     notice), or after step `stop_after`, it saves at the step it reached and returns.
 
     `reward_fns` (TRL/Tunix interface, summed with `weights`) default to the verifiers'
-    accuracy reward and the configured format reward; `problems` default to the reasoning
-    corpus's train split.
+    accuracy reward and the configured format reward; `problems` default to the train split
+    of the reasoning corpus, or of the image corpus with `data.source=images`; image
+    problems carry their pictures through rollouts and updates.
     """
     config = config_lib.validate(config)
     rl = config.grpo
     if rl is None:
         raise config_lib.ConfigError("grpo: the experiment sets no GRPOConfig")
     tokenizer = load_tokenizer(config.data.tokenizer)
-    problems = problems or reasoning_problems(config.data, "train")
-    eval_problems = (
-        reasoning_problems(config.data, "validation")[: rl.eval_problems] if rl.eval_every else []
-    )
+    problems = problems or rl_problems(config, "train")
+    eval_problems = rl_problems(config, "validation")[: rl.eval_problems] if rl.eval_every else []
     level = rl.effort_levels[0] if rl.effort_levels else None  # control tokens: one token each
-    prompt_len = max(len(prompt_tokens(p, tokenizer, level)) for p in problems + eval_problems)
+    patch_size = config.model.vision.patch_size
+    prompt_len = max(len(prompt_tokens(p, tokenizer, level, patch_size=patch_size))
+                     for p in problems + eval_problems)
     if reward_fns is None:
         reward_fns, weights = reward_functions(rl)
     task = _Task(tokenizer=tokenizer, problems=problems, eval_problems=eval_problems,
-                 prompt_len=prompt_len, reward_fns=reward_fns, weights=weights)
+                 prompt_len=prompt_len, reward_fns=reward_fns, weights=weights,
+                 images=visual.is_image(problems[0]))
     return run_phase(config, build=functools.partial(_GRPOStep, task=task),
                      seq_len=prompt_len + rl.max_completion_len, unit="RL step", log=log,
                      stop_after=stop_after)
@@ -146,6 +151,7 @@ class _Task:
     prompt_len: int
     reward_fns: Sequence[rewards_lib.RewardFunction]
     weights: Sequence[float] | None
+    images: bool  # image problems: batches carry their prompts' patches
 
 
 class _GRPOStep:
@@ -155,10 +161,10 @@ class _GRPOStep:
         self.run, self.task, rl = run, task, run.config.grpo
         self.update = jit_grpo_step(run.model, run.tx, rl,
                                     learning_rate_schedule(run.config.train), run.mesh,
-                                    run.shardings)
-        self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings)
+                                    run.shardings, images=task.images)
+        self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings, images=task.images)
         self.ref = initial_weights(run) if rl.beta > 0 else None  # the KL's reference
-        self.device_batch = batch_shardings(run.mesh, rl)
+        self.device_batch = batch_shardings(run.mesh, rl, images=task.images)
         self.toolbox = tools.toolbox(rl.tool_names) if rl.tool_names else None
         self.samples_log = None
         if run.config.workdir and jax.process_index() == 0:  # a remote run's samples first
@@ -234,10 +240,11 @@ class _GRPOStep:
         rl = self.run.config.grpo
         advantages = np.asarray(loss_lib.group_advantages(total, rl.group_size, rl.scale_rewards))
         names = ("tokens", "positions", "segment_ids", "completion_mask", "advantages",
-                 "sampler_logprobs")
+                 "sampler_logprobs") + (("patches",) if self.task.images else ())
         batch = jax.device_put(_batch(ro, advantages, keep),
                                {k: self.device_batch[k] for k in names})
         args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+        args += (batch["patches"],) if self.task.images else ()
         if rl.num_iterations > 1:
             batch["old_logprobs"] = self.logprobs(state.params, state.moe_bias, *args)
         if self.ref is not None:
@@ -247,14 +254,35 @@ class _GRPOStep:
         return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def task_problems(config: config_lib.Config, split: str) -> list:
+    """The problems of `split` of the reasoning corpus, or of the image corpus with
+    `data.source=images` (at `model.vision.image_size`), in order."""
+    if config.data.source != "images":
+        return reasoning_problems(config.data, split)
+    if config.model.vision.image_size == 0:
+        raise config_lib.ConfigError("model.vision.image_size: image problems need a vision "
+                                     "model; set the image size")
+    return corpus_problems(config.data, split, image_size=config.model.vision.image_size)
+
+
+def rl_problems(config: config_lib.Config, split: str) -> list:
+    """`task_problems` of the families `grpo.families` (all if empty)."""
+    problems, wanted = task_problems(config, split), config.grpo.family_names
+    if unknown := sorted(set(wanted) - {p.family for p in problems}):
+        raise config_lib.ConfigError(
+            f"grpo.families: {split!r} of data.source={config.data.source} has no problems of "
+            f"{unknown}; it has {sorted({p.family for p in problems})}")
+    return [p for p in problems if not wanted or p.family in wanted]
+
+
 def _columns(problems: list[tasks.Problem], group_size: int) -> dict[str, list]:
     """The dataset columns reward functions receive, one entry per completion."""
     repeated = [p for p in problems for _ in range(group_size)]
     return {
         "family": [p.family for p in repeated],
         "answer": [p.answer for p in repeated],
-        "numbers": [p.numbers for p in repeated],
-        "target": [p.target for p in repeated],
+        "numbers": [getattr(p, "numbers", None) for p in repeated],
+        "target": [getattr(p, "target", None) for p in repeated],
     }
 
 

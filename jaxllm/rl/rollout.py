@@ -7,7 +7,8 @@ longest completion rounded up to a multiple of `WIDTH_STEP` (at most the samplin
 so the update computes no columns past it and compiles for only a few widths. With a
 `ToolSampler`, the `<result>...</result>` tokens tools wrote have `completion_mask` 0.
 `sampler_logprobs` holds the sampler's log-probs of the completion tokens, for the update's
-off-policy correction (`jaxllm.rl.importance`).
+off-policy correction (`jaxllm.rl.importance`). Image problems' rows carry their prompt's
+`patches` [B, g*g, patch_dim] (`jaxllm.rl.visual`).
 """
 
 import dataclasses
@@ -22,15 +23,19 @@ from jaxllm.infer import Sampler
 from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.sampler import to_host
 from jaxllm.infer.tool_use import ToolResult, ToolSampler
+from jaxllm.rl import visual
 from jaxllm.tools import Toolbox
 
 WIDTH_STEP = 16
 
 
-def prompt_tokens(problem: tasks.Problem, tokenizer, effort: str | None = None) -> list[int]:
+def prompt_tokens(problem: tasks.Problem, tokenizer, effort: str | None = None, *,
+                  patch_size: int | None = None) -> list[int]:
     """`<bos>` and the task's prompt, or the prompt through the tokenizer's chat template
     (`chat_prompt`), then the control token `<effort:LEVEL>` of an `effort` level, then
-    `<think>` if the vocabulary has it: the model continues with its reasoning."""
+    `<think>` if the vocabulary has it: the model continues with its reasoning. An image
+    problem's prompt holds its picture's span of `patch_size` patches
+    (`visual.image_prompt`)."""
     think = [tokenizer.special["<think>"]] if "<think>" in tokenizer.special else []
     control = []
     if effort is not None:
@@ -38,6 +43,10 @@ def prompt_tokens(problem: tasks.Problem, tokenizer, effort: str | None = None) 
         if token not in tokenizer.special:
             raise ValueError(f"effort: the vocabulary has no control token {token}")
         control = [tokenizer.special[token]]
+    if visual.is_image(problem):
+        if patch_size is None:
+            raise ValueError("patch_size: an image problem's prompt needs the model's patch size")
+        return visual.image_prompt(problem, tokenizer, patch_size) + control + think
     return chat_prompt(tokenizer, tasks.prompt(problem)) + control + think
 
 
@@ -77,11 +86,14 @@ class Rollout:
     completions: list[str]  # [B] completion texts, the stop token included
     tool_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # tool_metrics()
     efforts: list[str] | None = None  # [B] effort levels, when sampled with efforts
+    patches: np.ndarray | None = None  # [B, g*g, patch_dim] the prompts' images, if any
 
     def batch(self) -> dict[str, np.ndarray]:
         """The arrays of a GRPO update batch (advantages and the trainer's log-probs are
-        added later)."""
+        added later); `patches` with image prompts."""
+        images = {} if self.patches is None else {"patches": self.patches}
         return {
+            **images,
             "tokens": self.tokens,
             "positions": self.positions,
             "segment_ids": self.segment_ids,
@@ -103,20 +115,24 @@ def rollout(
 ) -> Rollout:
     """Samples `group_size` completions of each problem's prompt; with `efforts` (a level
     per problem), each prompt carries its level's control token and its group is
-    budget-forced at that level of `sampler.efforts`."""
-    tokenizer = sampler.tokenizer
+    budget-forced at that level of `sampler.efforts`. Image problems' prompts carry their
+    pictures (`patches`) into the sampler's prefill and the rollout."""
+    tokenizer, patch_size = sampler.tokenizer, visual.patch_size_of(sampler)
     levels = [None] * len(problems) if efforts is None else efforts
-    prompts = [prompt_tokens(p, tokenizer, level)
+    prompts = [prompt_tokens(p, tokenizer, level, patch_size=patch_size)
                for p, level in zip(problems, levels, strict=True) for _ in range(group_size)]
     rows = None if efforts is None else [level for level in efforts for _ in range(group_size)]
-    forcing = {}
+    options = {}  # budget forcing, images
     if rows is not None:
-        forcing = {"effort": [effort_lib.resolve(r, sampler.efforts) for r in rows],
+        options = {"effort": [effort_lib.resolve(r, sampler.efforts) for r in rows],
                    "think": sampler.think}
+    patches = visual.prompt_patches(problems, patch_size)
+    if patches is not None:
+        patches = options["patches"] = np.repeat(patches, group_size, axis=0)
     prompt_len = prompt_len or max(len(p) for p in prompts)
     result = to_host(sampler.generate(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
-        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len, **forcing,
+        stop_ids=stop_ids(tokenizer), prompt_len=prompt_len, **options,
     ))
     prompt_lengths = np.array([len(p) for p in prompts])
     used = min(max_new_tokens, -(-int(result.lengths.max()) // WIDTH_STEP) * WIDTH_STEP)
@@ -145,6 +161,7 @@ def rollout(
         ],
         tool_metrics=tool_metrics(result) if isinstance(result, ToolResult) else {},
         efforts=rows,
+        patches=patches,
     )
 
 

@@ -7,6 +7,9 @@ parse is a bug in the task and raises. Families and canonical answers:
 - quadratic: the set of roots, "2, 3"; any order; a double root is written once.
 - countdown: an expression, "(3+5)*2", that uses each given number exactly once and
   evaluates to the target.
+- the image families (`jaxllm.data.images`): count, digit and sum answer one number, checked
+  as arithmetic is; colour and shape answer one word, "red", compared without case or the
+  spaces around it.
 """
 
 from collections.abc import Callable, Sequence
@@ -34,6 +37,10 @@ def _same_roots(text: str, answer: str, numbers, target) -> bool:
     )
 
 
+def _same_word(text: str, answer: str, numbers, target) -> bool:
+    return text.strip().lower() == answer
+
+
 def _reaches_target(text: str, answer: str, numbers, target) -> bool:
     if numbers is None or target is None:
         raise ValueError("countdown: needs the given `numbers` and the `target`")
@@ -46,6 +53,11 @@ CHECKS: dict[str, Callable[..., bool]] = {
     "linear": _same_number,
     "quadratic": _same_roots,
     "countdown": _reaches_target,
+    "colour": _same_word,
+    "shape": _same_word,
+    "count": _same_number,
+    "digit": _same_number,
+    "sum": _same_number,
 }
 
 

@@ -129,19 +129,21 @@ def _eval(args) -> None:
 
     import jax
 
-    from jaxllm.data.readers import reasoning_problems
-    from jaxllm.rl import sweep
+    from jaxllm.rl import sweep, visual
     from jaxllm.rl.evaluate import evaluate
+    from jaxllm.rl.loop import task_problems
     from jaxllm.train import workdir as workdir_lib
 
     config, sampler = _sampler(args.workdir)
-    problems = reasoning_problems(config.data, args.split)[: args.problems]
+    problems = task_problems(config, args.split)[: args.problems]
     rng = jax.random.key(args.seed)
     options = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if not (args.sweep or args.control):
         result = evaluate(sampler, problems, effort=args.effort, votes=args.votes, rng=rng,
                           **options)
         print(json.dumps(result, indent=2))
+        if problems and visual.is_image(problems[0]):
+            print(visual.markdown(visual.chance_table(result, problems)))
         return
     out = workdir_lib.path(args.workdir, "sweep")  # a local or a gs:// workdir
     if args.control:

@@ -148,7 +148,7 @@ def losses(workdir) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_pretrain_the_tiny_multimodal_experiment_and_resume_it(tmp_path):
+def test_pretrain_the_tiny_multimodal_experiment_resume_and_eval_it(tmp_path, capsys):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     workdir = tmp_path / "run"
@@ -167,3 +167,9 @@ def test_pretrain_the_tiny_multimodal_experiment_and_resume_it(tmp_path):
     assert main([*args, "checkpoint.resume_step=2"]) == 0
     resumed = losses(workdir)
     assert [resumed[s] for s in (3, 4)] == [whole[s] for s in (3, 4)]
+
+    capsys.readouterr()
+    assert main(["eval", str(workdir), "--problems", "8", "--max-new-tokens", "4"]) == 0
+    table = capsys.readouterr().out.split("| family |")[1].splitlines()[2:]
+    problems = sum(int(row.split("|")[2]) for row in table)
+    assert problems == 8, table  # every test problem counted under its family

@@ -978,12 +978,6 @@ def _validate_across_sections(config: Config) -> None:
         "drop the ssm entries of model.attention.pattern",
     )
     _require(
-        config.mesh.context == 1 or not config.model.vision.image_size,
-        "mesh.context",
-        "`<patch>` tokens take their patches in row order, which the context split permutes; "
-        "set mesh.context=1 or model.vision.image_size=0",
-    )
-    _require(
         config.data.source not in IMAGE_SOURCES or config.model.vision.image_size > 0,
         "model.vision.image_size",
         f"data.source={config.data.source} feeds images; set model.vision.image_size to the "

@@ -49,7 +49,7 @@ def loss_and_grads(model, params, batch, mesh):
     boxed = jax.eval_shape(model.init, jax.random.key(0), batch["inputs"][:1])["params"]
     with parallel.use_mesh(mesh):
         params = jax.device_put(params, parallel.shardings(boxed, mesh))
-        batch = jax.device_put(batch, parallel.batch_sharding(mesh))
+        batch = jax.device_put(batch, parallel.batch_shardings(mesh, batch))
 
         @jax.jit
         def fn(p, b):

@@ -99,6 +99,25 @@ def test_bad_input_exits_2_with_a_clear_message(capsys, argv, message):
     assert code == 2 and message in err
 
 
+@pytest.mark.parametrize("grpo", [False, True])
+def test_a_vision_run_compiles_with_its_images(grpo):
+    """The batch holds the rows' patches (a pretraining row has room for 7 images of 16
+    patches at 128 tokens, a GRPO row one); under context parallelism, `patch_index` too."""
+    config = dataclasses.replace(
+        TINY, model=dataclasses.replace(TINY.model, vision=config_lib.VisionConfig(
+            image_size=16, patch_size=4)),
+        data=config_lib.DataConfig(source="images"),
+        mesh=config_lib.MeshConfig(data=1, fsdp=4) if grpo else config_lib.MeshConfig(
+            data=1, fsdp=2, context=2),
+        grpo=config_lib.GRPOConfig() if grpo else None)
+    config, mesh = aot.prepare(config, topology.parse("v5e-4"))
+    batch = aot.lower_step(config, mesh).args_info[0][1]
+    assert batch["patches"].shape == ((8, 16, 48) if grpo else (8, 7 * 16, 48))
+    assert ("patch_index" in batch) == (not grpo)
+    if not grpo:
+        assert aot.compile_for(config, topology.parse("v5e-4"), cost=False).fits
+
+
 @pytest.mark.parametrize("slice_name, context", [("v5e-4", 2), ("v5p-8", 1)])
 def test_splash_gmm_expert_parallel_and_ring_compile_for_tpu(slice_name, context):
     """A tiny MoE model on expert=2 (all-to-all), with context=2 its attention on the ring:

@@ -129,9 +129,6 @@ MESSAGES = [
     ("model.vision.channels=0", "model.vision.channels: must be positive, got 0"),
     ("model.vision.image_size=32 model.vision.patch_token_id=512",
      "model.vision.patch_token_id: must lie in [0, model.vocab_size=512), got 512"),
-    ("model.vision.image_size=32 mesh.context=2",
-     "mesh.context: `<patch>` tokens take their patches in row order, which the context "
-     "split permutes; set mesh.context=1 or model.vision.image_size=0"),
     ("mesh.fsdp=-1",
      "mesh: at most one axis may be -1, got {'data': -1, 'fsdp': -1, 'tensor': 1, 'expert': 1, "
      "'context': 1}"),

@@ -16,10 +16,12 @@ from test_infer import cached_and_full_logits, random_variables, right_padded
 from test_rl_step import LEARNING_RATE, random_state
 from jaxllm import Config, MeshConfig, parallel
 from jaxllm.config import GRPOConfig, VisionConfig
+from jaxllm.convert.hf_config import ConversionError, check_exportable
 from jaxllm.infer import generate, left_pad
 from jaxllm.nn import PatchEmbed, Transformer, patch_layout, patchify, unpatchify
 from jaxllm.rl.step import batch_keys, jit_grpo_step, jit_logprobs, token_logprobs
 from jaxllm.train.evaluate import eval_sums
+from jaxllm.train.loop import context_ordered
 
 VISION = VisionConfig(image_size=4, patch_size=2, channels=3)  # 2 x 2 patches of 12 values
 GRID, WIDTH = VISION.grid, VISION.patch_dim
@@ -186,6 +188,24 @@ def test_sharded_loss_and_gradients_with_images_match_one_device(params):
                  grads, want_grads)
 
 
+@pytest.mark.parametrize("order", ["zigzag", "striped"])
+def test_context_parallel_loss_and_gradients_with_images_match_one_device(params, order):
+    """data=2 x context=2 x tensor=2 through the loop's data path: the tokens move into
+    context order while the patches stay in row order, found through `patch_index`."""
+    batch = image_batch()
+    one = parallel.make_mesh(Config(), devices=jax.devices()[:1])
+    want_loss, want_grads, _ = loss_and_grads(MODEL, params, batch, one)
+    mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=2, context=2, tensor=2)))
+    host = jax.tree.map(np.asarray, batch)
+    (ordered,) = context_ordered([host], mesh, order, patch_token_id=PATCH)
+    np.testing.assert_array_equal(ordered["patches"], host["patches"])
+    assert not np.array_equal(ordered["inputs"], host["inputs"])
+    loss, grads, _ = loss_and_grads(MODEL, params, ordered, mesh)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5),
+                 grads, want_grads)
+
+
 def test_the_grpo_log_probs_and_step_read_the_images():
     batch = image_batch()
     mesh, tx, state, shardings = random_state(MODEL, MeshConfig(data=1), jax.devices()[:1])
@@ -236,3 +256,9 @@ def test_generate_reads_the_prompts_images(params):
     last = jax.nn.log_softmax(full[np.arange(3), lengths - 1])
     np.testing.assert_array_equal(result.tokens[:, 0], np.argmax(last, -1))
     np.testing.assert_allclose(result.logprobs[:, 0], np.max(last, -1), atol=1e-5)
+
+
+def test_an_early_fusion_model_is_not_exported_as_a_text_family():
+    with pytest.raises(ConversionError, match="early-fusion model cannot be exported"):
+        check_exportable(tiny_model(vision=VISION), "llama")
+    check_exportable(tiny_model(), "llama")

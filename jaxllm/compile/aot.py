@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jaxllm import calculator, fp8_costs, parallel
 from jaxllm import config as config_lib
 from jaxllm.compile.topology import NotFitting, Topology
+from jaxllm.data.image_sources import default_row_patches
 from jaxllm.nn.attention_kernels import resolve_kernel
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.transformer import Transformer, layer_kinds, layer_segments
@@ -103,17 +104,33 @@ def phase(config: config_lib.Config) -> str:
     return "pretrain" if config.grpo is None else "grpo"
 
 
+def _reads_images(config: config_lib.Config) -> bool:
+    """Whether the run's batches carry patches: a vision model on an image source (for GRPO,
+    on the image corpus's problems)."""
+    sources = ("images",) if config.grpo else config_lib.IMAGE_SOURCES
+    return bool(config.model.vision.image_size) and config.data.source in sources
+
+
 def _batch_specs(config: config_lib.Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
     """The step's batch as shapes: train.batch_size sequences of train.seq_len tokens (for
-    GRPO, prompt and completion together)."""
+    GRPO, prompt and completion together), and the rows' patches for a run on images."""
     rows, length = config.train.batch_size, config.train.seq_len
+    vision, images = config.model.vision, _reads_images(config)
+    per_image = vision.grid**2
     if config.grpo is None:
-        sharding = parallel.batch_sharding(mesh)
-        return {k: jax.ShapeDtypeStruct((rows, length), d, sharding=sharding)
-                for k, d in PRETRAIN_BATCH.items()}
-    shardings = batch_shardings(mesh, config.grpo)
-    return {k: jax.ShapeDtypeStruct((rows,) if k == "advantages" else (rows, length),
-                                    GRPO_BATCH[k], sharding=s)
+        dtypes = dict(PRETRAIN_BATCH)
+        if images and mesh.shape[parallel.CONTEXT] > 1:
+            dtypes["patch_index"] = jnp.int32  # added by the loop's context ordering
+        shapes = {k: (rows, length) for k in dtypes}
+        shapes["patches"] = (rows, default_row_patches(length, per_image), vision.patch_dim)
+        shardings = parallel.batch_shardings(mesh, [*dtypes] + ["patches"] * images)
+    else:  # a GRPO row is one prompt with at most one image
+        dtypes = GRPO_BATCH
+        shapes = {k: (rows, length) for k in GRPO_BATCH}
+        shapes |= {"advantages": (rows,), "patches": (rows, per_image, vision.patch_dim)}
+        shardings = batch_shardings(mesh, config.grpo, images=images)
+    dtypes = {**dtypes, "patches": jnp.float32}
+    return {k: jax.ShapeDtypeStruct(shapes[k], dtypes[k], sharding=s)
             for k, s in shardings.items()}
 
 
@@ -145,12 +162,15 @@ def lower_step(config: config_lib.Config, mesh) -> jax.stages.Lowered:
     tx, schedule = make_optimizer(config.train), learning_rate_schedule(config.train)
     state = abstract_state(model, tx, config.train.seq_len, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch = _batch_specs(config, mesh)
     with parallel.use_mesh(mesh):
         if config.grpo is None:
-            step = jit_train_step(model, tx, config.train, schedule, mesh, shardings)
+            step = jit_train_step(model, tx, config.train, schedule, mesh, shardings,
+                                  batch_shardings={k: x.sharding for k, x in batch.items()})
         else:
-            step = jit_grpo_step(model, tx, config.grpo, schedule, mesh, shardings)
-        return step.lower(state, _batch_specs(config, mesh))
+            step = jit_grpo_step(model, tx, config.grpo, schedule, mesh, shardings,
+                                 images=_reads_images(config))
+        return step.lower(state, batch)
 
 
 def _unrolled(config: config_lib.Config, repeats: int) -> config_lib.Config:

@@ -220,6 +220,9 @@ def check_exportable(m: ModelConfig, kind: str) -> None:
          "a hybrid model cannot be exported"),
         (a.pattern == "global" or (a.pattern == "sliding" and kind in ("mistral", "mixtral")),
          "model.attention.pattern: only Mistral and Mixtral have sliding layers"),
+        (not m.vision.image_size,
+         "model.vision.image_size: the Hugging Face text families have no patch embedding, "
+         "so an early-fusion model cannot be exported"),
         (a.positions == "rope", "model.attention.positions: HF families use RoPE"),
         (a.qkv_bias == (kind == "qwen2"), f"model.attention.qkv_bias must be {kind == 'qwen2'}"),
         (a.qk_norm == ("rms" if kind in ("qwen3", "qwen3_moe") else "none"),

@@ -36,6 +36,12 @@ class ImageDocument:
     name: str
 
 
+def default_row_patches(seq_len: int, patches_per_image: int) -> int:
+    """The patches of a row of `seq_len` tokens by default: an image's for every image span
+    (`<image>`, its patches, `</image>`) that fits in the row."""
+    return seq_len // (patches_per_image + 2) * patches_per_image
+
+
 class ImageTextSource:
     """Documents with images (this process's shard), and text-only documents mixed in,
     reshuffled each epoch and packed into rows with their patches (`packed_batches`).
@@ -105,7 +111,7 @@ class ImageTextSource:
         one image's for every image span that fits in the row."""
         per_image = self.patches_per_image
         if self.max_patches is None:
-            return seq_len // (per_image + 2) * per_image
+            return default_row_patches(seq_len, per_image)
         if self.max_patches % per_image:
             raise ValueError(f"max_patches: {self.max_patches} is not a multiple of the "
                              f"{per_image} patches of an image")

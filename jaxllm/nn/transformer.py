@@ -220,14 +220,17 @@ class Transformer(nn.Module):
     With `model.vision.image_size` > 0, `patches` [B, P, patch_size**2 * channels] are the
     images of each row: the k-th `<patch>` token of a row takes the embedding of
     `patches[b, k]` (`jaxllm.nn.vision.PatchEmbed`) in place of its token embedding.
-    Without `patches` the model is the text model.
+    Without `patches` the model is the text model. With tokens out of their original order
+    (context parallelism), pass `patch_index` too (`jaxllm.nn.vision.patch_index` of the
+    original order, permuted with the tokens).
     """
 
     config: ModelConfig
     decode: bool = False
 
     @nn.compact
-    def __call__(self, tokens, positions=None, segment_ids=None, patches=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, patches=None,
+                 patch_index=None):
         cfg, dtype = self.config, compute_dtype(self.config)
         if self.decode and segment_ids is not None:
             raise ValueError("segment_ids: packed documents cannot be decoded; pass positions")
@@ -241,7 +244,7 @@ class Transformer(nn.Module):
             (cfg.vocab_size, cfg.embed_dim),
         )
         x = embed_lookup(table.astype(dtype), tokens)
-        x = self._embed_images(x, tokens, patches)
+        x = self._embed_images(x, tokens, patches, patch_index)
         x = Decoder(cfg, self.decode, name="decoder")(x, positions, segment_ids)
         x = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x)
         if cfg.tie_embeddings:
@@ -253,7 +256,7 @@ class Transformer(nn.Module):
             )(x)
         return nn.with_logical_constraint(logits, ("act_batch", "act_length", "act_vocab"))
 
-    def _embed_images(self, x, tokens, patches):
+    def _embed_images(self, x, tokens, patches, patch_index):
         """`x` [B, S, embed] with each `<patch>` token's embedding replaced by its patch's."""
         vision = self.config.vision
         if not vision.image_size:
@@ -267,5 +270,5 @@ class Transformer(nn.Module):
             if self.is_initializing():  # the parameters exist whether or not init saw images
                 embed(tokens, jnp.zeros((tokens.shape[0], 1, vision.patch_dim)))
             return x
-        y, mask = embed(tokens, patches)
+        y, mask = embed(tokens, patches, patch_index)
         return jnp.where(mask[..., None], y, x)

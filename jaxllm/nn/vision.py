@@ -22,17 +22,26 @@ def unpatchify(patches, *, image_size: int, patch_size: int, channels: int):
     return grid.reshape(image_size, image_size, channels)
 
 
-def patch_layout(tokens, patch_token_id: int, grid: int):
-    """Which patch each `<patch>` token takes: (index, row, col), each [B, S] int32.
-
-    The k-th `<patch>` token of a row (k from 0, left to right) has index k: it takes
-    `patches[b, k]`. Images are whole and of `grid` x `grid` patches, so its place in its
-    image is (row, col) = divmod(k mod grid**2, grid). All three are -1 at other tokens.
-    """
+def patch_index(tokens, patch_token_id: int):
+    """Which patch each `<patch>` token takes, [B, S] int32: the k-th `<patch>` token of a
+    row (k from 0, left to right) takes `patches[b, k]`; -1 at other tokens. Works on numpy
+    arrays (the host data path) and jax arrays alike."""
     is_patch = tokens == patch_token_id
-    index = jnp.cumsum(is_patch, axis=-1, dtype=jnp.int32) - 1
+    return is_patch * is_patch.cumsum(axis=-1, dtype="int32") - 1
+
+
+def patch_layout(tokens, patch_token_id: int, grid: int, index=None):
+    """Which patch each `<patch>` token takes and its place in its image: (index, row, col),
+    each [B, S] int32 and -1 at other tokens.
+
+    `index` defaults to `patch_index(tokens, patch_token_id)`; pass it when `tokens` are not
+    in their original order (context parallelism permutes them). Images are whole and of
+    `grid` x `grid` patches, so patch k sits at (row, col) = divmod(k mod grid**2, grid).
+    """
+    if index is None:
+        index = patch_index(tokens, patch_token_id)
     row, col = jnp.divmod(index % (grid * grid), grid)
-    return tuple(jnp.where(is_patch, x, -1) for x in (index, row, col))
+    return tuple(jnp.where(index >= 0, x, -1) for x in (index, row, col))
 
 
 def check_patches(patches, tokens, config: VisionConfig) -> None:
@@ -49,9 +58,10 @@ class PatchEmbed(nn.Module):
     `proj(patch) + row[r] + col[c]`, a linear map of the flattened patch plus learned row
     and column embeddings of its place (r, c) in its image (factorised 2-D positions).
 
-    `__call__(tokens [B, S], patches [B, P, patch_dim])` returns (embeddings [B, S, embed],
-    mask [B, S]): the mask is True at `<patch>` tokens and the embeddings are 0 elsewhere.
-    A `<patch>` token past the P patches of its row gets a zero patch.
+    `__call__(tokens [B, S], patches [B, P, patch_dim], index=None)` returns (embeddings
+    [B, S, embed], mask [B, S]): the mask is True at `<patch>` tokens and the embeddings are 0
+    elsewhere. `index` is `patch_layout`'s. A `<patch>` token past the P patches of its row
+    gets a zero patch.
     """
 
     config: VisionConfig
@@ -59,10 +69,10 @@ class PatchEmbed(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens, patches):
+    def __call__(self, tokens, patches, index=None):
         cfg = self.config
         check_patches(patches, tokens, cfg)
-        index, row, col = patch_layout(tokens, cfg.patch_token_id, cfg.grid)
+        index, row, col = patch_layout(tokens, cfg.patch_token_id, cfg.grid, index)
         patches = nn.with_logical_constraint(patches, ("act_batch", None, None))
         proj = Einsum((cfg.patch_dim, self.embed_dim), (None, "embed"), "bpk,ke->bpe",
                       dtype=self.dtype, use_bias=True, name="proj")(patches)  # [B, P, E]

@@ -119,11 +119,10 @@ def batch_keys(cfg: GRPOConfig, images: bool = False) -> tuple[str, ...]:
 
 def batch_shardings(mesh: Mesh, cfg: GRPOConfig, images: bool = False
                     ) -> dict[str, NamedSharding]:
-    """Sequences over (data, fsdp); [B, S] positions over context."""
-    per_token = parallel.batch_sharding(mesh)
+    """Sequences over (data, fsdp); [B, S] positions over context; each row's patches whole."""
     per_sequence = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
-    return {k: per_sequence if k == "advantages" else per_token
-            for k in batch_keys(cfg, images)}
+    return {**parallel.batch_shardings(mesh, batch_keys(cfg, images)),
+            "advantages": per_sequence}
 
 
 def jit_grpo_step(model, tx, cfg: GRPOConfig, schedule, mesh: Mesh, state_shardings, *,

@@ -9,15 +9,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxllm import parallel
 from jaxllm.train.state import TrainState
-from jaxllm.train.step import cross_entropy
+from jaxllm.train.step import cross_entropy, model_inputs
 
 
 def eval_sums(params, moe_bias, batch, *, model: nn.Module):
     """(summed masked cross-entropy, masked-in tokens) of one batch; no z-loss, no aux losses."""
     logits = model.apply(
-        {"params": params, "moe_bias": moe_bias},
-        batch["inputs"], batch["positions"], batch["segment_ids"], batch.get("patches"),
-    )
+        {"params": params, "moe_bias": moe_bias}, *model_inputs(batch))
     nll, _, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return nll, tokens
 

@@ -14,6 +14,7 @@ from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.data import make_source
 from jaxllm.nn.context_order import permutation, to_context_order
+from jaxllm.nn.vision import patch_index
 from jaxllm.train import flops
 from jaxllm.train import workdir as workdir_lib
 from jaxllm.train.evaluate import evaluate, jit_eval_step
@@ -35,17 +36,28 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh, batch_size: int) -> d
     }
 
 
-def context_ordered(batches: Iterator[dict], mesh: Mesh, order: str) -> Iterator[dict]:
-    """Host batches with the sequence axis of every array in `order` over the mesh's context
-    axis (`jaxllm.nn.context_order`); unchanged without context parallelism.
+def context_ordered(batches: Iterator[dict], mesh: Mesh, order: str, *,
+                    patch_token_id: int | None = None) -> Iterator[dict]:
+    """Host batches with the sequence axis of every [B, S] array in `order` over the mesh's
+    context axis (`jaxllm.nn.context_order`); unchanged without context parallelism.
 
     Positions and segment ids move with the tokens, and the loss is a sum over tokens, so
-    nothing needs putting back.
+    nothing needs putting back. A batch with images keeps its `patches` in row order and gains
+    `patch_index` (`jaxllm.nn.vision.patch_index` of the original order, with the tokens
+    of `patch_token_id`), moved with the tokens.
     """
     n = mesh.shape[parallel.CONTEXT]
     if n == 1:
         return batches
-    return (to_context_order(b, permutation(order, b["inputs"].shape[1], n)) for b in batches)
+
+    def reorder(batch: dict) -> dict:
+        per_token = {key: x for key, x in batch.items() if key != "patches"}
+        if "patches" in batch:
+            per_token["patch_index"] = patch_index(batch["inputs"], patch_token_id)
+        perm = permutation(order, batch["inputs"].shape[1], n)
+        return {**batch, **to_context_order(per_token, perm)}
+
+    return map(reorder, batches)
 
 
 class _Trace:
@@ -125,7 +137,8 @@ def _eval_set(config: config_lib.Config, mesh: Mesh) -> list[dict]:
         return []
     source = make_source(config, split=config.data.eval_split)
     batches = itertools.islice(source.batches(cfg.batch_size, cfg.seq_len), cfg.eval_batches)
-    batches = context_ordered(batches, mesh, config.mesh.context_order)
+    batches = context_ordered(batches, mesh, config.mesh.context_order,
+                              patch_token_id=config.model.vision.patch_token_id)
     return [global_batch(batch, mesh, cfg.batch_size) for batch in batches]
 
 
@@ -156,7 +169,8 @@ def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
     position = run.start  # batches consumed: one per step
     source = make_source(config) if source is None else source
     batches = source.batches(cfg.batch_size, cfg.seq_len, start=position)
-    batches = context_ordered(batches, mesh, config.mesh.context_order)
+    batches = context_ordered(batches, mesh, config.mesh.context_order,
+                              patch_token_id=config.model.vision.patch_token_id)
     eval_set = _eval_set(config, mesh)
     meter = _Meter(config, count_params(run.state.params), mesh, run.log)
     trace = run.cleanup.enter_context(_Trace(cfg, config.workdir))

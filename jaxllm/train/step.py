@@ -37,6 +37,13 @@ def indexer_loss(attention_metrics) -> jnp.ndarray:
     return sum((x.sum() for x in leaves), jnp.zeros((), jnp.float32))
 
 
+def model_inputs(batch) -> tuple:
+    """The model's positional inputs from a batch: tokens, positions, segment ids, and the
+    images (`patches`, and `patch_index` where the tokens are in context order) or None."""
+    return (batch["inputs"], batch["positions"], batch["segment_ids"], batch.get("patches"),
+            batch.get("patch_index"))
+
+
 def forward(params, moe_bias, batch, model: nn.Module, fp8_meta=None):
     """(logits, moe_metrics, indexer loss) of one micro-batch (with its images, where it holds
     `patches`); `fp8_meta`, the amax histories of tensorwise fp8 layers, where the caller
@@ -44,8 +51,7 @@ def forward(params, moe_bias, batch, model: nn.Module, fp8_meta=None):
     fp8 = {"fp8_meta": fp8_meta} if fp8_meta else {}
     logits, sown = model.apply(
         {"params": params, "moe_bias": moe_bias, **fp8},
-        batch["inputs"], batch["positions"], batch["segment_ids"], batch.get("patches"),
-        mutable=["moe_metrics", "attention_metrics"],
+        *model_inputs(batch), mutable=["moe_metrics", "attention_metrics"],
     )
     return logits, sown.get("moe_metrics", {}), indexer_loss(sown.get("attention_metrics", {}))
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +87,25 @@ def write_experiment(path: Path, config: Config) -> Path:
     return path
 
 
-def test_corrupt_checkpoint_gets_a_message_with_step_and_reason(stopped, tmp_path, capsys):
+def test_corrupt_checkpoint_gets_a_message_with_step_and_reason(stopped, tmp_path, capsys,
+                                                                monkeypatch):
     workdir = copy_of(stopped[0], tmp_path)
     for chunk in (workdir / "checkpoints" / str(STOP) / "state").rglob("d/*"):
         chunk.write_bytes(b"garbage")
     experiment = write_experiment(tmp_path / "experiment.py", run_config(workdir))
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_value))
     assert main(["pretrain", str(experiment)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"jaxllm: checkpoint error: the checkpoint at step {STOP} in ")
     assert "cannot be restored: ValueError: OUT_OF_RANGE" in err
     assert "Traceback" not in err
+    # The failed restore's abandoned reads end within the second; their "Event loop is
+    # closed" errors are dropped, and any other unraisable error is still reported.
+    time.sleep(1)
+    for error in (RuntimeError("Event loop is closed"), ValueError("other")):
+        sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+    assert [str(e) for e in reported] == ["other"]
 
 
 def test_checkpoint_of_another_model_names_the_fields(stopped, tmp_path):

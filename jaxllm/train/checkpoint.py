@@ -6,6 +6,7 @@ Restoring targets the current mesh's shardings, so a run may resume on other axi
 """
 
 import dataclasses
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -37,6 +38,24 @@ def _root_cause(error: BaseException) -> BaseException:
     while error.__cause__ is not None:
         error = error.__cause__
     return error
+
+
+def _drop_closed_loop_errors() -> None:
+    """Keeps the reads a failed restore abandoned quiet: tensorstore finishes them after orbax
+    has closed the restore's event loop, and each hands its result to that loop, which raises
+    "Event loop is closed" as an unraisable exception. Drops those, and only those, for the
+    rest of the process; any other unraisable exception goes to the hook set before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
 
 
 def _abstract(state):
@@ -97,6 +116,7 @@ class Checkpointer:
         try:
             return read()
         except Exception as error:  # orbax wraps tensorstore read errors in a bare Exception
+            _drop_closed_loop_errors()
             root = _root_cause(error)
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} cannot be restored: "

@@ -21,7 +21,7 @@ from jaxllm.data.image_readers import image_source
 from jaxllm.data.tokenizer import load_tokenizer
 from jaxllm.infer import Sampler
 from jaxllm.rl import visual
-from jaxllm.rl.evaluate import evaluate, sample_answers
+from jaxllm.rl.evaluate import evaluate, paired_gain, sample_answers
 from jaxllm.rl.loop import grpo, task_problems
 from jaxllm.rl.verify import is_correct
 from jaxllm.train import workdir as workdir_lib
@@ -38,22 +38,22 @@ def configs(workdir: str) -> tuple[Config, Config]:
         vocab_size=384, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
         vision=config_lib.VisionConfig(image_size=16, patch_size=4),
     )
-    data = config_lib.DataConfig(source="images", difficulty=1, train_size=10_000,
-                                 validation_size=200, test_size=500, text_share=0.1)
+    data = config_lib.DataConfig(source="images", difficulty=1, train_size=20_000,
+                                 validation_size=200, test_size=2_000, text_share=0.1)
     pre = Config(
         model=model, data=data,
-        train=config_lib.TrainConfig(steps=450, batch_size=32, seq_len=96, learning_rate=3e-3,
+        train=config_lib.TrainConfig(steps=1500, batch_size=32, seq_len=96, learning_rate=3e-3,
                                      warmup_steps=30, log_every=20, eval_every=0),
-        checkpoint=config_lib.CheckpointConfig(every=150),
+        checkpoint=config_lib.CheckpointConfig(every=300),
         workdir=str(workdir_lib.path(workdir, "pretrain")),
     )
     rl = Config(
         model=model, data=data,
-        train=config_lib.TrainConfig(steps=50, batch_size=128, seq_len=96, learning_rate=3e-4,
+        train=config_lib.TrainConfig(steps=250, batch_size=256, seq_len=96, learning_rate=1e-4,
                                      warmup_steps=0, weight_decay=0.0, b2=0.999, log_every=10),
         grpo=config_lib.GRPOConfig(group_size=8, max_completion_len=MAX_NEW_TOKENS,
                                    families="sum", eval_every=0),
-        checkpoint=config_lib.CheckpointConfig(every=25),
+        checkpoint=config_lib.CheckpointConfig(every=50),
         workdir=str(workdir_lib.path(workdir, "grpo")),
         init_from=pre.workdir,
     )
@@ -102,6 +102,15 @@ def greedy_answers(workdir: str, problems) -> list[str | None]:
     return answers
 
 
+def gain(problems, before: str, after: str) -> dict:
+    """`paired_gain` of the greedy answers of the checkpoints in `before` and `after`."""
+    def correct(workdir):
+        answers = greedy_answers(workdir, problems)
+        return [is_correct(p.family, a, p.answer) for p, a in zip(problems, answers)]
+
+    return paired_gain(correct(before), correct(after))
+
+
 def examples_figure(problems, before: list, after: list, path) -> None:
     """A grid of pictures (a row per family) with the question, the answers before and after
     GRPO (✓ or ✗) and the truth."""
@@ -134,16 +143,21 @@ def main(workdir: str) -> None:
     print(visual.markdown(table_before))
     grpo(rl)
     table_after, result_after = measure(rl.workdir, problems)
+    trained = [p for p in problems if p.family in rl.grpo.family_names]
+    paired = gain(trained, pre.workdir, rl.workdir)
     shown = examples(problems)
     before, after = greedy_answers(pre.workdir, shown), greedy_answers(rl.workdir, shown)
     out = workdir_lib.path(workdir)
     examples_figure(shown, before, after, out / "examples.png")
     summary = "\n\n".join([
         f"Greedy accuracy on the {len(problems)} test problems, pretrained:",
-        visual.markdown(table_before), "After GRPO on sum:", visual.markdown(table_after)])
+        visual.markdown(table_before), "After GRPO on sum:", visual.markdown(table_after),
+        f"On the same {paired['problems']} sum problems, GRPO fixed {paired['fixed']} answers "
+        f"and broke {paired['broken']}: a paired gain of {paired['gain']:+.3f} ± "
+        f"{paired['stderr']:.3f} (s.e.)."])
     workdir_lib.write_text(out / "demo.md", summary + "\n")
     workdir_lib.write_text(out / "demo.json", json.dumps(
-        {"pretrained": result_before, "after_grpo": result_after,
+        {"pretrained": result_before, "after_grpo": result_after, "paired_gain": paired,
          "chance": images.CHANCE}, indent=2) + "\n")
     print(summary)
     print(f"wrote {out / 'demo.md'} and {out / 'examples.png'}")

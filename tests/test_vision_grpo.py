@@ -146,6 +146,18 @@ def test_per_family_accuracy_against_chance(monkeypatch):
     assert "| sum | 3 | 0.667 | 0.272 | 0.100 |" in visual.markdown(rows)
 
 
+def test_the_paired_gain_is_the_mean_per_problem_difference_and_its_standard_error():
+    before = [True, True, False, False, False, True]
+    after = [True, False, True, True, False, True]  # 2 fixed, 1 broken
+    differences = np.array(after, float) - np.array(before, float)
+    got = evaluate_lib.paired_gain(before, after)
+    assert (got["fixed"], got["broken"], got["problems"]) == (2, 1, 6)
+    assert got["gain"] == pytest.approx(differences.mean())
+    assert got["stderr"] == pytest.approx(differences.std() / np.sqrt(6))
+    with pytest.raises(ValueError, match="paired_gain: needs two equal, non-empty lists"):
+        evaluate_lib.paired_gain([True], [True, False])
+
+
 def test_grpo_families_keep_those_of_the_image_corpus_and_name_a_missing_one(monkeypatch):
     problems = image_problems(2, "sum") + image_problems(3, "digit")
     monkeypatch.setattr(loop, "corpus_problems", lambda data, split, image_size: problems)

@@ -1,6 +1,7 @@
 """Held-out accuracy of a model on task problems, at an effort level and a vote count."""
 
 import collections
+import math
 
 import jax
 import numpy as np
@@ -105,6 +106,22 @@ def sample_answers(
             thinking.append(thinking_tokens(tokens, length, think.close))
             lengths.append(length)
     return answers, thinking, lengths
+
+
+def paired_gain(before, after) -> dict[str, float]:
+    """The change in accuracy between two evaluations of the same problems, `before` and
+    `after` their per-problem correctness, as a paired difference: with n problems, `fixed`
+    (c) wrong before and right after, `broken` (b) the reverse, the gain is (c - b) / n and
+    its standard error sqrt(b + c - (c - b)^2 / n) / n, that of the mean of the per-problem
+    differences in {-1, 0, 1}."""
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_gain: needs two equal, non-empty lists, got {len(before)} "
+                         f"and {len(after)}")
+    n = len(before)
+    fixed = sum(not x and y for x, y in zip(before, after))
+    broken = sum(x and not y for x, y in zip(before, after))
+    return {"problems": n, "fixed": fixed, "broken": broken, "gain": (fixed - broken) / n,
+            "stderr": math.sqrt(fixed + broken - (fixed - broken) ** 2 / n) / n}
 
 
 def _padded(patches: np.ndarray, padding: int) -> np.ndarray:

@@ -322,7 +322,7 @@ def test_blockwise_training_matches_bfloat16_within_two_percent(tmp_path):
         config = Config(
             model=tiny_model(dtype="bfloat16", fp8=fp8_kind, fp8_block_size=BLOCK),
             data=DataConfig(source="arithmetic"),
-            train=TrainConfig(steps=200, batch_size=8, seq_len=32, log_every=10, eval_every=0,
+            train=TrainConfig(steps=120, batch_size=8, seq_len=32, log_every=10, eval_every=0,
                               peak_flops=1e9),
         )
         history = pretrain(config, log=quiet)

@@ -178,7 +178,7 @@ def test_tiny_hybrid_learns_like_the_tiny_dense_model():
         config = Config(
             model=presets.PRESETS[name](),
             mesh=MeshConfig(data=8),
-            train=TrainConfig(steps=60, batch_size=16, seq_len=64, log_every=25, eval_every=0,
+            train=TrainConfig(steps=40, batch_size=16, seq_len=64, log_every=20, eval_every=0,
                               peak_flops=1e12),
         )
         history = pretrain(config, log=lambda line: None)

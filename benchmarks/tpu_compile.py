@@ -20,6 +20,7 @@ import platform
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import jax
 
@@ -108,7 +109,7 @@ def maxtext_case(kernel: str) -> dict:
 
 def environment() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
+                            text=True, check=False, cwd=Path(__file__).parent).stdout.strip()
     try:
         libtpu = metadata.version("libtpu")
     except metadata.PackageNotFoundError:

@@ -18,7 +18,7 @@ from jaxllm import Config, MeshConfig, parallel
 from jaxllm.config import GRPOConfig, VisionConfig
 from jaxllm.convert.hf_config import ConversionError, check_exportable
 from jaxllm.infer import generate, left_pad
-from jaxllm.nn import PatchEmbed, Transformer, patch_layout, patchify, unpatchify
+from jaxllm.nn import PatchEmbed, Transformer, patch_layout, patchify, pixel_patches, unpatchify
 from jaxllm.rl.step import batch_keys, jit_grpo_step, jit_logprobs, token_logprobs
 from jaxllm.train.evaluate import eval_sums
 from jaxllm.train.loop import context_ordered
@@ -66,6 +66,13 @@ def test_unpatchify_inverts_patchify(xp):
     assert patches.shape == (4, 48) and isinstance(patches, type(image))
     back = unpatchify(patches, image_size=8, patch_size=4, channels=3)
     np.testing.assert_array_equal(back, image)
+
+
+def test_pixel_patches_are_the_patches_of_the_image_in_0_1():
+    image = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    got = pixel_patches(image, 2)
+    assert got.dtype == np.float32 and got.max() <= 1
+    np.testing.assert_array_equal(got, patchify(image.astype(np.float32) / 255, 2))
 
 
 def test_patch_layout_of_two_images_and_text_in_a_packed_row():

@@ -11,7 +11,7 @@ from jaxllm.data.image_readers import read_image
 from jaxllm.data.image_sources import IMAGE_END, PATCH
 from jaxllm.data.images import IMAGE
 from jaxllm.data.tokenizer import Tokenizer, chat_prompt
-from jaxllm.nn.vision import patchify
+from jaxllm.nn.vision import pixel_patches
 
 
 def read_prompt_image(path: str | Path, config: Config) -> np.ndarray:
@@ -34,7 +34,7 @@ def image_prompt(tokenizer: Tokenizer, text: str, image: np.ndarray, *, patch_si
     """(ids, patches): `chat_prompt`'s ids of `text`, its one `<image>` marker (placed first
     when the text has none) expanded into the span of `image` (uint8 [H, W, 3]), and the
     image's patches, float32 [1, grid², patch_dim] in [0, 1] as a batch holds them."""
-    patches = patchify(image.astype(np.float32) / 255, patch_size)
+    patches = pixel_patches(image, patch_size)
     text = text if IMAGE in text else IMAGE + text
     if text.count(IMAGE) != 1:
         raise ConfigError(f"--prompt: holds {text.count(IMAGE)} {IMAGE} markers for one image")

@@ -18,7 +18,9 @@ from jaxllm.nn.splash import splash_attention
 from jaxllm.nn.ssd import ssd_chunked, ssd_recurrent
 from jaxllm.nn.ssm import Mamba2
 from jaxllm.nn.transformer import Block, Decoder, Transformer
-from jaxllm.nn.vision import PatchEmbed, patch_layout, patchify, unpatchify
+from jaxllm.nn.vision import (
+    PatchEmbed, patch_index, patch_layout, patchify, pixel_patches, unpatchify,
+)
 
 __all__ = [
     "Attention",
@@ -44,8 +46,10 @@ __all__ = [
     "cache_positions",
     "causal_segment_mask",
     "dot_product_attention",
+    "patch_index",
     "patch_layout",
     "patchify",
+    "pixel_patches",
     "ring_attention",
     "sparse_attention",
     "splash_attention",

@@ -15,6 +15,12 @@ def patchify(image, patch_size: int):
     return grid.reshape((h // p) * (w // p), p * p * c)
 
 
+def pixel_patches(image, patch_size: int):
+    """uint8 pixels [H, W, C] -> float32 `patchify` patches with values in [0, 1], as the
+    model reads them."""
+    return patchify(image.astype("float32") / 255, patch_size)
+
+
 def unpatchify(patches, *, image_size: int, patch_size: int, channels: int):
     """The inverse of `patchify` for a square image."""
     g, p = image_size // patch_size, patch_size

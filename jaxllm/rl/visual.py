@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxllm.data import images
 from jaxllm.infer.image_prompt import image_prompt as infer_image_prompt
-from jaxllm.nn.vision import patchify
+from jaxllm.nn.vision import pixel_patches
 
 
 def is_image(problem) -> bool:
@@ -41,7 +41,7 @@ def prompt_patches(problems, patch_size: int) -> np.ndarray | None:
         raise ValueError("problems: image and text problems do not mix in one batch")
     if kinds != {True}:
         return None
-    return np.stack([patchify(p.image.astype(np.float32) / 255, patch_size) for p in problems])
+    return np.stack([pixel_patches(p.image, patch_size) for p in problems])
 
 
 def chance_table(result: dict[str, float], problems) -> list[dict]:

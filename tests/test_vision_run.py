@@ -149,13 +149,14 @@ def losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_pretrain_the_tiny_multimodal_experiment_resume_and_eval_it(tmp_path, capsys):
+    """On data 2 x fsdp 2 x context 2: ring attention, the tokens in zigzag order."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     workdir = tmp_path / "run"
     args = ["pretrain", "experiments/tiny_multimodal.py", "train.steps=4", "train.batch_size=8",
             "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
             "checkpoint.every=2", "model.embed_dim=32", "model.mlp_dim=64", "mesh.data=2",
-            "mesh.fsdp=4", f"workdir={workdir}", f"data.data_dir={data_dir}",
+            "mesh.fsdp=2", "mesh.context=2", f"workdir={workdir}", f"data.data_dir={data_dir}",
             "data.train_size=32", "data.validation_size=8", "data.test_size=8"]
     assert main(args) == 0
     whole = losses(workdir)

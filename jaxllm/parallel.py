@@ -112,16 +112,18 @@ def device_grid(shape: tuple[int, ...], slices: int, devices: Sequence) -> np.nd
 
     With `slices` > 1 (multislice) the first axis (data) is split into `slices` groups over
     DCN, each a whole slice, and the other axes are laid out within a slice over ICI.
-    Devices without a `slice_index` (CPU, GPU) are grouped by process.
+    Devices without a `slice_index` (CPU, GPU) are grouped by process. An axis that no
+    product of whole torus axes makes (8 on a 4x4x4 v5p-128) splits a physical axis.
     """
     if slices == 1:
-        return mesh_utils.create_device_mesh(shape, devices)
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     ici_shape = (shape[0] // slices, *shape[1:])
     dcn_shape = (slices,) + (1,) * (len(shape) - 1)
     try:
         return mesh_utils.create_hybrid_device_mesh(
             ici_shape, dcn_shape, devices,
             process_is_granule=not hasattr(devices[0], "slice_index"),
+            allow_split_physical_axes=True,
         )
     except ValueError as error:
         raise ConfigError(f"mesh.slices: {slices} slices do not fit the devices: {error}") from None

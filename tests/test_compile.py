@@ -40,6 +40,15 @@ def test_the_devices_of_a_slice_and_of_two_slices():
     assert sorted({d.slice_index for d in devices}) == [0, 1]
 
 
+def test_a_mesh_axis_that_no_whole_torus_axes_make_splits_one():
+    """expert=8 on v5p-128 (4x4x4): 8 is no product of whole axes of 4."""
+    devices = topology.parse("v5p-128").devices()
+    grid = parallel.device_grid((1, 8, 1, 8, 1), 1, devices)
+    assert grid.shape == (1, 8, 1, 8, 1) and len({d.id for d in grid.flat}) == 64
+    grid = parallel.device_grid((2, 8, 1, 8, 1), 2, topology.parse("v5p-128", 2).devices())
+    assert grid.shape == (2, 8, 1, 8, 1)
+
+
 def test_the_scan_correction_equals_an_unrolled_compile():
     """4 scanned layers with 2 micro-batches: corrected FLOPs = a compile with no loop."""
     scanned = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, grad_accum=2))

@@ -183,6 +183,8 @@ class SparseConfig:
     stage "dense": attention stays dense and only the indexer learns (the warm-up);
     "sparse": each query attends to its top-k keys. The indexer's KL loss, times
     `loss_weight`, joins the training loss; its input is detached from the LM loss.
+    Training and prefill attend `query_block` queries at a time, so memory grows with
+    query_block x sequence, not sequence squared.
     """
 
     top_k: int = 64
@@ -190,10 +192,12 @@ class SparseConfig:
     indexer_head_dim: int = 32
     stage: Literal["dense", "sparse"] = "sparse"
     loss_weight: float = 1.0
+    query_block: int = 256
 
     def validate(self, prefix: str) -> None:
         """Checks the fields."""
-        _require_positive(self, prefix, ("top_k", "indexer_heads", "indexer_head_dim"))
+        _require_positive(self, prefix,
+                          ("top_k", "indexer_heads", "indexer_head_dim", "query_block"))
         _require(self.loss_weight >= 0, f"{prefix}loss_weight", "must be >= 0")
 
 

@@ -1,5 +1,6 @@
 """DeepSeek sparse attention against numpy: the indexer's top-k attention, its KL loss, the
-detachment of the indexer, cached decoding, and O(S * k) compute."""
+detachment of the indexer, blocks of queries, cached decoding, and the decoding step's
+O(S * k) compute."""
 
 import functools
 
@@ -22,8 +23,9 @@ SEGMENTS = np.array([[1] * 7 + [2] * 5, [1] * S], np.int32)
 POSITIONS = np.array([list(range(7)) + list(range(5)), list(range(S))], np.int32)
 
 
-def layer(stage):
-    sparse = SparseConfig(top_k=TOP_K, indexer_heads=3, indexer_head_dim=8, stage=stage)
+def layer(stage, query_block=256):
+    sparse = SparseConfig(top_k=TOP_K, indexer_heads=3, indexer_head_dim=8, stage=stage,
+                          query_block=query_block)
     return Attention(num_heads=H, num_kv_heads=K, head_dim=D, position="none", mask=Mask("sparse"),
                      sparse=sparse)
 
@@ -81,11 +83,11 @@ def masked_attention(params, x, keep):
 
 
 @functools.cache
-def layer_results(stage):
+def layer_results(stage, query_block=256):
     """(output, grads of <output, cotangent>, indexer loss, its grads); grads w.r.t.
     (params, x)."""
     params, x, cotangent = inputs()
-    model = layer(stage)
+    model = layer(stage, query_block)
 
     def apply(p, x):
         out, sown = model.apply({"params": p}, x, POSITIONS, SEGMENTS,
@@ -129,6 +131,15 @@ def test_indexer_loss_equals_the_kl_to_the_head_summed_attention(stage):
     params, x, _ = inputs()
     _, want = numpy_reference(params, x, stage)
     np.testing.assert_allclose(layer_results(stage)[2], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("query_block", [4, 5])
+@pytest.mark.parametrize("stage", ["dense", "sparse"])
+def test_blocks_of_queries_equal_one_block(stage, query_block):
+    """S = 12 queries in 3 blocks of 4, or in blocks of 5 with the last one padded."""
+    one = jax.tree.leaves(layer_results(stage))
+    for got, want in zip(jax.tree.leaves(layer_results(stage, query_block)), one, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["dense", "sparse"])

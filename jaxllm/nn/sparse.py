@@ -3,7 +3,12 @@ each query attends only to its top-k keys. `docs/references.md`, "DeepSeek Spars
 Attention".
 
 The indexer reads the layer input detached: the LM loss never trains it, and its own loss,
-`indexer_loss`, never trains the rest of the model.
+the KL of `indexer_kl`, never trains the rest of the model.
+
+Training and prefill run in blocks of `query_block` queries (`SparseAttention`): a block's
+indexer scores, its top-k keys as a mask over all S keys, and its attention, so memory is
+O(query_block x S) whatever the length. A one-token decoding step gathers its top-k keys
+instead (`sparse_attention`), O(k) per token.
 """
 
 import flax.linen as nn
@@ -15,15 +20,14 @@ from jaxllm.nn.kv_cache import write_cache
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.masks import Mask, row_indices, visible
 from jaxllm.nn.mesh_axes import context_shards
-from jaxllm.nn.naive import dot_product_attention
 
 
 class Indexer(nn.Module):
-    """The lightning indexer: I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]), with `heads`
-    query heads q [B, T, heads, head_dim], one key k [B, S, head_dim] per token and
-    per-head weights w [B, T, heads], all from the detached layer input.
+    """The lightning indexer's inputs from the detached layer input: query heads q
+    [B, T, heads, head_dim], one key k [B, S, head_dim] per token and per-head weights
+    w [B, T, heads], and which keys each query may see. `index_scores` scores them.
 
-    decode: score the keys of a cache, `cached_key` [B, L, head_dim] (`write_cache`).
+    decode: the keys are those of a cache, `cached_key` [B, L, head_dim] (`write_cache`).
     """
 
     heads: int
@@ -32,9 +36,9 @@ class Indexer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """x [B, T, E], positions and segment_ids [B, T] -> float32 scores [B, T, S], -inf
-        at the keys a query may not see (causal, same segment; S = L when decoding)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array):
+        """x [B, T, E], positions and segment_ids [B, T] -> (q, w, k, visible [B, T, S]:
+        causal and same segment; S = L when decoding)."""
         x = jax.lax.stop_gradient(x)
         embed = x.shape[-1]
 
@@ -51,9 +55,15 @@ class Indexer(nn.Module):
         else:
             q_idx = k_idx = row_indices(segment_ids)
             q_seg = k_seg = segment_ids
-        dots = jnp.einsum("bthd,bsd->bths", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.einsum("bth,bths->bts", w.astype(jnp.float32), jax.nn.relu(dots))
-        return jnp.where(visible(Mask(), q_idx, q_seg, k_idx, k_seg), scores, -jnp.inf)
+        return q, w, k, visible(Mask(), q_idx, q_seg, k_idx, k_seg)
+
+
+def index_scores(q, w, k, allowed) -> jax.Array:
+    """I[t, s] = sum_j w[t, j] * ReLU(q[t, j] . k[s]) of the `Indexer`'s q [B, T, h, d],
+    w [B, T, h] and k [B, S, d] -> float32 [B, T, S], -inf where not `allowed`."""
+    dots = jnp.einsum("bthd,bsd->bths", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bth,bths->bts", w.astype(jnp.float32), jax.nn.relu(dots))
+    return jnp.where(allowed, scores, -jnp.inf)
 
 
 def select(scores: jax.Array, top_k: int):
@@ -61,6 +71,14 @@ def select(scores: jax.Array, top_k: int):
     valid [B, T, k]: False where a query sees fewer than k keys, their scores [B, T, k])."""
     top, indices = jax.lax.top_k(scores, min(top_k, scores.shape[-1]))
     return indices, top > -jnp.inf, top
+
+
+def keep_top_k(scores: jax.Array, top_k: int) -> jax.Array:
+    """scores [B, T, S] with -inf everywhere but at each query's top-k keys (`select`)."""
+    indices, valid, _ = select(scores, top_k)
+    kept = jnp.put_along_axis(jnp.zeros(scores.shape, bool), indices, valid, axis=-1,
+                              inplace=False)
+    return jnp.where(kept, scores, -jnp.inf)
 
 
 def gather(x: jax.Array, indices: jax.Array) -> jax.Array:
@@ -90,23 +108,57 @@ def sparse_attention(q, k, v, indices, valid, scale: float | None = None) -> jax
     return out.reshape(*q.shape[:3], -1)
 
 
-def indexer_loss(q, k, scores, scale: float | None = None, indices=None) -> jax.Array:
-    """The indexer's KL loss, mean_{b, t} KL(p_t || softmax(I_t)): the sum over keys for each
-    query, averaged over all B * T query tokens (padding included).
-
-    p_t is the main attention of query t (q [B, T, H, D], k [B, S, K, D], both detached)
-    summed over heads and L1-normalised. Dense stage: over the keys of scores I [B, T, S]
-    that are finite (visible). Sparse stage, with `indices` [B, T, k]: over the selected
-    keys, scores [B, T, k] their indexer scores (-inf where not valid).
-    """
-    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    if indices is not None:
-        k = gather(k, indices)
-    p = attention_probs(q, k, jnp.isfinite(scores), scale).sum(axis=(2, 3))
+def indexer_kl(probs: jax.Array, scores: jax.Array) -> jax.Array:
+    """Per query [B, T], KL(p_t || softmax(I_t)) over the keys where the indexer scores I
+    [B, T, S] are finite: p_t is the main attention `probs` [B, T, K, G, S] (detached)
+    summed over heads and L1-normalised."""
+    p = jax.lax.stop_gradient(probs).sum(axis=(2, 3))
     p = p / p.sum(axis=-1, keepdims=True)
     log_q = jax.nn.log_softmax(scores, axis=-1)
     kl = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0)
-    return kl.sum(axis=-1).mean()
+    return kl.sum(axis=-1)
+
+
+def blocks(x: jax.Array, size: int) -> jax.Array:
+    """[B, T, ...] -> [T / size, B, size, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], -1, size, *x.shape[2:]), 1, 0)
+
+
+def unblock(x: jax.Array) -> jax.Array:
+    """The inverse of `blocks`."""
+    return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def blockwise_attention(q, k, v, index, *, top_k: int | None, query_block: int,
+                        scale: float | None = None):
+    """Queries q [B, T, H, D] against keys k [B, S, K, D] and values v [B, S, K, Dv], each
+    seeing its top_k keys by the indexer (all its visible keys when top_k is None), in
+    blocks of `query_block` queries under `jax.checkpoint`. `index` is the `Indexer`'s
+    (q, w, k, visible). -> (out [B, T, H, Dv], the `indexer_kl` of each query [B, T])."""
+    ik = index[2]
+
+    @jax.checkpoint
+    def block(inputs):
+        q, iq, w, allowed = inputs
+        scores = index_scores(iq, w, ik, allowed)
+        if top_k is not None:
+            scores = keep_top_k(scores, top_k)
+        probs = attention_probs(q, k, jnp.isfinite(scores), scale)
+        out = jnp.einsum("btkgs,bskd->btkgd", probs.astype(v.dtype), v)
+        return out.reshape(*q.shape[:3], -1), indexer_kl(probs, scores)
+
+    length = q.shape[1]
+    size = min(length, query_block)
+    pad = -length % size
+
+    def padded(a, fill):
+        return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+
+    # Padding queries see every key, so their softmaxes stay finite; they are dropped.
+    iq, w, _, allowed = index
+    inputs = (padded(q, 0), padded(iq, 0), padded(w, 0), padded(allowed, True))
+    out, kl = jax.lax.map(block, tuple(blocks(a, size) for a in inputs))
+    return unblock(out)[:, :length], unblock(kl)[:, :length]
 
 
 class SparseAttention(nn.Module):
@@ -117,7 +169,7 @@ class SparseAttention(nn.Module):
     indexer's parameters and cache, and the sown loss, sit under the layer.
 
     Attributes:
-      config: the indexer and the stage.
+      config: the indexer, the stage and the query block.
       dtype: compute dtype of the indexer.
       decode: the indexer scores the keys of its cache (`Indexer`).
     """
@@ -131,22 +183,25 @@ class SparseAttention(nn.Module):
         """Queries q [B, T, H, D] of the layer input x [B, T, E] against the layer's keys k and
         values v [B, S, K, D] (the whole cache when decoding) -> [B, T, H, Dv].
 
-        Sows the unweighted indexer loss as "attention_metrics" `indexer_loss`.
+        Sows the unweighted indexer loss, KL(p_t || softmax(I_t)) summed over keys and
+        averaged over all B * T queries (padding included), as "attention_metrics"
+        `indexer_loss`; a one-token decoding step sows none.
         """
         if context_shards() > 1:
             raise ValueError("sparse attention layers do not run context-parallel; "
                              "set mesh.context=1")
         cfg = self.config
-        scores = Indexer(heads=cfg.indexer_heads, head_dim=cfg.indexer_head_dim,
-                         dtype=self.dtype, decode=self.decode,
-                         name="indexer")(x, positions, segment_ids)
-        if cfg.stage == "dense":
-            out = dot_product_attention(q, k, v, jnp.isfinite(scores), scale=scale)
-            loss = indexer_loss(q, k, scores, scale=scale)
-        else:
-            indices, valid, top = select(scores, cfg.top_k)
-            out = sparse_attention(q, k, v, indices, valid, scale=scale)
-            loss = indexer_loss(q, k, top, scale=scale, indices=indices)
-        self.sow("attention_metrics", "indexer_loss", loss, init_fn=lambda: 0.0,
+        index = Indexer(heads=cfg.indexer_heads, head_dim=cfg.indexer_head_dim,
+                        dtype=self.dtype, decode=self.decode,
+                        name="indexer")(x, positions, segment_ids)
+        sparse = cfg.stage == "sparse"
+        if self.decode and sparse and q.shape[1] == 1:
+            indices, valid, _ = select(index_scores(*index), cfg.top_k)
+            return sparse_attention(q, k, v, indices, valid, scale=scale)
+
+        out, kl = blockwise_attention(q, k, v, index, scale=scale,
+                                      top_k=cfg.top_k if sparse else None,
+                                      query_block=cfg.query_block)
+        self.sow("attention_metrics", "indexer_loss", kl.mean(), init_fn=lambda: 0.0,
                  reduce_fn=lambda _, new: new)
         return out

@@ -211,7 +211,7 @@ def _materialises_scores(attention: config_lib.AttentionConfig, kind) -> bool:
     mask = Mask(kind.attention, attention.window, attention.chunk, attention.stride)
     kernel = resolve_kernel(attention.kernel, mask, alibi=kind.position == "alibi",
                             platform="tpu")
-    return kernel in ("naive", "backend")
+    return kernel in ("naive", "backend", "cudnn")  # cudnn runs XLA off GPU
 
 
 def gathered_layer_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:

@@ -149,6 +149,9 @@ class MoEConfig:
 
 ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse", "ssm")
 POSITION_KINDS = ("rope", "alibi", "none")
+# The layers each whole-row attention kernel runs (nn/splash.py, nn/gpu_attention.py).
+ROW_KERNEL_LAYERS = {"splash": ("global", "sliding", "chunked"), "cudnn": ("global", "sliding"),
+                     "pallas_gpu": ("global",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,10 +250,15 @@ class AttentionConfig:
     stride: int = 16
     # naive: the whole score matrix; blockwise: flash-style blocks, O(S * block_size) memory,
     # skipping the blocks a mask leaves empty; splash: the Pallas TPU flash kernel (global,
-    # sliding and chunked layers without ALiBi; interpreted off TPU); backend:
-    # jax.nn.dot_product_attention; auto: per layer, splash on TPU where it runs the layer,
-    # else blockwise, and naive off TPU (nn/attention_kernels.py resolve_kernel).
-    kernel: Literal["naive", "blockwise", "splash", "backend", "auto"] = "auto"
+    # sliding and chunked layers without ALiBi; interpreted off TPU); cudnn: cuDNN's flash
+    # attention through jax.nn.dot_product_attention (global and sliding layers without ALiBi,
+    # bfloat16 or float16; packed documents as an S x S mask per row; XLA off GPU);
+    # pallas_gpu: jax's Pallas GPU flash kernel (global layers without ALiBi, seq_len a
+    # multiple of 16; interpreted off GPU); backend: jax.nn.dot_product_attention (XLA);
+    # auto: per layer, splash on TPU where it runs the layer, else blockwise, and naive off
+    # TPU (nn/attention_kernels.py resolve_kernel).
+    kernel: Literal["naive", "blockwise", "splash", "cudnn", "pallas_gpu", "backend",
+                    "auto"] = "auto"
     block_size: int = 128
     rope_scaling: Literal["none", "linear", "yarn", "llama3"] = "none"
     rope_factor: float = 1.0
@@ -508,22 +516,23 @@ class ModelConfig:
                      "fp8), block_sparse or sorted_einsum")
 
     def _validate_attention_layers(self, prefix: str) -> None:
-        """MLA has a key and value per head; kernel=splash runs every layer's attention."""
+        """MLA has a key and value per head; the splash, cudnn and pallas_gpu kernels run
+        every layer's attention."""
         a = self.attention
         if a.mla is not None:
             _require(self.num_kv_heads == self.num_heads, f"{prefix}num_kv_heads",
                      "MLA gives every head its own key and value; set num_kv_heads=num_heads")
-        if a.kernel != "splash":
+        if a.kernel not in ROW_KERNEL_LAYERS:
             return
         for index in range(self.num_layers):
             kind, position = a.layer(index)
             if kind == "ssm":
                 continue
             _require(position != "alibi", f"{prefix}attention.kernel",
-                     f"splash does not run alibi positions (layer {index}); "
+                     f"{a.kernel} does not run alibi positions (layer {index}); "
                      "use kernel=auto or blockwise")
-            _require(kind in ("global", "sliding", "chunked"), f"{prefix}attention.kernel",
-                     f"splash does not run {kind} layers (layer {index}); "
+            _require(kind in ROW_KERNEL_LAYERS[a.kernel], f"{prefix}attention.kernel",
+                     f"{a.kernel} does not run {kind} layers (layer {index}); "
                      "use kernel=auto or blockwise")
 
 
@@ -992,6 +1001,11 @@ def _validate_across_sections(config: Config) -> None:
         "train.seq_len",
         f"{t.seq_len} must be a multiple of model.attention.block_size={a.block_size} for "
         "the blockwise kernel",
+    )
+    _require(
+        a.kernel != "pallas_gpu" or t.seq_len % 16 == 0,
+        "train.seq_len",
+        f"{t.seq_len} must be a multiple of 16 for the pallas_gpu kernel's blocks",
     )
     _require(
         t.profile_steps == 0 or config.workdir is not None,

@@ -4,6 +4,7 @@ from jaxllm.nn.attention import Attention
 from jaxllm.nn.attention_base import AttentionBase
 from jaxllm.nn.attention_kernels import attend
 from jaxllm.nn.blockwise import blockwise_attention
+from jaxllm.nn.gpu_attention import cudnn_attention, pallas_gpu_attention
 from jaxllm.nn.kv_cache import cache_positions
 from jaxllm.nn.masks import Mask, causal_segment_mask
 from jaxllm.nn.mla import MLAttention
@@ -45,7 +46,9 @@ __all__ = [
     "blockwise_attention",
     "cache_positions",
     "causal_segment_mask",
+    "cudnn_attention",
     "dot_product_attention",
+    "pallas_gpu_attention",
     "patch_index",
     "patch_layout",
     "patchify",

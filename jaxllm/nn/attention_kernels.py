@@ -1,10 +1,12 @@
 """Which attention kernel runs a layer, and the calls into each: naive (`naive.py`), blockwise
-(`blockwise.py`), splash (`splash.py`), backend (`jax.nn.dot_product_attention`), and the
-context-parallel ring or all-gather (`ring.py`) when the mesh splits sequences."""
+(`blockwise.py`), splash (`splash.py`), cudnn and pallas_gpu (`gpu_attention.py`), backend
+(`jax.nn.dot_product_attention`), and the context-parallel ring or all-gather (`ring.py`)
+when the mesh splits sequences."""
 
 import jax
 
 from jaxllm.nn.blockwise import blockwise_attention
+from jaxllm.nn.gpu_attention import cudnn_attention, pallas_gpu_attention
 from jaxllm.nn.masks import Mask, alibi_bias, row_indices, visible
 from jaxllm.nn.mesh_axes import context_shards
 from jaxllm.nn.naive import dot_product_attention
@@ -15,7 +17,12 @@ from jaxllm.nn.splash import splash_attention
 
 # How attention runs when the mesh splits sequences over `context` (ModelConfig field).
 CONTEXT_PARALLEL = {"ring": ring_attention, "all_gather": all_gather_attention}
-KERNELS = ("naive", "blockwise", "splash", "backend", "auto")
+KERNELS = ("naive", "blockwise", "splash", "cudnn", "pallas_gpu", "backend", "auto")
+# Self-attention over whole rows, from the segment ids alone; none of them runs ALiBi.
+ROW_KERNELS = {"splash": splash_attention, "cudnn": cudnn_attention,
+               "pallas_gpu": pallas_gpu_attention}
+# The kernels that take v only as wide as k (MLA pads v for them).
+EQUAL_WIDTH_KERNELS = ("cudnn", "pallas_gpu", "backend")
 BLOCKWISE_MASKS = ("global", "sliding", "chunked", "strided")
 
 
@@ -42,15 +49,17 @@ def attend(q, k, v, q_idx, q_seg, k_idx, k_seg, *, mask: Mask = Mask(), slopes=N
 
     kernel: "naive" materialises the [B, H, T, S] scores; "blockwise" is the flash-style
     kernel for self-attention over a whole row (`blockwise.py`), "splash" the Pallas TPU
-    one (`splash.py`: global, sliding and chunked masks, no ALiBi; `block_size` unused);
-    "backend" calls `jax.nn.dot_product_attention` (cuDNN on GPU where it applies); "auto"
-    picks one of them (`resolve_kernel`).
+    one (`splash.py`: global, sliding and chunked masks), "cudnn" cuDNN's (global and
+    sliding masks) and "pallas_gpu" the Pallas GPU one (global masks; both `gpu_attention.py`),
+    none of the three with ALiBi or `block_size`; "backend" calls
+    `jax.nn.dot_product_attention` with its default (XLA) implementation; "auto" picks one
+    of them (`resolve_kernel`).
     """
     kernel = resolve_kernel(kernel, mask, alibi=slopes is not None)
-    if kernel == "splash":
+    if kernel in ROW_KERNELS:
         if slopes is not None:
-            raise ValueError("splash attention does not run ALiBi; use kernel blockwise")
-        return splash_attention(q, k, v, q_seg, mask=mask, scale=scale)
+            raise ValueError(f"{kernel} attention does not run ALiBi; use kernel blockwise")
+        return ROW_KERNELS[kernel](q, k, v, q_seg, mask=mask, scale=scale)
     if kernel == "blockwise":
         return blockwise_attention(q, k, v, q_seg, mask=mask, slopes=slopes, scale=scale,
                                    block_size=block_size)

@@ -4,6 +4,7 @@ sequence, and how activations split inside a kernel's `jax.shard_map`."""
 import math
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 from jaxllm.parallel import BATCH_AXES, CONTEXT, TENSOR
 
@@ -25,3 +26,17 @@ def batch_and_head_axes(mesh, *, batch: int, heads: int, kv_heads: int):
     tensor = mesh.shape.get(TENSOR, 1)
     head_axis = TENSOR if tensor > 1 and heads % tensor == kv_heads % tensor == 0 else None
     return batch_axes, head_axis
+
+
+def per_device(run, *, q_shape: tuple[int, ...], kv_heads: int):
+    """`run`, a kernel over [B, S, H, D] q, k, v and [B, S] segment ids that GSPMD cannot
+    partition (a Pallas call), inside `jax.shard_map` over the current mesh: batch and heads
+    as `batch_and_head_axes` splits them, the sequence whole. Without a mesh, `run`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return run
+    batch, head_axis = batch_and_head_axes(mesh, batch=q_shape[0], heads=q_shape[2],
+                                           kv_heads=kv_heads)
+    heads, tokens = P(batch, None, head_axis, None), P(batch, None)
+    return jax.shard_map(run, in_specs=(heads, heads, heads, tokens), out_specs=heads,
+                         check_vma=False)

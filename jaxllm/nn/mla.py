@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxllm.config import MLAConfig
 from jaxllm.nn.attention_base import AttentionBase
-from jaxllm.nn.attention_kernels import attend, self_attention
+from jaxllm.nn.attention_kernels import EQUAL_WIDTH_KERNELS, attend, self_attention
 from jaxllm.nn.kv_cache import write_cache
 from jaxllm.nn.linear import Einsum
 from jaxllm.nn.mesh_axes import context_shards
@@ -112,10 +112,10 @@ class MLAttention(AttentionBase, kw_only=True):
         return apply_rope(x, positions, self.rope_theta, self.rope_scaling)
 
     def _self_attention(self, q, k, v, positions, segment_ids, scale):
-        """`self_attention`; the ring and backend kernels need v as wide as k, so there v is
-        zero-padded and the output sliced, which is exact."""
+        """`self_attention`; the ring and EQUAL_WIDTH_KERNELS need v as wide as k, so there v
+        is zero-padded and the output sliced, which is exact."""
         width = v.shape[-1]
-        if context_shards() > 1 or self.kernel == "backend":
+        if context_shards() > 1 or self.kernel in EQUAL_WIDTH_KERNELS:
             v = jnp.pad(v, ((0, 0),) * 3 + ((0, k.shape[-1] - width),))
         out = self_attention(q, k, v, positions, segment_ids, mask=self.mask, scale=scale,
                              kernel=self.kernel, block_size=self.block_size,

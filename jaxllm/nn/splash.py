@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
-from jax.sharding import PartitionSpec as P
 
 from jaxllm.nn.masks import Mask
-from jaxllm.nn.mesh_axes import batch_and_head_axes
+from jaxllm.nn.mesh_axes import per_device
 from jaxllm.nn.platform import target_platform
 
 MASKS = ("global", "sliding", "chunked")
@@ -59,11 +58,7 @@ def splash_attention(q, k, v, segment_ids, *, mask: Mask = Mask(), scale: float 
         jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2))
         for x in (q, k, v, segment_ids.astype(jnp.int32)))
     run = _local(mask=mask, block_size=block_size, interpret=target_platform() != "tpu")
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        heads, tokens = _specs(mesh, q.shape, k.shape[2])
-        run = jax.shard_map(run, in_specs=(heads, heads, heads, tokens), out_specs=heads,
-                            check_vma=False)
+    run = per_device(run, q_shape=q.shape, kv_heads=k.shape[2])
     return run(q, k, v, segment_ids)[:, :length]
 
 
@@ -121,11 +116,3 @@ def _block_sizes(length: int, block_size: int) -> kernel_lib.BlockSizes:
     return kernel_lib.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-
-
-def _specs(mesh, q_shape: tuple[int, ...], kv_heads: int) -> tuple[P, P]:
-    """shard_map specs of [B, S, H, D] arrays and [B, S] segment ids: batch and heads as
-    `batch_and_head_axes` splits them, the sequence whole."""
-    batch, head_axis = batch_and_head_axes(mesh, batch=q_shape[0], heads=q_shape[2],
-                                           kv_heads=kv_heads)
-    return P(batch, None, head_axis, None), P(batch, None)

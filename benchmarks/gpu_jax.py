@@ -1,0 +1,142 @@
+"""The JAX sections of `benchmarks/gpu.py`: the matmul peak, jaxllm's train step of the dense
+Llama, the MoE models against dense models of their active parameters, and one attention
+call per kernel. Each section yields (key, result) pairs as it measures them."""
+
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from attention import fwd_bwd, masked
+from gpu_models import MOE_SHAPES, llama, moe_model
+from moe import active_params, dense_active
+from timing import time_calls
+from train_step import build, compile_step
+
+from jaxllm import config as config_lib
+from jaxllm import parallel
+from jaxllm.nn import attention_kernels, experts
+from jaxllm.nn.masks import Mask
+from jaxllm.train import flops
+from jaxllm.train.state import count_params
+
+# The dropless grouped-matmul kernels that run on GPU: gmm is the Pallas TPU kernel, and
+# sorted_einsum is dropless only with E/k times the FLOPs.
+MOE_KERNELS = ("ragged_dot", "block_sparse", "tiled")
+# Attention kernels not timed: auto stands for one of the others, splash is TPU-only.
+SKIPPED_ATTENTION = ("auto", "splash")
+
+
+def spec_peak(kind: str) -> float | None:
+    """The dense bf16 spec-sheet FLOP/s of a device kind (`flops.KNOWN_PEAK_FLOPS`), or None."""
+    return next((peak for name, peak in flops.KNOWN_PEAK_FLOPS.items()
+                 if kind.startswith(name)), None)
+
+
+def matmul(args) -> Iterator[tuple[str, object]]:
+    """The device, its spec peak, and the best bf16 FLOP/s of an n x n x n matmul."""
+    first = jax.devices()[0]
+    yield "platform", first.platform
+    yield "device_kind", first.device_kind
+    yield "spec_peak", spec_peak(first.device_kind)
+    size = args.run.matmul_size
+    yield "size", size
+    yield "measured_peak", flops.measure_matmul_peak(size, jnp.bfloat16, repeats=20)
+
+
+def train_throughput(model: config_lib.ModelConfig, run, steps: int) -> dict:
+    """Parameters, compile seconds, median step seconds, tokens/s, last loss and XLA memory of
+    jaxllm's train step (built as `train.loop` builds it) on one device."""
+    train = config_lib.TrainConfig(steps=1000, batch_size=run.batch, seq_len=run.seq_len,
+                                   warmup_steps=10)
+    mesh, state, batch, step = build(config_lib.Config(model=model, train=train))
+    params = count_params(state.params)
+    compiled, compile_s = compile_step(mesh, state, batch, step)
+    memory = compiled.memory_analysis()
+
+    def train_step():
+        nonlocal state
+        state, metrics = compiled(state, batch)
+        return metrics
+
+    with parallel.use_mesh(mesh):
+        timing = time_calls(train_step, steps, warmup=run.warmup)
+    return dict(params=params, compile_s=compile_s, step_s=timing.median,
+                tokens_per_s=run.batch * run.seq_len / timing.median,
+                loss=float(timing.out["loss"]), temp_bytes=memory.temp_size_in_bytes,
+                argument_bytes=memory.argument_size_in_bytes)
+
+
+def dense(args) -> Iterator[tuple[str, object]]:
+    """The dense Llama in bf16 (float32 params, AdamW, clip 1.0): tokens/s and the model FLOPs
+    per token of `flops.train_flops_per_token` (6N + attention), for MFU."""
+    base = llama(args.tiny)
+    attention = dataclasses.replace(base.attention, kernel=args.attention)
+    model = dataclasses.replace(base, dtype="bfloat16", remat=args.remat, attention=attention)
+    yield "remat", args.remat
+    yield "attention_kernel", attention_kernels.resolve_kernel(args.attention, Mask())
+    r = train_throughput(model, args.run, args.run.steps)
+    yield from r.items()
+    yield "per_token_flops", flops.train_flops_per_token(model, r["params"], args.run.seq_len)
+
+
+def guarded(measure, *arguments) -> dict:
+    """`measure(*arguments)`, or {"error": ...} where it raises: one failing variant must not
+    end its section."""
+    try:
+        return measure(*arguments)
+    except Exception as error:  # noqa: BLE001 -- recorded in the results, the run goes on
+        return {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+
+
+def moe(section: str, args) -> Iterator[tuple[str, object]]:
+    """Each dropless kernel's MoE model, then the dense model of its active parameters:
+    tokens/s of the train step. `auto` names the kernel it stands for here."""
+    model = moe_model(section, args.tiny)
+    yield "auto", experts.resolve_kernel("auto")
+    total = None
+    for kernel in MOE_KERNELS:
+        variant = dataclasses.replace(model, moe=dataclasses.replace(model.moe, kernel=kernel))
+        r = guarded(train_throughput, variant, args.run, args.run.moe_steps)
+        if "params" in r:
+            total = r["params"]
+            r["active_params"] = active_params(model, total)
+        yield kernel, r
+    if total is not None:
+        dense_model = dense_active(model, active_params(model, total), total)
+        yield "dense_active", guarded(train_throughput, dense_model, args.run,
+                                      args.run.moe_steps)
+
+
+def attention_call(kernel: str, q, k, v) -> dict:
+    """Compile seconds and median seconds of one fwd+bwd attention call with `kernel`."""
+    start = time.perf_counter()
+    compiled = fwd_bwd(masked(Mask(), kernel, block=128)).lower(q, k, v).compile()
+    compile_s = time.perf_counter() - start
+    seconds = time_calls(functools.partial(compiled, q, k, v), repeats=10).median
+    return dict(compile_s=compile_s, seconds=seconds)
+
+
+def attention(args) -> Iterator[tuple[str, object]]:
+    """Fwd+bwd of one causal self-attention call at the dense Llama's head shape, bf16, for
+    every kernel of `attention_kernels.KERNELS` but auto and splash. FLOPs by the PaLM
+    count of `flops.train_flops_per_token`'s attention term: 12 B H D S^2."""
+    model, run = llama(args.tiny), args.run
+    keys = jax.random.split(jax.random.key(0), 3)
+    heads = (model.num_heads, model.num_kv_heads, model.num_kv_heads)
+    q, k, v = (jax.random.normal(key, (run.batch, run.seq_len, h, model.resolved_head_dim),
+                                 jnp.bfloat16) for key, h in zip(keys, heads))
+    yield "flops", 12 * run.batch * model.num_heads * model.resolved_head_dim * run.seq_len**2
+    for kernel in attention_kernels.KERNELS:
+        if kernel not in SKIPPED_ATTENTION:
+            yield kernel, guarded(attention_call, kernel, q, k, v)
+
+
+SECTIONS = {
+    "matmul": matmul,
+    "jaxllm": dense,
+    "attention": attention,
+    **{name: functools.partial(moe, name) for name in MOE_SHAPES},
+}

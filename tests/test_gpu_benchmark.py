@@ -1,0 +1,49 @@
+"""`benchmarks/gpu.py --tiny` runs every section at toy sizes on a CPU, as CI runs it: the JSON
+holds every section, jaxllm's and PyTorch's models count the same parameters, every model
+trains at a positive rate, and the tables print."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("matmul", "jaxllm", "torch_eager", "torch_compile", "attention", "moe_e8", "moe_e64")
+
+
+def positive_rates(results: dict) -> list[float]:
+    """tokens/s of every model measured, and 1/seconds of every attention kernel timed."""
+    sections = results["sections"]
+    rates = [sections[name]["tokens_per_s"] for name in ("jaxllm", "torch_eager")]
+    if "error" not in sections["torch_compile"]:  # a CPU without a C++ compiler records why
+        rates.append(sections["torch_compile"]["tokens_per_s"])
+    for name in ("moe_e8", "moe_e64"):
+        rates += [r["tokens_per_s"] for r in sections[name].values() if isinstance(r, dict)]
+    rates += [1 / r["seconds"] for r in sections["attention"].values() if isinstance(r, dict)]
+    return rates
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_section(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny",
+                          "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    results = json.loads(out.read_text())
+    sections = results["sections"]
+    assert tuple(sections) == SECTIONS
+    assert all(sections[name]["status"] == "ok" for name in SECTIONS if name != "torch_compile")
+    counts = {sections[name]["params"] for name in ("jaxllm", "torch_eager", "torch_compile")}
+    assert len(counts) == 1, counts
+    rates = positive_rates(results)
+    assert len(rates) >= 12 and all(rate > 0 for rate in rates), rates
+    for header in ("| goal | figure | target | result |", "| shape | model |", "| kernel |"):
+        assert header in run.stdout
+    assert "parameter counts, jaxllm = PyTorch | True | equal | pass" in run.stdout
+    assert f"torch {results['environment']['versions']['torch']}" in run.stdout

@@ -80,9 +80,12 @@ class MoEConfig:
     capacity_factor: float = 1.25  # dispatch=capacity: slots per expert = factor * T * k / E
     # The grouped matmul (`jaxllm.nn.experts`): auto picks by target platform: gmm (the Pallas
     # megablox kernel, `jaxllm.nn.gmm_experts`; a compile proof, not measured) on TPU, and from
-    # benchmarks/moe.py block_sparse on GPU, tiled elsewhere (CPU). sorted_einsum: padded
-    # [E, C, D] blocks (with dispatch=capacity; dropless holds C = T rows, E/k times the FLOPs).
-    kernel: Literal["auto", "ragged_dot", "gmm", "block_sparse", "tiled", "sorted_einsum"] = "auto"
+    # benchmarks/moe.py block_sparse on GPU, tiled elsewhere (CPU). triton_gmm: block_sparse's
+    # blocks through a Pallas Triton grouped matmul (`jaxllm.nn.triton_experts`; untimed, so
+    # auto never picks it). sorted_einsum: padded [E, C, D] blocks (with dispatch=capacity;
+    # dropless holds C = T rows, E/k times the FLOPs).
+    kernel: Literal["auto", "ragged_dot", "gmm", "triton_gmm", "block_sparse", "tiled",
+                    "sorted_einsum"] = "auto"
     # On a mesh with expert > 1 whose devices split the tokens: shard_map with an all_to_all
     # token exchange (`jaxllm.nn.expert_parallel`). False, or tokens that do not split,
     # leave the expert-sharded matmuls to GSPMD.

@@ -78,15 +78,20 @@ def routed_grads(kernel, capacity, x, weights, experts, wi, wo):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, weights, wi, wo)
 
 
-def test_routed_gmm_masks_the_dropped_choices_like_ragged_dot():
-    """Capacity 3 of 12 tokens drops choices; gradients w.r.t. x, the routing weights, wi
-    and wo."""
+def dropping_case():
+    """`routed_grads`' (capacity, x, weights, experts, wi, wo): capacity 3 of 12 tokens, top-2
+    of 4 experts, drops choices."""
     x = jax.random.normal(jax.random.key(0), (12, 8))
     weights = jax.random.uniform(jax.random.key(1), (12, 2))
     experts = jax.random.randint(jax.random.key(2), (12, 2), 0, 4)
     wi = 0.3 * jax.random.normal(jax.random.key(10), (4, 8, 2, 6))
     wo = 0.3 * jax.random.normal(jax.random.key(11), (4, 6, 8))
-    args = (3, x, weights, experts, wi, wo)
+    return 3, x, weights, experts, wi, wo
+
+
+def test_routed_gmm_masks_the_dropped_choices_like_ragged_dot():
+    """Gradients w.r.t. x, the routing weights, wi and wo."""
+    args = dropping_case()
     assert_close(routed_grads("gmm", *args), routed_grads("ragged_dot", *args))
 
 

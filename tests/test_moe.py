@@ -1,6 +1,7 @@
 """The MoE layer against a plain loop over experts; routing, balancing and capacity rules."""
 
 import dataclasses
+import typing
 
 import flax.linen as nn
 import jax
@@ -11,7 +12,7 @@ import pytest
 from jaxllm import Config, ConfigError, MoEConfig
 from jaxllm import config as config_lib
 from jaxllm.nn import router
-from jaxllm.nn.experts import routed_experts
+from jaxllm.nn.experts import KERNELS, routed_experts
 from jaxllm.nn.moe import MoE
 
 ROUTINGS = {
@@ -251,3 +252,11 @@ def test_moe_config_overrides_and_validation_name_the_field():
     ]:
         with pytest.raises(ConfigError, match=f"^{field}"):
             config_lib.apply_overrides(Config(), [override])
+
+
+def test_the_kernel_names_are_the_configs_and_others_are_refused():
+    assert typing.get_args(typing.get_type_hints(MoEConfig)["kernel"]) == KERNELS
+    wi, wo = expert_kernels()
+    x, weights, experts = jnp.zeros((4, 8)), jnp.ones((4, 1)), jnp.zeros((4, 1), jnp.int32)
+    with pytest.raises(ValueError, match="^unknown experts kernel 'megablocks'"):
+        routed_experts(x, weights, experts, wi, wo, capacity=4, kernel="megablocks")

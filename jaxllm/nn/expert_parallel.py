@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from jaxllm.config import MoEConfig
-from jaxllm.nn.experts import resolve_kernel, routed_experts
+from jaxllm.nn.experts import PALLAS_KERNELS, resolve_kernel, routed_experts
 from jaxllm.parallel import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 
 # The flattened tokens [B*S] split over every axis, in the order that matches the layout of
@@ -128,8 +128,8 @@ def routed_experts_parallel(x, weights, experts, wi, wo, *, mesh: AbstractMesh, 
         mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, expert_spec, expert_spec),
         out_specs=(token_spec, token_spec),
-        # A Pallas call (gmm) does not type how its output varies over the mesh.
-        check_vma=resolve_kernel(cfg.kernel) != "gmm",
+        # A Pallas call does not type how its output varies over the mesh.
+        check_vma=resolve_kernel(cfg.kernel) not in PALLAS_KERNELS,
     )
     y, dropped = local(x, weights, experts, wi, wo)
     return y, dropped.sum() / experts.size

@@ -1,7 +1,7 @@
 """Routed SwiGLU experts: sort token-choices by expert, one grouped matmul, unsort, combine.
 
-Five kernels compute the grouped matmul (`docs/references.md`, "Dropless MoE via grouped
-matmul"; `docs/benchmarks.md` has their measured speed):
+Six kernels (`KERNELS`) compute the grouped matmul (`docs/references.md`, "Dropless MoE via
+grouped matmul"; `docs/benchmarks.md` has their measured speed):
 - "ragged_dot": `jax.lax.ragged_dot` over the sorted rows (XLA:CPU and XLA:GPU compute it
   densely per group).
 - "gmm": jax's Pallas TPU megablox grouped matmul over the sorted rows
@@ -10,6 +10,11 @@ matmul"; `docs/benchmarks.md` has their measured speed):
 - "block_sparse": each expert's rows padded to whole blocks of B rows, then one batched
   matmul of every block with its expert's kernels (MegaBlocks' layout with static shapes).
   Dropless at most E*B rows of padding, and every product is one large batched matmul.
+- "triton_gmm": the same blocks through a Pallas Triton grouped matmul
+  (`jaxllm.nn.triton_experts`) that reads each block's expert kernels in place, with only
+  the routed products in the backward pass too; per device inside `jax.shard_map` under a
+  mesh, interpret mode off GPU. Untimed until a GPU run measures it, so "auto" never picks
+  it.
 - "tiled": a loop over tiles of each expert's rows, one dense SwiGLU per tile, that
   gathers, weights and adds back its rows itself, with a hand-written VJP
   (`jaxllm.nn.tiled_experts`): no padding that no routing fills, no sorted copy of the
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.nn import fp8 as fp8_lib
-from jaxllm.nn import gmm_experts, router
+from jaxllm.nn import gmm_experts, router, triton_experts
 from jaxllm.nn.platform import target_platform
 from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
@@ -53,7 +58,9 @@ def block_size(rows: int, num_experts: int) -> int:
     return max(8, min(128, 1 << max(0, (rows // num_experts).bit_length() - 1)))
 
 
+KERNELS = ("auto", "ragged_dot", "gmm", "triton_gmm", "block_sparse", "tiled", "sorted_einsum")
 FP8_KERNELS = ("block_sparse", "sorted_einsum")
+PALLAS_KERNELS = ("gmm", "triton_gmm")  # run per device under a mesh
 
 
 def _batched(fp8: fp8_lib.Recipe | None):
@@ -71,27 +78,55 @@ def _batched_swiglu(x, wi, wo, fp8):
     return matmul(_swiglu(gate_up.reshape(*x.shape[:2], 2, hidden)), wo)
 
 
-def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo, fp8=None):
-    """Like `ragged_swiglu`, through blocks of B rows that each belong to one expert.
+def block_layout(x_sorted, sorted_experts, group_sizes, block: int):
+    """x_sorted's rows in blocks of `block` rows that each belong to one expert (MegaBlocks'
+    layout with static shapes).
 
-    The static block count M // B + E covers every routing: sum_e ceil(g_e / B) < M / B + E.
-    Blocks past the last expert's hold zeros and give zeros.
+    The static block count G = M // B + E covers every routing:
+    sum_e ceil(g_e / B) < M / B + E. Blocks past the last expert's hold zeros.
+
+    Returns:
+      (padded [G*B, D], dest [M] each row's padded row, owner [G] each block's expert
+      (the last expert's past its blocks), bounds [E + 1]: expert e's blocks are bounds[e] to
+      bounds[e + 1]).
     """
     rows, embed = x_sorted.shape
-    num_experts = wi.shape[0]
-    block = block_size(rows, num_experts)
+    num_experts = group_sizes.shape[0]
     num_blocks = rows // block + num_experts
     blocks = (group_sizes + block - 1) // block
     block_ends = jnp.cumsum(blocks)
     group_starts = jnp.cumsum(group_sizes) - group_sizes
     rank = jnp.arange(rows) - group_starts[sorted_experts]
-    dest = (block_ends - blocks)[sorted_experts] * block + rank  # each row's padded row
+    dest = (block_ends - blocks)[sorted_experts] * block + rank
     padded = jnp.zeros((num_blocks * block, embed), x_sorted.dtype)
-    padded = padded.at[dest].set(x_sorted, unique_indices=True).reshape(num_blocks, block, embed)
+    padded = padded.at[dest].set(x_sorted, unique_indices=True)
     owner = jnp.searchsorted(block_ends, jnp.arange(num_blocks), side="right")
-    owner = jnp.minimum(owner, num_experts - 1)  # [num_blocks] expert of each block
-    out = _batched_swiglu(padded, wi[owner], wo[owner], fp8)
+    owner = jnp.minimum(owner, num_experts - 1).astype(jnp.int32)
+    bounds = jnp.concatenate([jnp.zeros(1, block_ends.dtype), block_ends]).astype(jnp.int32)
+    return padded, dest, owner, bounds
+
+
+def block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo, fp8=None):
+    """Like `ragged_swiglu`, through blocks of B rows that each belong to one expert
+    (`block_layout`): one batched matmul of every block with a copy of its expert's kernels."""
+    rows, embed = x_sorted.shape
+    block = block_size(rows, wi.shape[0])
+    padded, dest, owner, _ = block_layout(x_sorted, sorted_experts, group_sizes, block)
+    out = _batched_swiglu(padded.reshape(-1, block, embed), wi[owner], wo[owner], fp8)
     return out.reshape(-1, embed)[dest]
+
+
+def triton_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo):
+    """Like `ragged_swiglu`, through blocks of B rows that each belong to one expert
+    (`block_layout`), each multiplied by its expert's kernels in place by the Pallas Triton
+    grouped matmul (`jaxllm.nn.triton_experts`)."""
+    rows = x_sorted.shape[0]
+    num_experts, embed, _, hidden = wi.shape
+    block = max(triton_experts.MIN_TILE, block_size(rows, num_experts))
+    padded, dest, owner, bounds = block_layout(x_sorted, sorted_experts, group_sizes, block)
+    matmul = functools.partial(triton_experts.grouped_matmul, owner=owner, bounds=bounds)
+    gate_up = matmul(padded, wi.reshape(num_experts, embed, 2 * hidden))
+    return matmul(_swiglu(gate_up.reshape(-1, 2, hidden)), wo)[dest]
 
 
 def padded_swiglu(x_sorted, sorted_experts, slots, wi, wo, capacity: int, fp8=None):
@@ -133,7 +168,7 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str,
       weights, experts: [T, K] combine weights and expert ids.
       wi, wo: [E, D, 2, F] and [E, F, D] expert kernels, in the compute dtype.
       capacity: slots per expert; choices past it are dropped. T drops nothing.
-      kernel: "auto", "ragged_dot", "gmm", "block_sparse", "tiled" or "sorted_einsum".
+      kernel: one of `KERNELS`.
       fp8: the fp8 recipe of the expert matmuls (block_sparse and sorted_einsum only).
 
     Returns:
@@ -141,10 +176,12 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str,
     """
     tokens, k = experts.shape
     num_experts = wi.shape[0]
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown experts kernel {kernel!r}; choose one of {KERNELS}")
     kernel = "block_sparse" if fp8 is not None and kernel == "auto" else resolve_kernel(kernel)
     if fp8 is not None and kernel not in FP8_KERNELS:
         raise ValueError(f"the {kernel} experts kernel takes no fp8; use one of {FP8_KERNELS}")
-    mesh = gmm_experts.token_mesh() if kernel == "gmm" else None
+    mesh = gmm_experts.token_mesh() if kernel in PALLAS_KERNELS else None
     if mesh is not None:  # a Pallas call runs per device
         routed = functools.partial(routed_experts, kernel=kernel)
         return gmm_experts.per_device(
@@ -169,6 +206,8 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str,
         out = ragged_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "gmm":
         out = gmm_experts.gmm_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
+    elif kernel == "triton_gmm":
+        out = triton_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "block_sparse":
         out = block_sparse_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo, fp8)
         out = out * kept[:, None]

@@ -22,9 +22,9 @@ from jaxllm.nn.masks import Mask
 from jaxllm.train import flops
 from jaxllm.train.state import count_params
 
-# The dropless grouped-matmul kernels that run on GPU: gmm is the Pallas TPU kernel, and
-# sorted_einsum is dropless only with E/k times the FLOPs.
-MOE_KERNELS = ("ragged_dot", "block_sparse", "tiled")
+# The dropless grouped-matmul kernels that run on GPU: auto stands for one of them, gmm is
+# the Pallas TPU kernel, and sorted_einsum is dropless only with E/k times the FLOPs.
+MOE_KERNELS = tuple(k for k in experts.KERNELS if k not in ("auto", "gmm", "sorted_einsum"))
 # Attention kernels not timed: auto stands for one of the others, splash is TPU-only.
 SKIPPED_ATTENTION = ("auto", "splash")
 

@@ -110,28 +110,34 @@ def moe(section: str, args) -> Iterator[tuple[str, object]]:
                                       args.run.moe_steps)
 
 
-def attention_call(kernel: str, q, k, v) -> dict:
-    """Compile seconds and median seconds of one fwd+bwd attention call with `kernel`."""
+def attention_call(kernel: str, q, k, v, reference) -> dict:
+    """Compile seconds and median seconds of one fwd+bwd attention call with `kernel`, and its
+    gradients' largest error relative to `reference`'s largest magnitude."""
     start = time.perf_counter()
     compiled = fwd_bwd(masked(Mask(), kernel, block=128)).lower(q, k, v).compile()
     compile_s = time.perf_counter() - start
     seconds = time_calls(functools.partial(compiled, q, k, v), repeats=10).median
-    return dict(compile_s=compile_s, seconds=seconds)
+    error = max(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want)) / jnp.max(jnp.abs(want)))
+                for got, want in zip(compiled(q, k, v), reference))
+    return dict(compile_s=compile_s, seconds=seconds, relative_error=error)
 
 
 def attention(args) -> Iterator[tuple[str, object]]:
     """Fwd+bwd of one causal self-attention call at the dense Llama's head shape, bf16, for
-    every kernel of `attention_kernels.KERNELS` but auto and splash. FLOPs by the PaLM
-    count of `flops.train_flops_per_token`'s attention term: 12 B H D S^2."""
+    every kernel of `attention_kernels.KERNELS` but auto and splash, each checked against
+    the naive kernel in float32 on the same inputs. FLOPs by the PaLM count of
+    `flops.train_flops_per_token`'s attention term: 12 B H D S^2."""
     model, run = llama(args.tiny), args.run
     keys = jax.random.split(jax.random.key(0), 3)
     heads = (model.num_heads, model.num_kv_heads, model.num_kv_heads)
     q, k, v = (jax.random.normal(key, (run.batch, run.seq_len, h, model.resolved_head_dim),
                                  jnp.bfloat16) for key, h in zip(keys, heads))
     yield "flops", 12 * run.batch * model.num_heads * model.resolved_head_dim * run.seq_len**2
+    reference = jax.jit(fwd_bwd(masked(Mask(), "naive", block=128)))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
     for kernel in attention_kernels.KERNELS:
         if kernel not in SKIPPED_ATTENTION:
-            yield kernel, guarded(attention_call, kernel, q, k, v)
+            yield kernel, guarded(attention_call, kernel, q, k, v, reference)
 
 
 SECTIONS = {

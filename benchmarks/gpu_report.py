@@ -132,32 +132,36 @@ def moe_table(sections: dict) -> str:
         result = sections.get(name, {})
         models = {k: v for k, v in result.items() if isinstance(v, dict)}
         if result.get("status") != "ok":
-            rows.append((shape, error(result), "", "", "", "", ""))
+            rows.append((shape, error(result), "", "", "", "", "", ""))
         for model, r in models.items():
             label = {"dense_active": "dense-active", result.get("auto"): f"{model} (auto)"}.get(
                 model, model)
             if "tokens_per_s" not in r:
-                rows.append((shape, label, "", "", "", "", error(r)))
+                rows.append((shape, label, "", "", "", "", "", error(r)))
                 continue
             rows.append((shape, label, cell(r["params"]), cell(r.get("active_params")),
                          cell(r["step_s"] * 1e3), cell(r["tokens_per_s"]),
+                         cell(r["loss"], "{:.4f}"),
                          cell(moe_ratio(sections, name, model), "{:.2f}")))
+    # The MoE kernels start from the same parameters and batch: their losses should agree.
     return table(("shape", "model", "params", "active params", "step ms", "tokens/s",
-                  "time / dense-active"), rows)
+                  "loss after the steps", "time / dense-active"), rows)
 
 
 def attention_table(sections: dict) -> str:
     result = sections.get("attention", {})
-    rows = [] if result.get("status") == "ok" else [("all", error(result), "", "")]
+    rows = [] if result.get("status") == "ok" else [("all", error(result), "", "", "")]
     for kernel, r in result.items():
         if not isinstance(r, dict):
             continue
         if "seconds" not in r:
-            rows.append((kernel, error(r), "", ""))
+            rows.append((kernel, error(r), "", "", ""))
             continue
         rows.append((kernel, cell(r["compile_s"], "{:.1f}"), cell(r["seconds"] * 1e3, "{:.2f}"),
-                     cell(result["flops"] / r["seconds"] / 1e12, "{:.3g}")))
-    return table(("kernel", "compile s", "fwd+bwd ms", "TFLOP/s (12 B H D S^2)"), rows)
+                     cell(result["flops"] / r["seconds"] / 1e12, "{:.3g}"),
+                     cell(r["relative_error"], "{:.1e}")))
+    return table(("kernel", "compile s", "fwd+bwd ms", "TFLOP/s (12 B H D S^2)",
+                  "grad error vs naive f32"), rows)
 
 
 def walls_line(sections: dict) -> str:

@@ -1,6 +1,7 @@
 """`benchmarks/gpu.py --tiny` runs every section at toy sizes on a CPU, as CI runs it: the JSON
-holds every section, jaxllm's and PyTorch's models count the same parameters, every model
-trains at a positive rate, and the tables print."""
+holds every section, jaxllm's and PyTorch's models count the same parameters, every attention
+kernel's gradients and every MoE kernel's loss agree with the others, every model trains at
+a positive rate, and the tables print."""
 
 import json
 import os
@@ -41,6 +42,12 @@ def test_tiny_run_measures_every_section(tmp_path):
     assert all(sections[name]["status"] == "ok" for name in SECTIONS if name != "torch_compile")
     counts = {sections[name]["params"] for name in ("jaxllm", "torch_eager", "torch_compile")}
     assert len(counts) == 1, counts
+    kernels = [r for r in sections["attention"].values() if isinstance(r, dict)]
+    assert len(kernels) >= 4 and all(r["relative_error"] < 2e-2 for r in kernels), kernels
+    for name in ("moe_e8", "moe_e64"):  # every kernel from the same parameters and batch
+        losses = [r["loss"] for key, r in sections[name].items()
+                  if isinstance(r, dict) and key != "dense_active"]
+        assert max(losses) - min(losses) < 1e-2, losses
     rates = positive_rates(results)
     assert len(rates) >= 12 and all(rate > 0 for rate in rates), rates
     for header in ("| goal | figure | target | result |", "| shape | model |", "| kernel |"):

@@ -48,7 +48,7 @@ def moe_model(section: str, tiny: bool) -> ModelConfig:
     8 layers, 8 query / 4 kv heads of 128, vocab 32000; or a toy one."""
     experts, k, width = MOE_SHAPES[section]
     if tiny:
-        body = ModelConfig(vocab_size=384, embed_dim=64, num_layers=2, num_heads=4,
+        body = ModelConfig(vocab_size=384, embed_dim=64, num_layers=1, num_heads=4,
                            num_kv_heads=2, head_dim=16, mlp_dim=128)
     else:
         body = ModelConfig(vocab_size=32_000, embed_dim=1024, num_layers=8, num_heads=8,

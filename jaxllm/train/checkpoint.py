@@ -44,7 +44,8 @@ def _drop_closed_loop_errors() -> None:
     """Keeps the reads a failed restore abandoned quiet: tensorstore finishes them after orbax
     has closed the restore's event loop, and each hands its result to that loop, which raises
     "Event loop is closed" as an unraisable exception. Drops those, and only those, for the
-    rest of the process; any other unraisable exception goes to the hook set before."""
+    rest of the process; any other unraisable exception goes to the hook set before. Set
+    before a read, since the first abandoned read can end before its error propagates."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_errors", False):
         return
@@ -113,10 +114,10 @@ class Checkpointer:
 
     def _read(self, step: int, read):
         """`read()`, its errors raised as CheckpointError naming the step and the reason."""
+        _drop_closed_loop_errors()
         try:
             return read()
         except Exception as error:  # orbax wraps tensorstore read errors in a bare Exception
-            _drop_closed_loop_errors()
             root = _root_cause(error)
             raise CheckpointError(
                 f"the checkpoint at step {step} in {self.directory} cannot be restored: "

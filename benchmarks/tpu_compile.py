@@ -148,6 +148,7 @@ def main() -> None:
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    env = environment()  # at the start: the commit whose code this process imported
     rows = []
     if args.maxtext:
         rows = [maxtext_case(kernel) for kernel in ("auto", "blockwise", "naive")]
@@ -160,10 +161,10 @@ def main() -> None:
         slice_, report = found
         rows += [row(name, "auto", slice_, report), naive_row(name, slice_, log)]
         with open(args.out, "w") as f:  # after every preset: nothing lost on a crash
-            json.dump({"environment": environment(), "rows": rows}, f, indent=2)
+            json.dump({"environment": env, "rows": rows}, f, indent=2)
     with open(args.out, "w") as f:
-        json.dump({"environment": environment(), "rows": rows}, f, indent=2)
-    print(json.dumps(environment()))
+        json.dump({"environment": env, "rows": rows}, f, indent=2)
+    print(json.dumps(env))
     print(markdown(rows))
 
 

@@ -152,7 +152,8 @@ class MoEConfig:
 
 ATTENTION_KINDS = ("global", "sliding", "chunked", "strided", "sparse", "ssm")
 POSITION_KINDS = ("rope", "alibi", "none")
-# The layers each whole-row attention kernel runs (nn/splash.py, nn/gpu_attention.py).
+# The layers each whole-row attention kernel runs: the kernels (nn/splash.py,
+# nn/gpu_attention.py) and the config check read this one table.
 ROW_KERNEL_LAYERS = {"splash": ("global", "sliding", "chunked"), "cudnn": ("global", "sliding"),
                      "pallas_gpu": ("global",)}
 

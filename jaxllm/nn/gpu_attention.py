@@ -32,13 +32,14 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.gpu import attention as mha_lib
 
+from jaxllm.config import ROW_KERNEL_LAYERS
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.mesh_axes import per_device
 from jaxllm.nn.platform import target_platform
 
-CUDNN_MASKS = ("global", "sliding")
+CUDNN_MASKS = ROW_KERNEL_LAYERS["cudnn"]
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
-PALLAS_GPU_MASKS = ("global",)
+PALLAS_GPU_MASKS = ROW_KERNEL_LAYERS["pallas_gpu"]
 MIN_BLOCK = 16
 FORWARD_BLOCK, BACKWARD_BLOCK = 128, 32
 

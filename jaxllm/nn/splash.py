@@ -27,11 +27,12 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
+from jaxllm.config import ROW_KERNEL_LAYERS
 from jaxllm.nn.masks import Mask
 from jaxllm.nn.mesh_axes import per_device
 from jaxllm.nn.platform import target_platform
 
-MASKS = ("global", "sliding", "chunked")
+MASKS = ROW_KERNEL_LAYERS["splash"]
 LANES = 128  # the kernel's block sizes are multiples of this
 
 

@@ -58,7 +58,8 @@ def free_port() -> int:
 def launch(command: str, experiment, workdir, outputs: list) -> list[subprocess.Popen]:
     """`jaxllm COMMAND` as two processes of one run; their output goes to `outputs`' files.
     They share a new TFDS data_dir, so a run on the reasoning corpus builds it there."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4 "
+           "--xla_backend_optimization_level=0",
            "JAX_PLATFORMS": "cpu", "TFDS_DATA_DIR": str(workdir.parent / "tfds")}
     port = free_port()
     return [

@@ -74,6 +74,7 @@ def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
     for name, flops in KNOWN_PEAK_FLOPS.items():
         if kind.startswith(name):
             return flops, f"{name} spec sheet"
-    # On CPU the 8 simulated devices of the tests share the same cores: measure the host.
-    peak = measure_matmul_peak(2048, dtype) / jax.local_device_count()
+    # On CPU the 8 simulated devices of the tests share the same cores: measure the host,
+    # at a size that reaches its peak in a fraction of a second.
+    peak = measure_matmul_peak(1024, dtype) / jax.local_device_count()
     return peak, f"measured {jnp.dtype(dtype).name} matmul on {kind}"

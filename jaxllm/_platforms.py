@@ -9,6 +9,7 @@ use instead. It must run before JAX initialises a backend.
 
 import glob
 import os
+import sys
 
 
 def _has_tpu() -> bool:
@@ -21,4 +22,7 @@ def skip_tpu_probe_without_tpu() -> None:
     and no TPU is attached; leaves any other machine, and any choice of the user's, alone."""
     if "JAX_PLATFORMS" in os.environ or _has_tpu() or glob.glob("/dev/kfd"):
         return
-    os.environ["JAX_PLATFORMS"] = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    platforms = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
+    os.environ["JAX_PLATFORMS"] = platforms
+    if "jax" in sys.modules:  # imported first: its config has read the environment already
+        sys.modules["jax"].config.update("jax_platforms", platforms)

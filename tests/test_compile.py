@@ -182,11 +182,13 @@ def test_the_calculator_estimates_the_compiled_memory(preset, slice_name, mesh, 
     assert estimate.total == pytest.approx(report.memory.total, rel=0.2)
 
 
-def test_importing_jaxllm_keeps_an_installed_libtpu_quiet_without_a_tpu():
+@pytest.mark.parametrize("first", ["jaxllm, jax", "jax, jaxllm"])
+def test_importing_jaxllm_keeps_an_installed_libtpu_quiet_without_a_tpu(first):
     """With libtpu installed and no TPU, JAX's first device query would print libtpu's
-    errors; jaxllm names the platforms instead, unless the user already did."""
+    errors; jaxllm names the platforms instead, unless the user already did, whether JAX
+    was imported before it or not."""
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-    script = ("import jaxllm, jax, os; "
+    script = (f"import {first}, os; "
               "print(jax.devices()[0].platform, os.environ['JAX_PLATFORMS'])")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, check=True, timeout=120)

@@ -28,5 +28,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first: the two workers then end on short tests, not one on a long one."""
+    """Slow tests first, so the files that hold them are handed out first (each file runs in
+    one worker): the two workers then end on short files, not one on a long one."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

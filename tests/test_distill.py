@@ -136,7 +136,9 @@ def eval_loss(workdir) -> float:
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """The workdir of the tiny model trained on arithmetic, on the 8-way data mesh."""
+    """The workdir of the tiny model trained on arithmetic, on the 8-way data mesh. It logs
+    only at its last step, so it also proves that the loop does not queue all its steps on
+    XLA:CPU's devices (dozens in flight deadlock its collectives)."""
     workdir = tmp_path_factory.mktemp("teacher")
     pretrain(run_config(tiny_model(), workdir, steps=100, mesh=MeshConfig(data=8),
                         learning_rate=3e-3), log=quiet)

@@ -186,14 +186,19 @@ def lm_step(run: Run, *, source=None, loss=None, frozen: tuple = ()) -> Step:
     eval_step = jit_eval_step(run.model, mesh, run.shardings, batch_shardings)
     run.log(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s")
     meter.restart(run.start)
+    previous_metrics = None
 
     def step(state, number: int, *, final: bool):
-        nonlocal batch
+        nonlocal batch, previous_metrics
         trace.before(number)
         state, metrics = train_step(state, batch, *frozen)
         trace.after(number, metrics)
         if not final:  # the host reads the next batch while the device computes this step
             batch = global_batch(next(batches), mesh, cfg.batch_size)
+        # The host stays one step ahead of the devices, not a whole logging interval: host
+        # memory stays bounded, and XLA:CPU's collectives deadlock with dozens of steps queued.
+        jax.block_until_ready(previous_metrics)
+        previous_metrics = metrics
         record = None
         if number == run.start + 1 or number % cfg.log_every == 0 or final:
             record = meter.record(metrics, number)

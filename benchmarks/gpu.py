@@ -10,21 +10,24 @@ every section, so a section that crashes or runs out of time loses nothing measu
 1. matmul: the measured bf16 peak of an 8192^3 matmul, and the card's spec-sheet peak
    (`jaxllm.train.flops.KNOWN_PEAK_FLOPS`; an unknown card has MFU against the measured
    peak only).
-2. jaxllm: a Llama of d 2048, 16 layers, 16 query / 8 kv heads of 128, SwiGLU 5632, vocab
+2. attention: fwd+bwd of one causal attention call at the Llama's head shape, bf16, for
+   every kernel in `jaxllm.nn.attention_kernels.KERNELS` but auto and splash.
+3. jaxllm: a Llama of d 2048, 16 layers, 16 query / 8 kv heads of 128, SwiGLU 5632, vocab
    32000 (`gpu_models.llama`), batch 8 x 2048, bf16 compute on float32 params, AdamW, clip
-   1.0, remat save_dots and attention auto (`--remat`, `--attention`), built as
-   `jaxllm.train.loop` builds it: compile seconds, tokens/s over the timed steps after the
-   warm-up, MFU with the model FLOPs of `flops.train_flops_per_token` (6N + 12 L H D S,
-   PaLM).
-3. torch_eager, torch_compile: the same model as transformers' LlamaForCausalLM (its config
+   1.0, remat save_dots and the attention section's fastest accurate kernel (`--remat`,
+   `--attention`), built as `jaxllm.train.loop` builds it: compile seconds, tokens/s over
+   the timed steps after the warm-up, MFU with the model FLOPs of
+   `flops.train_flops_per_token` (6N + 12 L H D S, PaLM), and the top kernels of two
+   traced steps (`kernel_profile.top_kernels`).
+4. torch_eager, torch_compile: the same model as transformers' LlamaForCausalLM (its config
    from jaxllm's HF mapping), float32 master weights, bf16 autocast, SDPA attention, fused
    AdamW with the same settings, clip 1.0, the same tokens per step; eager and
-   torch.compile'd. Its parameter count must equal jaxllm's.
-4. attention: fwd+bwd of one causal attention call at the Llama's head shape, bf16, for
-   every kernel in `jaxllm.nn.attention_kernels.KERNELS` but auto and splash.
+   torch.compile'd. Its parameter count must equal jaxllm's; its top kernels are traced
+   with torch.profiler.
 5. moe_e8, moe_e64: jaxllm MoE models (E=8, k=2 and E=64, k=6) with each dropless kernel
    that runs on GPU, against a dense model of the same active parameters: tokens/s of the
-   train step. `auto` is the kernel `jaxllm.nn.experts.resolve_kernel` picks here.
+   train step. `auto` is the kernel `jaxllm.nn.experts.resolve_kernel` picks here; its
+   model's top kernels are traced as the dense Llama's are.
 
 Then the markdown tables, each goal with its figure and pass or fail, and the environment.
 The exit status is 1 where a section failed, timed out or was skipped, or where the
@@ -50,8 +53,8 @@ from gpu_models import run_settings
 from timing import command
 
 # Section -> its timeout in seconds on one GPU, in the order they run.
-TIMEOUTS = {"matmul": 60, "jaxllm": 180, "torch_eager": 90, "torch_compile": 240,
-            "attention": 90, "moe_e8": 180, "moe_e64": 180}
+TIMEOUTS = {"matmul": 60, "attention": 90, "jaxllm": 180, "torch_eager": 90,
+            "torch_compile": 240, "moe_e8": 180, "moe_e64": 180}
 TINY_TIMEOUT = 300  # every section at toy sizes on a CPU
 MIN_SECTION_S = 20  # a section starts only with this much of the budget left
 TORCH_SECTIONS = ("torch_eager", "torch_compile")
@@ -70,7 +73,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed steps of the dense model")
     parser.add_argument("--remat", choices=("none", "full", "save_dots"), default="save_dots",
                         help="jaxllm's rematerialisation of the dense model")
-    parser.add_argument("--attention", default="auto", help="jaxllm's attention kernel")
+    parser.add_argument("--attention", default="fastest",
+                        help="jaxllm's attention kernel: a name, auto, or fastest (the "
+                             "attention section's fastest accurate kernel; auto without one)")
     parser.add_argument("--section", choices=tuple(TIMEOUTS), help=argparse.SUPPRESS)
     parser.add_argument("--out-part", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,7 +110,7 @@ def run_child(args: argparse.Namespace) -> None:
         for key, value in section_function(args.section)(args):
             part[key] = value
             write_json(args.out_part, part)
-            print(f"{args.section}: {key} = {value}", flush=True)
+            print(f"{args.section}: {key} = {str(value)[:300]}", flush=True)
     except Exception as failure:
         part["error"] = f"{type(failure).__name__}: {failure}"[:2000]
         part["traceback"] = traceback.format_exc()[-3000:]
@@ -113,9 +118,16 @@ def run_child(args: argparse.Namespace) -> None:
         raise
 
 
-def child_command(name: str, args: argparse.Namespace, part: str) -> list[str]:
+def attention_kernel(choice: str, sections: dict) -> str:
+    """jaxllm's attention kernel for `--attention choice`, given the sections run so far."""
+    if choice != "fastest":
+        return choice
+    return gpu_report.fastest_attention(sections) or "auto"
+
+
+def child_command(name: str, args: argparse.Namespace, part: str, attention: str) -> list[str]:
     cmd = [sys.executable, __file__, "--section", name, "--out-part", part,
-           "--remat", args.remat, "--attention", args.attention]
+           "--remat", args.remat, "--attention", attention]
     cmd += ["--tiny"] if args.tiny else []
     for flag in ("batch", "steps"):
         if getattr(args, flag) is not None:
@@ -137,13 +149,13 @@ def child_environment(name: str, tiny: bool) -> dict:
     return env
 
 
-def run_section(name: str, args: argparse.Namespace, timeout: float) -> dict:
+def run_section(name: str, args: argparse.Namespace, timeout: float, attention: str) -> dict:
     """The section's results, its wall seconds and status, from a process of its own that is
     killed after `timeout` seconds; whatever it started is killed with it."""
     with tempfile.TemporaryDirectory() as tmp:
         part = Path(tmp) / "part.json"
         start = time.perf_counter()
-        process = subprocess.Popen(child_command(name, args, str(part)),
+        process = subprocess.Popen(child_command(name, args, str(part), attention),
                                    env=child_environment(name, args.tiny), start_new_session=True)
         try:
             code = process.wait(timeout=timeout)
@@ -196,7 +208,8 @@ def run_all(args: argparse.Namespace) -> dict:
         else:
             print(f"== {name}", flush=True)
             timeout = min(TINY_TIMEOUT if args.tiny else TIMEOUTS[name], left)
-            results["sections"][name] = run_section(name, args, timeout)
+            attention = attention_kernel(args.attention, results["sections"])
+            results["sections"][name] = run_section(name, args, timeout, attention)
         results["goals"] = gpu_report.goals(results["sections"])
         write_json(args.out, results)
     results["total_s"] = time.perf_counter() - start

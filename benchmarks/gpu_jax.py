@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from attention import fwd_bwd, masked
 from gpu_models import MOE_SHAPES, llama, moe_model
+from kernel_profile import top_kernels
 from moe import active_params, dense_active
-from timing import time_calls
+from timing import guarded, time_calls
 from train_step import build, compile_step
 
 from jaxllm import config as config_lib
@@ -46,9 +47,11 @@ def matmul(args) -> Iterator[tuple[str, object]]:
     yield "measured_peak", flops.measure_matmul_peak(size, jnp.bfloat16, repeats=20)
 
 
-def train_throughput(model: config_lib.ModelConfig, run, steps: int) -> dict:
+def train_throughput(model: config_lib.ModelConfig, run, steps: int, profile: bool = False
+                     ) -> dict:
     """Parameters, compile seconds, median step seconds, tokens/s, last loss and XLA memory of
-    jaxllm's train step (built as `train.loop` builds it) on one device."""
+    jaxllm's train step (built as `train.loop` builds it) on one device; with `profile`, the
+    top kernels of two more steps (`kernel_profile.top_kernels`)."""
     train = config_lib.TrainConfig(steps=1000, batch_size=run.batch, seq_len=run.seq_len,
                                    warmup_steps=10)
     mesh, state, batch, step = build(config_lib.Config(model=model, train=train))
@@ -63,10 +66,12 @@ def train_throughput(model: config_lib.ModelConfig, run, steps: int) -> dict:
 
     with parallel.use_mesh(mesh):
         timing = time_calls(train_step, steps, warmup=run.warmup)
+        loss = float(timing.out["loss"])
+        kernels = {"top_kernels": guarded(top_kernels, train_step)} if profile else {}
     return dict(params=params, compile_s=compile_s, step_s=timing.median,
-                tokens_per_s=run.batch * run.seq_len / timing.median,
-                loss=float(timing.out["loss"]), temp_bytes=memory.temp_size_in_bytes,
-                argument_bytes=memory.argument_size_in_bytes)
+                tokens_per_s=run.batch * run.seq_len / timing.median, loss=loss,
+                temp_bytes=memory.temp_size_in_bytes,
+                argument_bytes=memory.argument_size_in_bytes, **kernels)
 
 
 def dense(args) -> Iterator[tuple[str, object]]:
@@ -77,29 +82,22 @@ def dense(args) -> Iterator[tuple[str, object]]:
     model = dataclasses.replace(base, dtype="bfloat16", remat=args.remat, attention=attention)
     yield "remat", args.remat
     yield "attention_kernel", attention_kernels.resolve_kernel(args.attention, Mask())
-    r = train_throughput(model, args.run, args.run.steps)
+    r = train_throughput(model, args.run, args.run.steps, profile=True)
     yield from r.items()
     yield "per_token_flops", flops.train_flops_per_token(model, r["params"], args.run.seq_len)
 
 
-def guarded(measure, *arguments) -> dict:
-    """`measure(*arguments)`, or {"error": ...} where it raises: one failing variant must not
-    end its section."""
-    try:
-        return measure(*arguments)
-    except Exception as error:  # noqa: BLE001 -- recorded in the results, the run goes on
-        return {"error": f"{type(error).__name__}: {str(error)[:500]}"}
-
-
 def moe(section: str, args) -> Iterator[tuple[str, object]]:
     """Each dropless kernel's MoE model, then the dense model of its active parameters:
-    tokens/s of the train step. `auto` names the kernel it stands for here."""
+    tokens/s of the train step. `auto` names the kernel it stands for here, whose model's
+    top kernels are traced too."""
     model = moe_model(section, args.tiny)
-    yield "auto", experts.resolve_kernel("auto")
+    auto = experts.resolve_kernel("auto")
+    yield "auto", auto
     total = None
     for kernel in MOE_KERNELS:
         variant = dataclasses.replace(model, moe=dataclasses.replace(model.moe, kernel=kernel))
-        r = guarded(train_throughput, variant, args.run, args.run.moe_steps)
+        r = guarded(train_throughput, variant, args.run, args.run.moe_steps, kernel == auto)
         if "params" in r:
             total = r["params"]
             r["active_params"] = active_params(model, total)

@@ -1,5 +1,7 @@
 """The figures, goals and markdown tables of `benchmarks/gpu.py` from its sections' results."""
 
+from collections.abc import Iterator
+
 from timing import table
 
 MFU_GOAL = 0.50
@@ -7,6 +9,15 @@ EAGER_GOAL = 1.2  # jaxllm tokens/s over PyTorch eager's
 COMPILE_GOAL = 1.0  # ... over torch.compile's
 MOE_GOALS = {"moe_e8": ("E=8, k=2", 1.5), "moe_e64": ("E=64, k=6", 2.0)}  # MoE / dense-active
 TORCH = {"torch_eager": "PyTorch eager", "torch_compile": "PyTorch torch.compile"}
+ACCURATE = 2e-2  # largest relative gradient error of an attention kernel the model may use
+
+
+def fastest_attention(sections: dict) -> str | None:
+    """The attention kernel of the least fwd+bwd time among those whose gradients are within
+    `ACCURATE` of the naive kernel's, from the attention section; None where it timed none."""
+    timed = {kernel: r["seconds"] for kernel, r in sections.get("attention", {}).items()
+             if isinstance(r, dict) and r.get("relative_error", 1.0) < ACCURATE}
+    return min(timed, key=timed.get, default=None)
 
 
 def measured(sections: dict, name: str) -> dict | None:
@@ -164,6 +175,34 @@ def attention_table(sections: dict) -> str:
                   "grad error vs naive f32"), rows)
 
 
+def profiled(sections: dict) -> Iterator[tuple[str, dict]]:
+    """(label, results) of each model whose step was traced: the dense Llama in jaxllm and
+    PyTorch, and the MoE models with the kernel auto stands for."""
+    for name, label in (("jaxllm", "jaxllm"), *TORCH.items()):
+        yield label, sections.get(name, {})
+    for name, (shape, _) in MOE_GOALS.items():
+        result = sections.get(name, {})
+        yield f"MoE {shape}, {result.get('auto')}", result.get(result.get("auto"), {})
+
+
+def kernel_table(sections: dict) -> str:
+    """Each traced model's device busy time per step, then its top kernels."""
+    rows = []
+    for label, result in profiled(sections):
+        profile = result.get("top_kernels")
+        if profile is None or "busy_s" not in profile:
+            rows.append((label, error(profile or {"status": "not traced"}), "", "", ""))
+            continue
+        rows.append((label, "(busy, summed over streams; share: of the step)",
+                     cell(profile["busy_s"] * 1e3, "{:.1f}"), "",
+                     cell(profile["busy_s"] / result["step_s"], "{:.1%}")))
+        rows += [(label, f"`{k['name'].replace('|', '/')}`", cell(k["seconds"] * 1e3, "{:.2f}"),
+                  cell(k["launches"], "{:g}"), cell(k["share"], "{:.1%}"))
+                 for k in profile["kernels"]]
+    return table(("model", "kernel", "ms per step", "launches per step", "share of busy time"),
+                 rows)
+
+
 def walls_line(sections: dict) -> str:
     """Each section's status and wall seconds, its process's start to end."""
     return "Sections, wall seconds: " + ", ".join(
@@ -180,14 +219,14 @@ def environment_line(results: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The tables of a run: the dense step, the goals, MoE, attention; then the matmul peak,
-    the sections' wall times and the environment."""
+    """The tables of a run: the dense step, the goals, MoE, attention, the traced kernels; then
+    the matmul peak, the sections' wall times and the environment."""
     sections = results["sections"]
     spec, measured_peak = peaks(sections)
     size = sections.get("matmul", {}).get("size")
     return "\n\n".join([
         dense_table(sections), goal_table(sections), moe_table(sections),
-        attention_table(sections),
+        attention_table(sections), kernel_table(sections),
         f"bf16 matmul peak: measured {cell(measured_peak and measured_peak / 1e12, '{:.3g}')} "
         f"TFLOP/s ({size}^3), spec {cell(spec and spec / 1e12, '{:.3g}')} TFLOP/s.",
         walls_line(sections), environment_line(results),

@@ -2,14 +2,18 @@
 LlamaForCausalLM with float32 master weights, bf16 autocast, SDPA attention, AdamW with
 jaxllm's settings (fused on GPU) and gradient clipping at 1.0, eager or torch.compile'd."""
 
+import collections
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import transformers
 from gpu_models import llama
-from timing import time_calls
+from kernel_profile import summary
+from timing import guarded, time_calls
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
 
 from jaxllm.config import TrainConfig
 from jaxllm.convert.hf_config import to_hf
@@ -55,11 +59,29 @@ def train_step(model: torch.nn.Module, forward, optimizer, tokens: torch.Tensor)
     return step
 
 
+def top_kernels(step: Callable[[], float], cuda: bool, *, calls: int = 2, top: int = 12) -> dict:
+    """`kernel_profile.top_kernels`'s summary of `calls` steps from torch.profiler: the GPU's
+    kernels by their device time, or on a CPU the ops by their own CPU time."""
+    activity, device = ((ProfilerActivity.CUDA, DeviceType.CUDA) if cuda
+                        else (ProfilerActivity.CPU, DeviceType.CPU))
+    with torch.profiler.profile(activities=[activity]) as trace:
+        for _ in range(calls):
+            step()
+    nanoseconds, launches = collections.Counter(), collections.Counter()
+    for event in trace.key_averages():
+        if event.device_type == device:
+            micro = event.self_device_time_total if cuda else event.self_cpu_time_total
+            nanoseconds[event.key] += round(micro * 1e3)
+            launches[event.key] += event.count
+    return summary(nanoseconds, launches, calls=calls, top=top)
+
+
 def llama_step(args, compiled: bool) -> Iterator[tuple[str, object]]:
-    """Parameters, first-step seconds (torch.compile's compile included) and tokens/s over
-    the timed steps. On a CPU torch.compile stops at AOTAutograd (backend "aot_eager"): the
-    graph capture the GPU run shares, without inductor's CPU code generation, which is not
-    the GPU's and takes a minute even at toy size."""
+    """Parameters, first-step seconds (torch.compile's compile included), tokens/s over the
+    timed steps and the top kernels of two more. On a CPU torch.compile stops at
+    AOTAutograd (backend "aot_eager"): the graph capture the GPU run shares, without
+    inductor's CPU code generation, which is not the GPU's and takes a minute even at toy
+    size."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     run = args.run
@@ -81,6 +103,7 @@ def llama_step(args, compiled: bool) -> Iterator[tuple[str, object]]:
     yield "step_s", timing.median
     yield "tokens_per_s", run.batch * run.seq_len / timing.median
     yield "loss", timing.out
+    yield "top_kernels", guarded(top_kernels, step, cuda)
     if cuda:
         yield "peak_memory_bytes", torch.cuda.max_memory_allocated()
 

@@ -47,6 +47,15 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> Timin
     return Timing(times, cpu, out)
 
 
+def guarded(measure, *arguments) -> dict:
+    """`measure(*arguments)`, or {"error": ...} where it raises: one failing measurement
+    must not end its section."""
+    try:
+        return measure(*arguments)
+    except Exception as error:  # noqa: BLE001 -- recorded in the results, the run goes on
+        return {"error": f"{type(error).__name__}: {str(error)[:500]}"}
+
+
 def time_interleaved(calls: dict[str, tuple], reps: int) -> dict[str, Timing]:
     """name -> `Timing` of `reps` rounds that each time every call (fn, args) once, so that
     the machine's drift hits all alike. Each timed call follows an untimed one of the same

@@ -1,7 +1,8 @@
 """`benchmarks/gpu.py --tiny` runs every section at toy sizes on a CPU, as CI runs it: the JSON
-holds every section, jaxllm's and PyTorch's models count the same parameters, every attention
-kernel's gradients and every MoE kernel's loss agree with the others, every model trains at
-a positive rate, and the tables print."""
+holds every section, jaxllm's and PyTorch's models count the same parameters, jaxllm's
+model attends with the fastest attention kernel, every attention kernel's gradients and
+every MoE kernel's loss agree with the others, every model trains at a positive rate, the
+traced steps name their top kernels, and the tables print."""
 
 import json
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("matmul", "jaxllm", "torch_eager", "torch_compile", "attention", "moe_e8", "moe_e64")
+TORCH_SECTIONS = ("torch_eager", "torch_compile")
+SECTIONS = ("matmul", "attention", "jaxllm", *TORCH_SECTIONS, "moe_e8", "moe_e64")
 
 
 def positive_rates(results: dict) -> list[float]:
@@ -42,13 +44,24 @@ def test_tiny_run_measures_every_section(tmp_path):
     assert len(counts) == 1, counts
     kernels = [r for r in sections["attention"].values() if isinstance(r, dict)]
     assert len(kernels) >= 4 and all(r["relative_error"] < 2e-2 for r in kernels), kernels
+    seconds = {name: r["seconds"] for name, r in sections["attention"].items()
+               if isinstance(r, dict)}
+    assert sections["jaxllm"]["attention_kernel"] == min(seconds, key=seconds.get)
     for name in ("moe_e8", "moe_e64"):  # every kernel from the same parameters and batch
         losses = [r["loss"] for key, r in sections[name].items()
                   if isinstance(r, dict) and key != "dense_active"]
         assert max(losses) - min(losses) < 1e-2, losses
+    profiles = [sections[name]["top_kernels"] for name in ("jaxllm", *TORCH_SECTIONS)]
+    profiles += [sections[name][sections[name]["auto"]]["top_kernels"]
+                 for name in ("moe_e8", "moe_e64")]
+    for profile in profiles:  # the traced steps' busy time is split between their kernels
+        assert profile["busy_s"] > 0 and len(profile["kernels"]) == 12, profile
+        shares = [k["share"] for k in profile["kernels"]]
+        assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0, profile
     rates = positive_rates(results)
     assert len(rates) >= 12 and all(rate > 0 for rate in rates), rates
-    for header in ("| goal | figure | target | result |", "| shape | model |", "| kernel |"):
+    for header in ("| goal | figure | target | result |", "| shape | model |", "| kernel |",
+                   "| model | kernel | ms per step |"):
         assert header in run.stdout
     assert "parameter counts, jaxllm = PyTorch | True | equal | pass" in run.stdout
     assert f"torch {results['environment']['versions']['torch']}" in run.stdout

@@ -24,10 +24,11 @@ every section, so a section that crashes or runs out of time loses nothing measu
    AdamW with the same settings, clip 1.0, the same tokens per step; eager and
    torch.compile'd. Its parameter count must equal jaxllm's; its top kernels are traced
    with torch.profiler.
-5. moe_e8, moe_e64: jaxllm MoE models (E=8, k=2 and E=64, k=6) with each dropless kernel
-   that runs on GPU, against a dense model of the same active parameters: tokens/s of the
-   train step. `auto` is the kernel `jaxllm.nn.experts.resolve_kernel` picks here; its
-   model's top kernels are traced as the dense Llama's are.
+5. moe_e8, moe_e64: a dense model of the MoE model's active parameters, then jaxllm MoE
+   models (E=8, k=2 and E=64, k=6) with each dropless kernel that runs on GPU, `auto`'s
+   first and ragged_dot last: tokens/s of the train step. `auto` is the kernel
+   `jaxllm.nn.experts.resolve_kernel` picks here; its model's top kernels are traced as
+   the dense Llama's are.
 
 Then the markdown tables, each goal with its figure and pass or fail, and the environment.
 The exit status is 1 where a section failed, timed out or was skipped, or where the

@@ -20,7 +20,7 @@ class Run:
 
 RUNS = {
     False: Run(batch=8, seq_len=2048, steps=10, warmup=2, moe_steps=5, matmul_size=8192),
-    True: Run(batch=2, seq_len=64, steps=2, warmup=1, moe_steps=2, matmul_size=256),
+    True: Run(batch=2, seq_len=64, steps=2, warmup=1, moe_steps=1, matmul_size=256),
 }
 
 # (routed experts, experts per token, expert width as a multiple of the model width)
@@ -48,8 +48,8 @@ def moe_model(section: str, tiny: bool) -> ModelConfig:
     8 layers, 8 query / 4 kv heads of 128, vocab 32000; or a toy one."""
     experts, k, width = MOE_SHAPES[section]
     if tiny:
-        body = ModelConfig(vocab_size=384, embed_dim=64, num_layers=1, num_heads=4,
-                           num_kv_heads=2, head_dim=16, mlp_dim=128)
+        body = ModelConfig(vocab_size=384, embed_dim=128, num_layers=1, num_heads=4,
+                           num_kv_heads=2, head_dim=16, mlp_dim=256)
     else:
         body = ModelConfig(vocab_size=32_000, embed_dim=1024, num_layers=8, num_heads=8,
                            num_kv_heads=4, head_dim=128, mlp_dim=4096)

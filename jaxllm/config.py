@@ -81,11 +81,12 @@ class MoEConfig:
     # The grouped matmul (`jaxllm.nn.experts`): auto picks by target platform: gmm (the Pallas
     # megablox kernel, `jaxllm.nn.gmm_experts`; a compile proof, not measured) on TPU, and from
     # benchmarks/moe.py block_sparse on GPU, tiled elsewhere (CPU). triton_gmm: block_sparse's
-    # blocks through a Pallas Triton grouped matmul (`jaxllm.nn.triton_experts`; untimed, so
-    # auto never picks it). sorted_einsum: padded [E, C, D] blocks (with dispatch=capacity;
-    # dropless holds C = T rows, E/k times the FLOPs).
-    kernel: Literal["auto", "ragged_dot", "gmm", "triton_gmm", "block_sparse", "tiled",
-                    "sorted_einsum"] = "auto"
+    # blocks through a Pallas Triton grouped matmul (`jaxllm.nn.triton_experts`), and
+    # mosaic_gmm: jax's Mosaic GPU ragged dot for Hopper (`jaxllm.nn.mosaic_experts`); both
+    # untimed, so auto never picks them. sorted_einsum: padded [E, C, D] blocks (with
+    # dispatch=capacity; dropless holds C = T rows, E/k times the FLOPs).
+    kernel: Literal["auto", "ragged_dot", "gmm", "triton_gmm", "mosaic_gmm", "block_sparse",
+                    "tiled", "sorted_einsum"] = "auto"
     # On a mesh with expert > 1 whose devices split the tokens: shard_map with an all_to_all
     # token exchange (`jaxllm.nn.expert_parallel`). False, or tokens that do not split,
     # leave the expert-sharded matmuls to GSPMD.
@@ -156,6 +157,9 @@ POSITION_KINDS = ("rope", "alibi", "none")
 # nn/gpu_attention.py) and the config check read this one table.
 ROW_KERNEL_LAYERS = {"splash": ("global", "sliding", "chunked"), "cudnn": ("global", "sliding"),
                      "pallas_gpu": ("global",)}
+# The smallest tile of the mosaic_gmm experts kernel (nn/mosaic_experts.py), which the model
+# and expert widths must be multiples of.
+MOSAIC_GMM_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +436,7 @@ class ModelConfig:
         if self.moe is not None:
             self.moe.validate(f"{prefix}moe.")
             self._validate_moe_placement(prefix)
+            self._validate_moe_kernel(prefix)
         self.attention.validate(f"{prefix}attention.")
         self._validate_attention_layers(prefix)
         self._validate_fp8(prefix)
@@ -485,6 +490,16 @@ class ModelConfig:
             f"must divide the {self.num_layers - first} layers after the dense ones, "
             "so that the layer groups repeat exactly",
         )
+
+    def _validate_moe_kernel(self, prefix: str) -> None:
+        """mosaic_gmm tiles the model and expert widths in blocks of MOSAIC_GMM_BLOCK."""
+        if self.moe.kernel != "mosaic_gmm":
+            return
+        for field, width in (("embed_dim", self.embed_dim), ("moe.expert_dim",
+                                                              self.moe.expert_dim)):
+            _require(width % MOSAIC_GMM_BLOCK == 0, f"{prefix}{field}",
+                     f"{width} must be a multiple of {MOSAIC_GMM_BLOCK} for the mosaic_gmm "
+                     "kernel's tiles")
 
     def _fp8_widths(self) -> list[tuple[str, int]]:
         """(field, width) of the contracted axis K of each kind of fp8 matmul."""

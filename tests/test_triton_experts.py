@@ -86,24 +86,30 @@ def test_triton_gmm_layer_under_a_mesh_equals_ragged_dot_on_one_device(mesh_conf
     assert float(metrics["dropped_fraction"]) == 0.0
 
 
-def test_triton_gmm_lowers_for_cuda_forward_and_backward_and_auto_stays_block_sparse():
-    """The real Triton kernels, not interpret mode: two grouped matmuls forward, and for each
-    a dx and a dW kernel backward. "auto" does not pick triton_gmm until a GPU run has
-    measured it."""
+def routed_grad_lowered_for_cuda(kernel: str, hidden: int):
+    """The gradient of a routed bf16 MoE with `kernel` (256 tokens of 384, top-2 of 8
+    experts of width `hidden`) lowered for CUDA under a GPU mesh, where "auto" stays
+    block_sparse."""
     x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
     weights = jax.ShapeDtypeStruct((256, 2), jnp.bfloat16)
     experts = jax.ShapeDtypeStruct((256, 2), jnp.int32)
-    wi = jax.ShapeDtypeStruct((8, 384, 2, 200), jnp.bfloat16)
-    wo = jax.ShapeDtypeStruct((8, 200, 384), jnp.bfloat16)
+    wi = jax.ShapeDtypeStruct((8, 384, 2, hidden), jnp.bfloat16)
+    wo = jax.ShapeDtypeStruct((8, hidden, 384), jnp.bfloat16)
 
     def loss(x, weights, experts, wi, wo):
-        y, _ = routed_experts(x, weights, experts, wi, wo, capacity=256, kernel="triton_gmm")
+        y, _ = routed_experts(x, weights, experts, wi, wo, capacity=256, kernel=kernel)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     with jax.sharding.use_abstract_mesh(gpu_mesh()):
         assert resolve_kernel("auto") == "block_sparse"
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))).trace(
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4))).trace(
             x, weights, experts, wi, wo).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
+
+
+def test_triton_gmm_lowers_for_cuda_forward_and_backward_and_auto_stays_block_sparse():
+    """The real Triton kernels, not interpret mode: two grouped matmuls forward, and for each
+    a dx and a dW kernel backward. "auto" does not pick triton_gmm until a GPU run has
+    measured it."""
+    text = routed_grad_lowered_for_cuda("triton_gmm", hidden=200).as_text()
     assert text.count("xla.gpu.triton") == 6
     assert "gmm_forward" in text and "gmm_weight_grad" in text

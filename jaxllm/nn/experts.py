@@ -1,6 +1,6 @@
 """Routed SwiGLU experts: sort token-choices by expert, one grouped matmul, unsort, combine.
 
-Six kernels (`KERNELS`) compute the grouped matmul (`docs/references.md`, "Dropless MoE via
+Seven kernels (`KERNELS`) compute the grouped matmul (`docs/references.md`, "Dropless MoE via
 grouped matmul"; `docs/benchmarks.md` has their measured speed):
 - "ragged_dot": `jax.lax.ragged_dot` over the sorted rows (XLA:CPU and XLA:GPU compute it
   densely per group).
@@ -15,6 +15,10 @@ grouped matmul"; `docs/benchmarks.md` has their measured speed):
   the routed products in the backward pass too; per device inside `jax.shard_map` under a
   mesh, interpret mode off GPU. Untimed until a GPU run measures it, so "auto" never picks
   it.
+- "mosaic_gmm": jax's Pallas Mosaic GPU ragged-dot kernels for Hopper over the sorted rows
+  (`jaxllm.nn.mosaic_experts`), forward and backward, with no padding; per device inside
+  `jax.shard_map` under a mesh, interpret mode off GPU. Untimed until a GPU run measures it,
+  so "auto" never picks it.
 - "tiled": a loop over tiles of each expert's rows, one dense SwiGLU per tile, that
   gathers, weights and adds back its rows itself, with a hand-written VJP
   (`jaxllm.nn.tiled_experts`): no padding that no routing fills, no sorted copy of the
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 
 from jaxllm.nn import fp8 as fp8_lib
 from jaxllm.nn import gmm_experts, router, triton_experts
+from jaxllm.nn.mosaic_experts import mosaic_swiglu
 from jaxllm.nn.platform import target_platform
 from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
@@ -58,9 +63,10 @@ def block_size(rows: int, num_experts: int) -> int:
     return max(8, min(128, 1 << max(0, (rows // num_experts).bit_length() - 1)))
 
 
-KERNELS = ("auto", "ragged_dot", "gmm", "triton_gmm", "block_sparse", "tiled", "sorted_einsum")
+KERNELS = ("auto", "ragged_dot", "gmm", "triton_gmm", "mosaic_gmm", "block_sparse", "tiled",
+           "sorted_einsum")
 FP8_KERNELS = ("block_sparse", "sorted_einsum")
-PALLAS_KERNELS = ("gmm", "triton_gmm")  # run per device under a mesh
+PALLAS_KERNELS = ("gmm", "triton_gmm", "mosaic_gmm")  # run per device under a mesh
 
 
 def _batched(fp8: fp8_lib.Recipe | None):
@@ -206,6 +212,8 @@ def routed_experts(x, weights, experts, wi, wo, *, capacity: int, kernel: str,
         out = ragged_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "gmm":
         out = gmm_experts.gmm_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
+    elif kernel == "mosaic_gmm":
+        out = mosaic_swiglu(x_sorted, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "triton_gmm":
         out = triton_swiglu(x_sorted, sorted_experts, group_sizes, wi, wo) * kept[:, None]
     elif kernel == "block_sparse":

@@ -11,9 +11,9 @@ kernel, visiting only the row tiles a group touches.
   kernel traced into plain XLA ops, so CPU tests check its numerics.
 - Sharding: GSPMD cannot partition a Pallas call. Inside expert parallelism's shard_map
   (`jaxllm.nn.expert_parallel`) it already runs per device; under any other mesh `per_device`
-  runs the whole routed MoE in a `jax.shard_map` (for triton_gmm too). A Pallas call does
-  not type how its output varies over the mesh, so these shard_maps run with
-  check_vma=False.
+  runs the whole routed MoE in a `jax.shard_map` (for triton_gmm and mosaic_gmm too). A
+  Pallas call does not type how its output varies over the mesh, so these shard_maps run
+  with check_vma=False.
 """
 
 import math
@@ -86,7 +86,8 @@ def _row_axes(mesh: AbstractMesh, tokens: int) -> tuple[str, ...]:
 
 def per_device(routed, x, weights, experts, wi, wo, *, mesh: AbstractMesh, capacity: int):
     """`routed(x, weights, experts, wi, wo, capacity=...)` (the routed MoE with a Pallas
-    kernel, gmm or triton_gmm) run on each device of `mesh` inside `jax.shard_map`.
+    kernel: gmm, triton_gmm or mosaic_gmm) run on each device of `mesh` inside
+    `jax.shard_map`.
 
     Each device routes, sorts and combines its own tokens, split over the data, fsdp, context
     and expert axes (those that divide them; tokens are repeated over the others), so no

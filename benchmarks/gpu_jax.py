@@ -77,15 +77,22 @@ def train_throughput(model: config_lib.ModelConfig, run, steps: int, profile: bo
 
 def dense(args) -> Iterator[tuple[str, object]]:
     """The dense Llama in bf16 (float32 params, AdamW, clip 1.0): tokens/s and the model FLOPs
-    per token of `flops.train_flops_per_token` (6N + attention), for MFU."""
+    per token of `flops.train_flops_per_token` (6N + attention), for MFU. Where the model
+    fails with `--attention`'s kernel, the error is recorded and it runs with auto's."""
     base = llama(args.tiny)
-    attention = dataclasses.replace(base.attention, kernel=args.attention)
-    model = dataclasses.replace(base, dtype="bfloat16", remat=args.remat, attention=attention)
     yield "remat", args.remat
-    yield "attention_kernel", attention_kernels.resolve_kernel(args.attention, Mask())
-    r = train_throughput(model, args.run, args.run.steps, profile=True)
+    for kernel in dict.fromkeys((args.attention, "auto")):
+        attention = dataclasses.replace(base.attention, kernel=kernel)
+        model = dataclasses.replace(base, dtype="bfloat16", remat=args.remat, attention=attention)
+        r = guarded(train_throughput, model, args.run, args.run.steps, True)
+        if "error" not in r:
+            break
+        yield f"error_with_{kernel}", r["error"]
+    yield "attention_kernel", attention_kernels.resolve_kernel(kernel, Mask())
     yield from r.items()
-    yield "per_token_flops", flops.train_flops_per_token(model, r["params"], args.run.seq_len)
+    if "params" in r:
+        yield "per_token_flops", flops.train_flops_per_token(model, r["params"],
+                                                             args.run.seq_len)
 
 
 def moe_kernels(auto: str) -> list[str]:

@@ -115,8 +115,11 @@ def dense_table(sections: dict) -> str:
     rows = []
     for name, label in (("jaxllm", "jaxllm"), *TORCH.items()):
         result = sections.get(name, {})
-        if name == "jaxllm" and "remat" in result:
-            label += f" (remat {result['remat']}, attention {result['attention_kernel']})"
+        if name == "jaxllm" and "attention_kernel" in result:
+            failed = [key.removeprefix("error_with_") for key in result
+                      if key.startswith("error_with_")]
+            label += (f" (remat {result['remat']}, attention {result['attention_kernel']}"
+                      + "".join(f"; {kernel} failed" for kernel in failed) + ")")
         r = measured(sections, name)
         if r is None:
             rows.append((label, cell(result.get("params")), error(result), "", "", "", "", ""))

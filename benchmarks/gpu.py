@@ -4,8 +4,10 @@
     python benchmarks/gpu.py --tiny --out gpu.json   # every section at toy sizes, on a CPU
 
 Every section runs in its own process (JAX's and PyTorch's allocators never share the card),
-with its own timeout, all under one budget (`--budget`); the results JSON is rewritten after
-every section, so a section that crashes or runs out of time loses nothing measured before.
+with its own timeout, all under one budget (`--budget`), of which each section leaves half
+of their timeouts to those after it (`section_timeout`); the results JSON is rewritten
+after every section, so a section that crashes or runs out of time loses nothing measured
+before.
 
 1. matmul: the measured bf16 peak of an 8192^3 matmul, and the card's spec-sheet peak
    (`jaxllm.train.flops.KNOWN_PEAK_FLOPS`; an unknown card has MFU against the measured
@@ -58,6 +60,7 @@ TIMEOUTS = {"matmul": 60, "attention": 90, "jaxllm": 180, "torch_eager": 90,
             "torch_compile": 240, "moe_e8": 180, "moe_e64": 180}
 TINY_TIMEOUT = 300  # every section at toy sizes on a CPU
 MIN_SECTION_S = 20  # a section starts only with this much of the budget left
+RESERVE = 0.5  # of the later sections' timeouts, kept from the budget of each section
 TORCH_SECTIONS = ("torch_eager", "torch_compile")
 NO_LLVM_OPT = "--xla_backend_optimization_level=0"
 PACKAGES = ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "torch", "transformers")
@@ -197,18 +200,27 @@ def environment() -> dict:
             "date": datetime.date.today().isoformat(), "cpus": os.cpu_count()}
 
 
+def section_timeout(own: float, later: list[str], left: float) -> float:
+    """A section's timeout: its `own`, less what the `left` seconds of the budget must keep
+    for the `later` sections (`RESERVE` of their timeouts), but at least MIN_SECTION_S."""
+    reserve = RESERVE * sum(TIMEOUTS[name] for name in later)
+    return min(own, left, max(left - reserve, MIN_SECTION_S))
+
+
 def run_all(args: argparse.Namespace) -> dict:
     """Runs every section under the budget, rewriting args.out after each."""
     results = {"environment": environment(), "command": command(), "tiny": args.tiny,
                "budget_s": args.budget, "sections": {}}
     start = time.perf_counter()
-    for name in args.sections.split(","):
+    names = args.sections.split(",")
+    for index, name in enumerate(names):
         left = args.budget - (time.perf_counter() - start)
         if left < MIN_SECTION_S:
             results["sections"][name] = {"status": "skipped: budget spent"}
         else:
             print(f"== {name}", flush=True)
-            timeout = min(TINY_TIMEOUT if args.tiny else TIMEOUTS[name], left)
+            timeout = section_timeout(TINY_TIMEOUT if args.tiny else TIMEOUTS[name],
+                                      names[index + 1:], left)
             attention = attention_kernel(args.attention, results["sections"])
             results["sections"][name] = run_section(name, args, timeout, attention)
         results["goals"] = gpu_report.goals(results["sections"])

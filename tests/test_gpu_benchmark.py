@@ -2,7 +2,8 @@
 holds every section, jaxllm's and PyTorch's models count the same parameters, jaxllm's
 model attends with the fastest attention kernel, every attention kernel's gradients and
 every MoE kernel's loss agree with the others, every model trains at a positive rate, the
-traced steps name their top kernels, and the tables print."""
+traced steps name their top kernels, and the tables print; and how the sections share the
+budget."""
 
 import json
 import os
@@ -65,3 +66,15 @@ def test_tiny_run_measures_every_section(tmp_path):
         assert header in run.stdout
     assert "parameter counts, jaxllm = PyTorch | True | equal | pass" in run.stdout
     assert f"torch {results['environment']['versions']['torch']}" in run.stdout
+
+
+def test_each_section_leaves_half_of_the_later_sections_timeouts(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu
+
+    later = ["moe_e8", "moe_e64"]
+    assert gpu.section_timeout(240, later, left=560) == 240  # 560 - 180 leaves room
+    assert gpu.section_timeout(240, later, left=300) == 300 - 180
+    assert gpu.section_timeout(180, ["moe_e64"], left=200) == 200 - 90
+    assert gpu.section_timeout(180, later, left=100) == gpu.MIN_SECTION_S
+    assert gpu.section_timeout(180, [], left=15) == 15

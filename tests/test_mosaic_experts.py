@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllm import Config, ConfigError, MeshConfig, ModelConfig
+from jaxllm import Config, ConfigError, MeshConfig, ModelConfig, parallel
 from jaxllm.config import validate
 from jaxllm.nn.experts import ragged_swiglu
 from jaxllm.nn.mosaic_experts import mosaic_swiglu
 from test_expert_parallel import DEEPSEEK_LIKE, moe_grads
-from test_gmm import assert_close, make_mesh, routed_grads
+from test_gmm import assert_close, make_mesh, routed_grads, tpu_mesh
 from test_gpu_attention import gpu_mesh
 from test_moe import init_moe
 from test_triton_experts import routed_grad_lowered_for_cuda
@@ -93,13 +93,24 @@ def test_mosaic_gmm_lowers_for_cuda_forward_and_backward_and_auto_stays_block_sp
     assert lowered.as_text().count("custom_call @mosaic_gpu") == 6
 
 
+def float32_inputs():
+    """mosaic_swiglu's (x, group_sizes, wi, wo), x and the kernels in float32."""
+    return (jnp.zeros((ROWS, EMBED)), jnp.array(GROUP_SIZES[0], jnp.int32),
+            jnp.zeros((NUM_EXPERTS, EMBED, 2, HIDDEN)), jnp.zeros((NUM_EXPERTS, HIDDEN, EMBED)))
+
+
 def test_mosaic_gmm_on_gpu_refuses_float32():
-    x, group_sizes = jnp.zeros((ROWS, EMBED)), jnp.array(GROUP_SIZES[0], jnp.int32)
-    wi, wo = jnp.zeros((NUM_EXPERTS, EMBED, 2, HIDDEN)), jnp.zeros((NUM_EXPERTS, HIDDEN, EMBED))
     with jax.sharding.use_abstract_mesh(gpu_mesh()):
         with pytest.raises(ValueError, match="^mosaic_gmm takes bfloat16 or float16 "
                                              "activations, not float32"):
-            jax.eval_shape(mosaic_swiglu, x, group_sizes, wi, wo)
+            jax.eval_shape(mosaic_swiglu, *float32_inputs())
+
+
+def test_mosaic_gmm_refuses_a_tpu():
+    inputs = float32_inputs()  # made on the local CPU, outside the TPU mesh
+    with parallel.use_mesh(tpu_mesh(MeshConfig(data=4))):
+        with pytest.raises(ValueError, match="^mosaic_gmm is a GPU kernel; on TPU use gmm"):
+            jax.eval_shape(mosaic_swiglu, *inputs)
 
 
 @pytest.mark.parametrize("field, model", [

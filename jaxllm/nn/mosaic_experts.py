@@ -111,8 +111,10 @@ grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
 
 
 def check_device(dtype) -> None:
-    """Raises where the target is a GPU and `dtype` not one wgmma takes, or where the local
-    GPU is not a Hopper."""
+    """Raises where the target is a TPU, or a GPU and `dtype` not one wgmma takes, or where
+    the local GPU is not a Hopper."""
+    if target_platform() == "tpu":
+        raise ValueError("mosaic_gmm is a GPU kernel; on TPU use gmm (or auto)")
     if target_platform() == "gpu" and dtype not in DTYPES:
         raise ValueError(f"mosaic_gmm takes bfloat16 or float16 activations, not {dtype}")
     if jax.default_backend() == "gpu":

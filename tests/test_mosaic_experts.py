@@ -1,6 +1,6 @@
 """kernel=mosaic_gmm (jax's Mosaic GPU ragged dot, interpret mode on CPU) against the ragged_dot
-kernel on values and gradients; the kernels lowered for CUDA; the meshes, widths and dtypes
-it refuses."""
+kernel on values and gradients, alone and per device inside shard_map; the kernels lowered
+for CUDA; the meshes, platforms, widths and dtypes it refuses."""
 
 import dataclasses
 
@@ -55,6 +55,19 @@ def test_routed_mosaic_gmm_masks_the_dropped_choices_like_ragged_dot():
     wo = 0.1 * jax.random.normal(jax.random.key(11), (4, HIDDEN, EMBED))
     args = (3, x, weights, experts, wi, wo)
     assert_close(routed_grads("mosaic_gmm", *args), routed_grads("ragged_dot", *args))
+
+
+def test_mosaic_gmm_layer_inside_shard_map_on_one_device_equals_ragged_dot():
+    """The per-device path (`gmm_experts.per_device`) on a mesh of one device, the largest
+    the interpreter takes."""
+    cfg = dataclasses.replace(DEEPSEEK_LIKE, expert_dim=HIDDEN)
+    x = jax.random.normal(jax.random.key(0), (4, 8, EMBED))
+    cotangent = jax.random.normal(jax.random.key(3), x.shape)
+    variables = init_moe(cfg, x, bias_seed=2)
+    want = moe_grads(dataclasses.replace(cfg, kernel="ragged_dot"), variables, x, cotangent)
+    mosaic = dataclasses.replace(cfg, kernel="mosaic_gmm")
+    *got, _, _ = moe_grads(mosaic, variables, x, cotangent, make_mesh(MeshConfig(data=1), 1))
+    assert_close(tuple(got), want[:3])
 
 
 def test_mosaic_gmm_off_gpu_refuses_a_mesh_of_several_devices():

@@ -10,8 +10,7 @@ import pytest
 
 from jaxllm import Config, ConfigError, MeshConfig, ModelConfig, parallel
 from jaxllm.config import validate
-from jaxllm.nn.experts import ragged_swiglu
-from jaxllm.nn.mosaic_experts import mosaic_swiglu
+from jaxllm.nn.experts import mosaic_swiglu, ragged_swiglu
 from test_expert_parallel import DEEPSEEK_LIKE, moe_grads
 from test_gmm import assert_close, make_mesh, routed_grads, tpu_mesh
 from test_gpu_attention import gpu_mesh

@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllm.nn import fp8 as fp8_lib
-from jaxllm.nn import gmm_experts, router, triton_experts
-from jaxllm.nn.mosaic_experts import mosaic_swiglu
+from jaxllm.nn import gmm_experts, mosaic_experts, router, triton_experts
 from jaxllm.nn.platform import target_platform
 from jaxllm.nn.tiled_experts import tile_sizes, tiled_moe
 
@@ -50,12 +49,23 @@ def _swiglu(gate_up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
 
 
-def ragged_swiglu(x_sorted, group_sizes, wi, wo):
+def grouped_swiglu(matmul, x_sorted, group_sizes, wi, wo):
     """x_sorted [M, D] rows grouped by expert, group_sizes [E], wi [E, D, 2, F], wo [E, F, D]
-    -> [M, D], each row through its own expert."""
+    -> [M, D], each row through its own expert, with `matmul(x [M, K], w [E, K, N],
+    group_sizes)` as the grouped matmul."""
     num_experts, embed, _, hidden = wi.shape
-    gate_up = jax.lax.ragged_dot(x_sorted, wi.reshape(num_experts, embed, 2 * hidden), group_sizes)
-    return jax.lax.ragged_dot(_swiglu(gate_up.reshape(-1, 2, hidden)), wo, group_sizes)
+    gate_up = matmul(x_sorted, wi.reshape(num_experts, embed, 2 * hidden), group_sizes)
+    return matmul(_swiglu(gate_up.reshape(-1, 2, hidden)), wo, group_sizes)
+
+
+def ragged_swiglu(x_sorted, group_sizes, wi, wo):
+    """`grouped_swiglu` through `jax.lax.ragged_dot`."""
+    return grouped_swiglu(jax.lax.ragged_dot, x_sorted, group_sizes, wi, wo)
+
+
+def mosaic_swiglu(x_sorted, group_sizes, wi, wo):
+    """`grouped_swiglu` through the Mosaic GPU kernels (`mosaic_experts.grouped_matmul`)."""
+    return grouped_swiglu(mosaic_experts.grouped_matmul, x_sorted, group_sizes, wi, wo)
 
 
 def block_size(rows: int, num_experts: int) -> int:

@@ -89,27 +89,6 @@ def _weight_grad(x, dy, group_sizes):
     return transpose(dy)[0]
 
 
-@jax.custom_vjp
-def grouped_matmul(x, w, group_sizes):
-    """x [M, K] rows grouped by `group_sizes` [G] (summing to M), w [G, K, N] -> [M, N] in
-    x's dtype, each group of rows by its own kernel."""
-    return _ragged_dot(x, w, group_sizes)
-
-
-def _grouped_matmul_forward(x, w, group_sizes):
-    return _ragged_dot(x, w, group_sizes), (x, w, group_sizes)
-
-
-def _grouped_matmul_backward(residuals, dy):
-    x, w, group_sizes = residuals
-    dy = dy.astype(x.dtype)
-    return (_ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes),
-            _weight_grad(x, dy, group_sizes).astype(w.dtype), None)
-
-
-grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)
-
-
 def check_device(dtype) -> None:
     """Raises where the target is a TPU, or a GPU and `dtype` not one wgmma takes, or where
     the local GPU is not a Hopper."""
@@ -124,13 +103,28 @@ def check_device(dtype) -> None:
                              f"{device.device_kind} ({device.compute_capability})")
 
 
-def mosaic_swiglu(x_sorted, group_sizes, wi, wo):
-    """x_sorted [M, D] rows grouped by expert, group_sizes [E] summing to M, wi [E, D, 2, F],
-    wo [E, F, D] -> [M, D], each row through its own expert (`experts.ragged_swiglu`)."""
-    check_device(x_sorted.dtype)
-    num_experts, embed, _, hidden = wi.shape
-    group_sizes = group_sizes.astype(jnp.int32)
-    gate_up = grouped_matmul(x_sorted, wi.reshape(num_experts, embed, 2 * hidden), group_sizes)
-    gate_up = gate_up.reshape(-1, 2, hidden)
-    h = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]
-    return grouped_matmul(h, wo, group_sizes)
+def grouped_matmul(x, w, group_sizes):
+    """x [M, K] rows grouped by `group_sizes` [G] (summing to M), w [G, K, N] -> [M, N] in
+    x's dtype, each group of rows by its own kernel; refuses a device or dtype the kernels
+    cannot run (`check_device`)."""
+    check_device(x.dtype)
+    return _grouped_matmul(x, w, group_sizes.astype(jnp.int32))
+
+
+@jax.custom_vjp
+def _grouped_matmul(x, w, group_sizes):
+    return _ragged_dot(x, w, group_sizes)
+
+
+def _grouped_matmul_forward(x, w, group_sizes):
+    return _ragged_dot(x, w, group_sizes), (x, w, group_sizes)
+
+
+def _grouped_matmul_backward(residuals, dy):
+    x, w, group_sizes = residuals
+    dy = dy.astype(x.dtype)
+    return (_ragged_dot(dy, jnp.swapaxes(w, 1, 2), group_sizes),
+            _weight_grad(x, dy, group_sizes).astype(w.dtype), None)
+
+
+_grouped_matmul.defvjp(_grouped_matmul_forward, _grouped_matmul_backward)

@@ -7,15 +7,17 @@ cudnn: `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused att
   strided masks, no ALiBi: the call has no form for them short of a full score bias.
 - Packed documents: the call takes no segment ids (its sequence lengths mark padding only),
   so the segment ids go in as its boolean mask, [B, 1, S, S] for all heads, which jax hands
-  cuDNN as an additive bias: exact, at the cost of S² bias elements per row (and the bias
-  gradient cuDNN computes and jax drops), however many documents a row holds.
+  cuDNN as an additive bias: exact, at the cost of S² bias elements per row however many
+  documents a row holds (and, before jax 0.11, a bias gradient that cuDNN computes and jax
+  drops).
 - Heads: K kv heads for H query heads as they are (GQA, MQA); v as wide as q and k.
 - Dtypes: bfloat16 or float16 on GPU, as cuDNN requires.
 - Platform: off GPU (`target_platform()`) the same call runs jax's XLA implementation, so
   models and tests run on CPU.
 
 pallas_gpu: jax's Pallas GPU (Triton) flash attention, `jax.experimental.pallas.ops.gpu.
-attention.mha`, with its own custom VJP.
+attention.mha`, with its own custom VJP. jax 0.11 deprecates the module (and Pallas's Triton
+backend) in favour of tokamax; it still ships and runs.
 - Masks: global only (the kernel's `causal`); packed documents as its segment ids. The kernel
   has no window, so sliding and other masks are refused.
 - Heads: the kernel wants as many kv heads as query heads, so each kv head is repeated H / K

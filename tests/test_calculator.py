@@ -94,6 +94,20 @@ def test_vision_counts_the_patch_projection_and_the_row_and_column_tables():
             == flops.matmul_params(text, sum(counts.values()) - counts["vision"]))
 
 
+@pytest.mark.parametrize("preset, qk_width, value_width", [
+    (presets.llama3_8b, 128, 128),  # PaLM's 12 * L * H * d_head * S
+    (presets.deepseek_v3, 128 + 64, 128),  # MLA: nope + rope query/key heads, narrower values
+])
+def test_attention_flops_count_query_key_and_value_widths(preset, qk_width, value_width):
+    """PaLM appendix B: per layer and token, 2 * S * d_qk (scores) plus 2 * S * d_v (values)
+    per head forward, three times that with the backward."""
+    cfg, seq_len, num_params = preset(), 4096, 10**9
+    attention = (flops.train_flops_per_token(cfg, num_params, seq_len)
+                 - 6 * flops.matmul_params(cfg, num_params))
+    expected = 3 * 2 * cfg.num_layers * cfg.num_heads * (qk_width + value_width) * seq_len
+    assert attention == expected
+
+
 def test_kv_cache_is_two_by_layers_kv_heads_head_dim():
     for cfg in (presets.llama3_8b(), presets.tiny_mixtral()):
         bytes_per_value = np.dtype(cfg.dtype).itemsize

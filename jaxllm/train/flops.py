@@ -42,15 +42,21 @@ def matmul_params(cfg: ModelConfig, num_params: int) -> int:
 def train_flops_per_token(cfg: ModelConfig, num_params: int, seq_len: int) -> float:
     """Model FLOPs per trained token, the PaLM (appendix B) convention:
 
-        6 * N + 12 * L * H * d_head * S
+        6 * N + 6 * L * H * (d_qk + d_v) * S
 
-    N is `matmul_params`. The attention term counts the full S x S score matrix, not halved
-    for causality, as in PaLM, in the L attention layers (SSM layers count only their
-    parameters). Rematerialisation is not counted (model FLOPs, not
-    hardware FLOPs).
+    N is `matmul_params`; d_qk and d_v are the query/key and value head widths (both d_head,
+    giving PaLM's 12 * L * H * d_head * S, except under MLA). The attention term counts the
+    full S x S score matrix, not halved for causality, as in PaLM, in the L attention layers
+    (SSM layers count only their parameters). Rematerialisation is not counted (model FLOPs,
+    not hardware FLOPs).
     """
     layers = sum(cfg.attention.layer(i)[0] != "ssm" for i in range(cfg.num_layers))
-    attention = 12 * layers * cfg.num_heads * cfg.resolved_head_dim * seq_len
+    mla = cfg.attention.mla
+    if mla is None:
+        qk_width = value_width = cfg.resolved_head_dim
+    else:
+        qk_width, value_width = mla.qk_nope_head_dim + mla.qk_rope_head_dim, mla.v_head_dim
+    attention = 6 * layers * cfg.num_heads * (qk_width + value_width) * seq_len
     return 6 * matmul_params(cfg, num_params) + attention
 
 

@@ -700,7 +700,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the global gradient norm is clipped to this; 0: no clipping
     z_loss: float = 0.0
     seed: int = 0
     log_every: int = 10
@@ -719,8 +719,15 @@ class TrainConfig:
             f"{prefix}grad_accum",
             f"{self.grad_accum} micro-batches do not divide {prefix}batch_size={self.batch_size}",
         )
-        _require_non_negative(self, prefix, ("warmup_steps",))
+        _require_non_negative(self, prefix, ("warmup_steps", "weight_decay", "grad_clip",
+                                             "z_loss"))
         _require(self.learning_rate > 0, f"{prefix}learning_rate", "must be positive")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}min_lr_ratio",
+                 f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"{prefix}{name}", f"must be in [0, 1), got {value}")
+        _require_positive(self, prefix, ("eps",))
         _require_non_negative(self, prefix, ("eval_every", "profile_start", "profile_steps"))
         _require_positive(self, prefix, ("eval_batches",))
         _require(

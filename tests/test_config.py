@@ -47,6 +47,10 @@ def test_overrides_coerce_types_from_the_dataclass():
         ("model.num_heads=3", "model.num_heads"),  # does not divide embed_dim=128
         ("model.num_kv_heads=3", "model.num_kv_heads"),  # does not divide num_heads=4
         ("train.grad_accum=3", "train.grad_accum"),  # does not divide batch_size=16
+        ("train.grad_clip=-1", "train.grad_clip"),
+        ("train.b2=1", "train.b2"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio"),
+        ("train.eps=0", "train.eps"),
         ("train", "train"),
         ("train=3", "train"),
     ],

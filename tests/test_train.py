@@ -70,6 +70,26 @@ def test_weight_decay_skips_norm_scales():
     }
 
 
+@pytest.mark.parametrize("grad_clip, scale", [(0.0, 1.0), (0.5, 0.1), (50.0, 1.0)])
+def test_the_optimizer_clips_the_global_norm_and_zero_turns_clipping_off(grad_clip, scale):
+    """The updates equal AdamW's on the gradients scaled to norm min(|g|, grad_clip); a
+    large eps makes Adam's update depend on the gradient's scale."""
+    cfg = TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-2, grad_clip=grad_clip,
+                      eps=1.0)
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([3.0, 0.0, 4.0])}  # global norm 5
+    tx = make_optimizer(cfg)
+    reference = optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay, mask=decay_mask)
+    state, ref_state = tx.init(params), reference.init(params)
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        expected, ref_state = reference.update(jax.tree.map(lambda g: g * scale, grads),
+                                               ref_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-5)
+        assert np.abs(updates["w"]).max() > 0
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     cfg = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
     schedule = learning_rate_schedule(cfg)

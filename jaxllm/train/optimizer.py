@@ -35,8 +35,10 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW after clipping the global gradient norm to `grad_clip` (0: no clipping)."""
+    clip = optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity()
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
+        clip,
         optax.adamw(
             learning_rate_schedule(cfg),
             b1=cfg.b1,

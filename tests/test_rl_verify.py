@@ -5,12 +5,20 @@ import os
 import time
 from fractions import Fraction
 
+import jax
 import numpy as np
 import pytest
 
-from jaxllm.tools import parse
+from jaxllm import presets
+from jaxllm.data import tasks
+from jaxllm.data.tokenizer import ByteTokenizer
+from jaxllm.infer import Sampler
+from jaxllm.infer.sampler import GenerationResult
+from jaxllm.nn import Transformer
+from jaxllm.rl.evaluate import evaluate
 from jaxllm.rl.rewards import accuracy_reward, format_reward, score
-from jaxllm.rl.verify import is_correct
+from jaxllm.rl.verify import canonical_answer, is_correct
+from jaxllm.tools import parse
 
 ADVERSARIAL = [
     "__import__('os').system('echo hi')",
@@ -148,3 +156,47 @@ def test_score_weights_functions_and_counts_failures():
     np.testing.assert_allclose(rewards.total, [1 + 0.5 + 1, 0, 1 + 1 + 2])
     with pytest.raises(ValueError, match="weights"):
         score([flaky], [""], ["a"], weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("family, forms", [
+    ("linear", [" 3/4", "0.75", "6/8"]),
+    ("arithmetic", ["-12", " -12 ", "-12.0"]),
+    ("quadratic", ["3, 2", "{2, 3}", "[2,3]"]),
+    ("colour", ["Red", " red"]),
+    ("countdown", ["(3+5)*2", "( 3 + 5 ) * 2"]),
+])
+def test_equal_answers_share_one_canonical_form_that_still_checks(family, forms):
+    canonical = {canonical_answer(family, form) for form in forms}
+    assert len(canonical) == 1
+    answer = forms[0].strip().lower()
+    assert is_correct(family, canonical.pop(), answer, [3, 5, 2], 16)
+
+
+def test_canonical_forms_keep_wrong_answers_wrong():
+    assert canonical_answer("quadratic", "2, 2, 3") == "2, 2, 3"  # a repeated root
+    assert not is_correct("quadratic", canonical_answer("quadratic", "2, 2, 3"), "2, 3")
+    assert canonical_answer("linear", "x = 4") == "x = 4"
+    assert canonical_answer("linear", None) is None
+    with pytest.raises(ValueError, match="family: unknown 'poetry'"):
+        canonical_answer("poetry", "4")
+
+
+def test_votes_count_equal_answers_in_different_forms_together(monkeypatch):
+    """Self-consistency votes on answers, not strings: "3/4" and "0.75" outvote "1"."""
+    problems = [tasks.Problem("linear", "4x = 3, x = ?", "3/4"),
+                tasks.Problem("quadratic", "x^2 - 5x + 6 = 0", "2, 3")]
+    answers = ["1", "3/4", "0.75", "1, 6", "3, 2", "2, 3"]  # three votes per problem
+    tokenizer = ByteTokenizer()
+
+    def generate(prompts, **_):
+        rows = [tokenizer.encode(f"</think><answer>{a}</answer>") for a in answers]
+        width = max(len(r) for r in rows)
+        tokens = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+        return GenerationResult(tokens=tokens, lengths=np.array([len(r) for r in rows]),
+                                logprobs=np.zeros(tokens.shape, np.float32))
+
+    sampler = Sampler(Transformer(presets.tiny_dense()), None, tokenizer)
+    monkeypatch.setattr(sampler, "generate", generate)
+    result = evaluate(sampler, problems, rng=jax.random.key(0), votes=3)
+    assert result["accuracy"] == 1.0
+    assert result["agreement"] == pytest.approx(2 / 3)

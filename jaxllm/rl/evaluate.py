@@ -12,7 +12,7 @@ from jaxllm.infer import effort as effort_lib
 from jaxllm.infer.sampler import to_host
 from jaxllm.rl import visual
 from jaxllm.rl.rollout import prompt_tokens, stop_ids
-from jaxllm.rl.verify import is_correct
+from jaxllm.rl.verify import canonical_answer, is_correct
 
 
 def thinking_tokens(tokens: np.ndarray, length: int, close_id: int) -> int:
@@ -33,7 +33,8 @@ def evaluate(
     max_new_tokens: int = 96,
     batch_size: int = 256,
 ) -> dict[str, float]:
-    """Accuracy of the majority answer of `votes` samples per problem.
+    """Accuracy of the majority answer of `votes` samples per problem, equal answers in
+    different forms ("3/4", "0.75") voting together.
 
     `effort` budget-forces the thoughts; `control` puts that level's control token
     `<effort:LEVEL>` in each prompt and forces nothing. Image problems' pictures go with
@@ -47,7 +48,8 @@ def evaluate(
         temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct, agreement = collections.defaultdict(list), []
     for i, problem in enumerate(problems):
-        vote = majority_vote(answers[i * votes:(i + 1) * votes])
+        vote = majority_vote([canonical_answer(problem.family, answer)
+                              for answer in answers[i * votes:(i + 1) * votes]])
         agreement.append(vote.agreement)
         correct[problem.family].append(is_correct(
             problem.family, vote.answer, problem.answer, getattr(problem, "numbers", None),

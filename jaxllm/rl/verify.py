@@ -61,6 +61,40 @@ CHECKS: dict[str, Callable[..., bool]] = {
 }
 
 
+def _number_form(text: str) -> str:
+    number = _or_none(parse_number, text)
+    return text.strip() if number is None else str(number)
+
+
+def _roots_form(text: str) -> str:
+    roots = _or_none(parse_number_list, text)
+    if roots is None or len(set(roots)) != len(roots):  # a repeated root stays wrong
+        return text.strip()
+    return ", ".join(str(root) for root in sorted(roots))
+
+
+# One string per answer that `CHECKS` treats as the same, so votes count them together.
+CANONICAL: dict[str, Callable[[str], str]] = {
+    "arithmetic": _number_form,
+    "linear": _number_form,
+    "quadratic": _roots_form,
+    "countdown": lambda text: "".join(text.split()),
+    "colour": lambda text: text.strip().lower(),
+    "shape": lambda text: text.strip().lower(),
+    "count": _number_form,
+    "digit": _number_form,
+    "sum": _number_form,
+}
+
+
+def canonical_answer(family: str, completion_answer: str | None) -> str | None:
+    """`completion_answer` in one form per answer the family's check treats as the same
+    ("0.75" and "3/4" as "3/4"; roots in ascending order), for voting; None stays None."""
+    if family not in CANONICAL:
+        raise ValueError(f"family: unknown {family!r}; expected one of {sorted(CANONICAL)}")
+    return None if completion_answer is None else CANONICAL[family](completion_answer)
+
+
 def is_correct(
     family: str,
     completion_answer: str | None,

@@ -119,22 +119,24 @@ def test_the_update_weights_its_loss_by_pi_old_over_the_sampler(num_iterations):
 
 
 @functools.cache
-def sampled(dtype: str):
-    """A tiny model's rollout sampled in `dtype`, and the trainer's float32 log-probs of it."""
+def sampled(dtype: str, temperature: float = 1.0):
+    """A tiny model's rollout sampled in `dtype` at `temperature`, the trainer's float32
+    log-probs of it at that temperature, and the model's float32 logits of it."""
     tokenizer = ByteTokenizer()
     model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, embed_dim=32, mlp_dim=64))
     params = init_params(model)
     sampler = rollout_sampler(model, params, tokenizer, dtype=dtype)
-    ro = rollout(sampler, PROBLEMS[:2], group_size=2, max_new_tokens=12, temperature=1.0,
-                 rng=jax.random.key(3))
-    trainer = jax.jit(functools.partial(logprobs, model=model))(
+    ro = rollout(sampler, PROBLEMS[:2], group_size=2, max_new_tokens=12,
+                 temperature=temperature, rng=jax.random.key(3))
+    trainer = jax.jit(functools.partial(logprobs, model=model, temperature=temperature))(
         params, {}, ro.tokens, ro.positions, ro.segment_ids)
-    return ro, np.asarray(trainer)
+    logits = model.apply({"params": params}, ro.tokens, ro.positions, ro.segment_ids)
+    return ro, np.asarray(trainer), np.asarray(logits)
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
 def test_float32_rollouts_have_unit_weights(mode):
-    ro, trainer = sampled("float32")
+    ro, trainer, _ = sampled("float32")
     mask = ro.completion_mask.astype(np.float32)
     assert mask.sum() >= 8
     weights, metrics = importance_weights(trainer, ro.sampler_logprobs, mask, mode=mode, cap=CAP)
@@ -143,8 +145,22 @@ def test_float32_rollouts_have_unit_weights(mode):
     assert metrics["offpolicy/capped_fraction"] == 0
 
 
+def test_sampler_and_trainer_log_probs_are_of_the_temperature_scaled_policy():
+    """At T = 0.5 both sides give log softmax(z / T) of the sampled tokens, so a float32
+    rollout still has unit weights; at T = 1 they would differ by up to nats."""
+    ro, trainer, logits = sampled("float32", 0.5)
+    mask = ro.completion_mask > 0
+    scaled = jax.nn.log_softmax(logits[:, :-1] / 0.5, axis=-1)
+    want = np.take_along_axis(np.asarray(scaled), ro.tokens[:, 1:, None], axis=-1)[..., 0]
+    np.testing.assert_allclose(trainer[:, 1:][mask[:, 1:]], want[mask[:, 1:]], atol=1e-5)
+    np.testing.assert_allclose(ro.sampler_logprobs[mask], trainer[mask], atol=1e-5)
+    unscaled = np.asarray(jax.nn.log_softmax(logits[:, :-1], axis=-1))
+    at_one = np.take_along_axis(unscaled, ro.tokens[:, 1:, None], axis=-1)[..., 0]
+    assert np.abs(at_one - want)[mask[:, 1:]].max() > 0.1
+
+
 def test_bfloat16_rollouts_are_corrected_and_their_kl_is_positive():
-    ro, trainer = sampled("bfloat16")
+    ro, trainer, _ = sampled("bfloat16")
     mask = ro.completion_mask.astype(np.float32)
     weights, metrics = importance_weights(trainer, ro.sampler_logprobs, mask,
                                           mode="token_truncate", cap=CAP)

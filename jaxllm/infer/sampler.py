@@ -24,9 +24,9 @@ class GenerationResult:
     """What `generate` returns, per row of the batch.
 
     tokens: [B, N] generated tokens, `pad_id` after a row's end.
-    logprobs: [B, N] float32 log pi(token | prefix) under the model's own distribution at
-      temperature 1, before top-k/top-p filtering and effort forcing (forced tokens get the
-      model's log-prob of the forced token); 0 after a row's end.
+    logprobs: [B, N] float32 log pi(token | prefix) under the model's distribution at the
+      sampling temperature (1 when greedy), before top-k/top-p filtering and effort forcing
+      (forced tokens get the model's log-prob of the forced token); 0 after a row's end.
     lengths: [B] tokens generated, including the stop token that ended the row.
     """
 
@@ -54,6 +54,7 @@ def _generate(
     None, and the per-row token `budgets` [B] are traced, so changing their values does not
     recompile. The prompts' images `patches` (or None) enter the prefill only."""
     batch, prompt_len = prompts.shape
+    logprob_temperature = sampling.temperature or 1.0  # greedy: the model's own distribution
     logits, cache = prefill(model, variables, prompts, prompt_lengths,
                             prompt_len + max_new_tokens, patches)
     result = GenerationResult(
@@ -71,7 +72,8 @@ def _generate(
         if effort is not None:
             token, effort_state = effort_lib.force(effort_state, token, *effort, think)
         logprob = jnp.take_along_axis(
-            jax.nn.log_softmax(loop.logits.astype(jnp.float32)), token[:, None], axis=-1
+            jax.nn.log_softmax(loop.logits.astype(jnp.float32) / logprob_temperature),
+            token[:, None], axis=-1,
         )[:, 0]
         live = ~loop.finished
         token = jnp.where(live, token, pad_id)

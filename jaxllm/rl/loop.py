@@ -162,7 +162,8 @@ class _GRPOStep:
         self.update = jit_grpo_step(run.model, run.tx, rl,
                                     learning_rate_schedule(run.config.train), run.mesh,
                                     run.shardings, images=task.images)
-        self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings, images=task.images)
+        self.logprobs = jit_logprobs(run.model, run.mesh, run.shardings, images=task.images,
+                                     temperature=rl.temperature)
         self.ref = initial_weights(run) if rl.beta > 0 else None  # the KL's reference
         self.device_batch = batch_shardings(run.mesh, rl, images=task.images)
         self.toolbox = tools.toolbox(rl.tool_names) if rl.tool_names else None

@@ -34,42 +34,45 @@ from jaxllm.train.state import TrainState
 from jaxllm.train.step import apply_gradients
 
 
-def token_logprobs(logits, tokens):
-    """Log-probs of the realised tokens, and the predictive entropy, in float32.
+def token_logprobs(logits, tokens, temperature: float = 1.0):
+    """Log-probs of the realised tokens, and the predictive entropy, in float32, of the
+    distribution softmax(logits / temperature).
 
     logits [B, S, V] predict the next token; returns (logprobs, entropy), both [B, S],
     aligned with `tokens` (position t holds the prediction of token t; 0 at t = 0).
     """
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32) / temperature, axis=-1)
     chosen = jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
     entropy = -(jnp.exp(log_probs) * log_probs).sum(-1)
     pad = jnp.zeros((tokens.shape[0], 1), jnp.float32)
     return jnp.concatenate([pad, chosen], 1), jnp.concatenate([pad, entropy], 1)
 
 
-def _forward(params, moe_bias, tokens, positions, segment_ids, model: nn.Module, patches=None):
+def _forward(params, moe_bias, tokens, positions, segment_ids, model: nn.Module, patches=None,
+             temperature: float = 1.0):
     """(logprobs, entropy, moe_metrics) of `tokens` (and their images `patches`, or None)
-    under `params`."""
+    under `params`, at the sampling `temperature`."""
     logits, sown = model.apply(
         {"params": params, "moe_bias": moe_bias}, tokens, positions, segment_ids, patches,
         mutable=["moe_metrics"],
     )
-    logprobs, entropy = token_logprobs(logits, tokens)
+    logprobs, entropy = token_logprobs(logits, tokens, temperature)
     return logprobs, entropy, sown.get("moe_metrics", {})
 
 
 def logprobs(params, moe_bias, tokens, positions, segment_ids, patches=None, *,
-             model: nn.Module):
-    """[B, S] log-probs of `tokens` (with their images `patches`, or None), for pi_old
-    (mu > 1) or the reference model."""
-    return _forward(params, moe_bias, tokens, positions, segment_ids, model, patches)[0]
+             model: nn.Module, temperature: float = 1.0):
+    """[B, S] log-probs of `tokens` (with their images `patches`, or None) at the sampling
+    `temperature`, for pi_old (mu > 1) or the reference model."""
+    return _forward(params, moe_bias, tokens, positions, segment_ids, model, patches,
+                    temperature)[0]
 
 
 def _loss(params, moe_bias, batch, model: nn.Module, cfg: GRPOConfig):
     """(GRPO loss + MoE aux losses, (GRPO loss, metrics, moe_metrics))."""
     logp, entropy, moe_metrics = _forward(
         params, moe_bias, batch["tokens"], batch["positions"], batch["segment_ids"], model,
-        batch.get("patches"),
+        batch.get("patches"), cfg.temperature,
     )
     old = batch["old_logprobs"] if cfg.num_iterations > 1 else jax.lax.stop_gradient(logp)
     mask = batch["completion_mask"].astype(jnp.float32)
@@ -141,13 +144,14 @@ def jit_grpo_step(model, tx, cfg: GRPOConfig, schedule, mesh: Mesh, state_shardi
     )
 
 
-def jit_logprobs(model, mesh: Mesh, state_shardings, *, images: bool = False):
-    """`logprobs` under jit: (params, moe_bias, tokens, positions, segment_ids) -> [B, S],
-    for any state laid out like `state_shardings` (the policy, or a frozen reference copy);
-    `images`: the rows' `patches` follow segment_ids."""
+def jit_logprobs(model, mesh: Mesh, state_shardings, *, images: bool = False,
+                 temperature: float = 1.0):
+    """`logprobs` at `temperature` under jit: (params, moe_bias, tokens, positions,
+    segment_ids) -> [B, S], for any state laid out like `state_shardings` (the policy, or a
+    frozen reference copy); `images`: the rows' `patches` follow segment_ids."""
     per_token = parallel.batch_sharding(mesh)
     return jax.jit(
-        functools.partial(logprobs, model=model),
+        functools.partial(logprobs, model=model, temperature=temperature),
         in_shardings=(state_shardings.params, state_shardings.moe_bias)
         + (per_token,) * (4 if images else 3),
         out_shardings=per_token,

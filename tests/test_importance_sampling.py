@@ -11,7 +11,7 @@ import pytest
 
 from helpers import init_params, tiny_model
 from jaxllm import config as config_lib
-from jaxllm.config import GRPOConfig
+from jaxllm.config import AttentionConfig, GRPOConfig
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.nn import Transformer
 from jaxllm.rl.importance import MODES, importance_weights, off_policy_sequence_mask
@@ -119,14 +119,15 @@ def test_the_update_weights_its_loss_by_pi_old_over_the_sampler(num_iterations):
 
 
 @functools.cache
-def sampled(dtype: str, temperature: float = 1.0):
+def sampled(dtype: str, temperature: float = 1.0, attention: AttentionConfig = AttentionConfig()):
     """A tiny model's rollout sampled in `dtype` at `temperature`, the trainer's float32
     log-probs of it at that temperature, and the model's float32 logits of it."""
     tokenizer = ByteTokenizer()
-    model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, embed_dim=32, mlp_dim=64))
+    model = Transformer(tiny_model(vocab_size=tokenizer.vocab_size, embed_dim=32, mlp_dim=64,
+                                   attention=attention))
     params = init_params(model)
     sampler = rollout_sampler(model, params, tokenizer, dtype=dtype)
-    ro = rollout(sampler, PROBLEMS[:2], group_size=2, max_new_tokens=12,
+    ro = rollout(sampler, [PROBLEMS[3], PROBLEMS[12]], group_size=2, max_new_tokens=12,
                  temperature=temperature, rng=jax.random.key(3))
     trainer = jax.jit(functools.partial(logprobs, model=model, temperature=temperature))(
         params, {}, ro.tokens, ro.positions, ro.segment_ids)
@@ -135,8 +136,16 @@ def sampled(dtype: str, temperature: float = 1.0):
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
-def test_float32_rollouts_have_unit_weights(mode):
-    ro, trainer, _ = sampled("float32")
+@pytest.mark.parametrize("attention", [
+    AttentionConfig(),
+    AttentionConfig(pattern="chunked", chunk=3),  # masks that look at a token's row index
+    AttentionConfig(pattern="strided", window=2, stride=3),
+], ids=["global", "chunked", "strided"])
+def test_float32_rollouts_have_unit_weights(mode, attention):
+    """The trainer's forward over the rollout's rows (prompts of different lengths) sees
+    what the sampler's cache saw."""
+    ro, trainer, _ = sampled("float32", attention=attention)
+    assert len({len(prompt) for prompt in ro.prompts}) > 1
     mask = ro.completion_mask.astype(np.float32)
     assert mask.sum() >= 8
     weights, metrics = importance_weights(trainer, ro.sampler_logprobs, mask, mode=mode, cap=CAP)

@@ -59,15 +59,13 @@ def test_rollout_rows_are_prompt_then_completion_with_true_positions(stop_at_onc
     assert ro.tokens.shape == (4, width + (2 if stop_at_once else 5))
     for row in range(4):
         prompt = prompt_tokens(problems[row // 2], tokenizer)
-        first = width - len(prompt)
-        np.testing.assert_array_equal(ro.tokens[row, first:width], prompt)
-        real = np.flatnonzero(ro.segment_ids[row])
-        assert real[0] == first and real[-1] == width + ro.lengths[row] - 1
-        np.testing.assert_array_equal(ro.positions[row, real], np.arange(len(real)))
+        start, end = len(prompt), len(prompt) + ro.lengths[row]
+        np.testing.assert_array_equal(ro.tokens[row, :start], prompt)
+        np.testing.assert_array_equal(np.flatnonzero(ro.segment_ids[row]), np.arange(end))
+        np.testing.assert_array_equal(ro.positions[row], np.arange(ro.tokens.shape[1]))
         np.testing.assert_array_equal(np.flatnonzero(ro.completion_mask[row]),
-                                      np.arange(width, width + ro.lengths[row]))
-        completion = ro.tokens[row, width:width + ro.lengths[row]]
-        assert ro.completions[row] == tokenizer.decode(completion)
+                                      np.arange(start, end))
+        assert ro.completions[row] == tokenizer.decode(ro.tokens[row, start:end])
 
 
 @pytest.mark.slow

@@ -1,8 +1,10 @@
 """Rollouts: G sampled completions per prompt, laid out as one GRPO update batch.
 
-A row is the left-padded prompt followed by its completion: [B, P + W] tokens, with
-positions that start at 0 on the first real token, segment id 1 on real tokens (0 on
-padding), and `completion_mask` 1 on the completion tokens the loss counts. W is the
+A row is the prompt followed by its completion, then padding: [B, P + W] tokens, P the
+longest prompt, with positions equal to the column (as the sampler's cache has them, so that
+chunked and strided masks, which look at a token's index in the row, see what the sampler
+saw), segment id 1 on real tokens (0 on padding), and `completion_mask` 1 on the completion
+tokens the loss counts. W is the
 longest completion rounded up to a multiple of `WIDTH_STEP` (at most the sampling budget),
 so the update computes no columns past it and compiles for only a few widths. With a
 `ToolSampler`, the `<result>...</result>` tokens tools wrote have `completion_mask` 0.
@@ -134,26 +136,25 @@ def rollout(
         prompts, max_new_tokens=max_new_tokens, temperature=temperature, rng=rng,
         stop_ids=stop_ids(tokenizer), prompt_len=prompt_len, **options,
     ))
-    prompt_lengths = np.array([len(p) for p in prompts])
     used = min(max_new_tokens, -(-int(result.lengths.max()) // WIDTH_STEP) * WIDTH_STEP)
     width = prompt_len + used
-    column = np.arange(width)[None]
-    first = (prompt_len - prompt_lengths)[:, None]
-    end = prompt_len + result.lengths[:, None]
-    padded = np.full((len(prompts), prompt_len), tokenizer.pad_id, np.int32)
-    for row, tokens in enumerate(prompts):
-        padded[row, prompt_len - len(tokens):] = tokens
-    real = (column >= first) & (column < end)
     sampled = (result.tool_mask == 0 if isinstance(result, ToolResult)
                else np.ones(result.tokens.shape, bool))  # not written by a tool
-    sampled = np.concatenate([np.ones(padded.shape, bool), sampled[:, :used]], axis=1)
+    tokens = np.full((len(prompts), width), tokenizer.pad_id, np.int32)
+    real, completion = np.zeros(tokens.shape, bool), np.zeros(tokens.shape, bool)
+    sampler_logprobs = np.zeros(tokens.shape, np.float32)
+    for row, prompt in enumerate(prompts):
+        start, end = len(prompt), len(prompt) + result.lengths[row]
+        tokens[row, :start + used] = [*prompt, *result.tokens[row, :used]]
+        sampler_logprobs[row, start:start + used] = result.logprobs[row, :used]
+        real[row, :end] = True
+        completion[row, start:end] = sampled[row, :end - start]
     return Rollout(
-        tokens=np.concatenate([padded, result.tokens[:, :used]], axis=1),
-        positions=np.maximum(column - first, 0).astype(np.int32),
+        tokens=tokens,
+        positions=np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape).copy(),
         segment_ids=real.astype(np.int32),
-        completion_mask=(real & (column >= prompt_len) & sampled).astype(np.int32),
-        sampler_logprobs=np.concatenate(
-            [np.zeros(padded.shape, np.float32), result.logprobs[:, :used]], axis=1),
+        completion_mask=completion.astype(np.int32),
+        sampler_logprobs=sampler_logprobs,
         lengths=np.asarray(result.lengths),
         prompts=[tokenizer.decode(p) for p in prompts],
         completions=[

@@ -1,6 +1,7 @@
 """Hugging Face conversion against `transformers` itself: for each family a tiny randomly
 initialised HF model is saved, imported, run and exported back."""
 
+import dataclasses
 import json
 
 import jax
@@ -12,7 +13,7 @@ from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.cli import main
 from jaxllm.convert import ConversionError
-from jaxllm.convert.hf_config import from_hf
+from jaxllm.convert.hf_config import check_exportable, from_hf
 from jaxllm.convert.hf_export import write_hf
 from jaxllm.convert.hf_files import SafetensorsReader
 from jaxllm.convert.hf_import import load_variables
@@ -212,3 +213,17 @@ def test_layers_past_the_stack_are_skipped_with_a_warning(tmp_path):
     load_variables(tmp_path, model_cfg, mesh, log=logs.append)
     assert logs == [("warning: skipped 1 tensors of layers >= num_hidden_layers=2 (the "
                      "multi-token-prediction module), which the model does not use")]
+
+
+def test_configs_that_transformers_reads_otherwise_are_refused(tmp_path):
+    """DeepSeek YaRN without mscale keys (HF then scales only the rotary part), and shared
+    experts of another width than HF's moe_intermediate_size."""
+    tiny_hf_model("deepseek_v3").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = {k: v for k, v in config["rope_parameters"].items() if k != "mscale"}
+    with pytest.raises(ConversionError, match="mscale = mscale_all_dim = 1, got None and 1"):
+        from_hf({**config, "rope_parameters": rope})
+    model = from_hf(config)
+    wider = dataclasses.replace(model, moe=dataclasses.replace(model.moe, shared_expert_dim=32))
+    with pytest.raises(ConversionError, match="shared_expert_dim must equal expert_dim"):
+        check_exportable(wider, "deepseek_v3")

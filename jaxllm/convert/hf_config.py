@@ -65,9 +65,10 @@ def _attention(hf: dict[str, Any], kind: str) -> AttentionConfig:
         for name, default in (("beta_fast", 32), ("beta_slow", 1), ("truncate", True)):
             _require(rope.get(name) in (None, default),
                      f"config.json: rope {name}={rope.get(name)} is not supported (only {default})")
-        if kind == "deepseek_v3":
-            _require(rope.get("mscale", 1) == rope.get("mscale_all_dim", 1) == 1,
-                     "config.json: YaRN mscale and mscale_all_dim other than 1 are not supported")
+        if kind == "deepseek_v3":  # HF scales the softmax by mscale^2 only with both set
+            _require(rope.get("mscale") == rope.get("mscale_all_dim") == 1,
+                     "config.json: DeepSeek YaRN needs mscale = mscale_all_dim = 1, got "
+                     f"{rope.get('mscale')} and {rope.get('mscale_all_dim')}")
         else:
             _require(rope.get("attention_factor") is None and not rope.get("mscale"),
                      "config.json: a YaRN attention_factor or mscale is not supported")
@@ -237,6 +238,9 @@ def check_exportable(m: ModelConfig, kind: str) -> None:
         (moe is None or kind == "deepseek_v3" or (moe.first_dense_layers == 0 and
                                                   moe.num_shared_experts == 0),
          f"{kind} has no dense layers or shared experts"),
+        (moe is None or moe.shared_expert_dim in (None, moe.expert_dim),
+         "model.moe.shared_expert_dim must equal expert_dim (HF's shared experts are "
+         "moe_intermediate_size wide)"),
         (kind != "mixtral" or moe.norm_topk_prob, "mixtral always renormalises its top-k"),
         (moe is None or kind == "deepseek_v3" or moe.routed_scaling_factor == 1,
          "model.moe.routed_scaling_factor must be 1"),

@@ -16,6 +16,7 @@ from runs import quiet, run_config
 from jaxllm import Config, ConfigError, DataConfig, MeshConfig, TrainConfig, config as config_lib
 from jaxllm.cli import main
 from jaxllm.data import ByteTokenizer, ChatSource, chat, load_tokenizer, make_source
+from jaxllm.data.tokenizer import render_chat
 from jaxllm.nn import Transformer
 from jaxllm.train.loop import pretrain
 from jaxllm.train.metrics import read_jsonl
@@ -64,6 +65,21 @@ def test_generation_blocks_mask_what_transformers_masks(tmp_path, messages):
     assert ids == list(theirs["input_ids"])
     assert [int(m) for m in mask] == list(theirs["assistant_masks"])
     assert sum(mask) > 0
+
+
+def test_templates_render_as_transformers_renders_them(tmp_path):
+    """Its `tojson` (no HTML or ASCII escapes), `strftime_now`, `tools` None, and only the
+    special tokens that are set (here no pad token)."""
+    template = ("{% if tools is not none %}[TOOLS]{% endif %}{{ pad_token }}"
+                "{{ strftime_now('%Y') }}{% for m in messages %} {{ m['content'] | tojson }}"
+                "{% endfor %}")
+    directory = hf_tokenizer(tmp_path, template)
+    messages = [{"role": "user", "content": "<b>café</b> & \"tea\""}]
+    theirs = transformers.AutoTokenizer.from_pretrained(directory).apply_chat_template(
+        messages, tokenize=False)
+    tokenizer = load_tokenizer(f"{directory}/tokenizer.json")
+    assert render_chat(template, messages, **tokenizer.chat_tokens) == theirs
+    assert theirs.endswith(' "<b>café</b> & \\"tea\\""')
 
 
 def test_a_template_without_generation_blocks_masks_what_each_turn_adds(tmp_path):

@@ -9,6 +9,7 @@ beside its `tokenizer.json`: its bos/eos/pad tokens and its chat template, which
 `render_chat` renders in a sandboxed Jinja environment, as `transformers` does.
 """
 
+import datetime
 import json
 import re
 from pathlib import Path
@@ -100,8 +101,10 @@ class HuggingFaceTokenizer:
             self.special.setdefault("<bos>", self.special["<eos>"])
         self.pad_id, self.bos_id, self.eos_id = _control_ids(self.special, path)
         self.chat_template = settings.get("chat_template")
-        self.chat_tokens = {f"{name}_token": _token_text(settings.get(f"{name}_token"))
-                            for name in ("bos", "eos", "pad", "unk")}  # as the template sees them
+        texts = {f"{name}_token": _token_text(settings.get(f"{name}_token"))
+                 for name in ("bos", "eos", "pad", "unk")}
+        # The template sees the tokens that are set, as in transformers.
+        self.chat_tokens = {k: v for k, v in texts.items() if v is not None}
 
     @property
     def vocab_size(self) -> int:
@@ -178,19 +181,27 @@ def _tokenizer_config(directory: Path) -> dict:
 def render_chat(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
                 generation_marks: tuple[str, str] = ("", ""), **tokens) -> str:
     """The chat template rendered in Jinja's immutable sandbox (no access to Python
-    internals), in the conventions of `transformers`. The text of each `{% generation %}`
-    block, which marks assistant text, is put between `generation_marks`."""
+    internals), in the conventions of `transformers`: its `tojson` (no HTML escaping, no
+    ASCII escapes) and `strftime_now`, and `tools` and `documents` None. The text of each
+    `{% generation %}` block, which marks assistant text, is put between
+    `generation_marks`."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
     extensions = [jinja2.ext.loopcontrols, _generation_extension(*generation_marks)]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=extensions)
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages,
+    env.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
+    return env.from_string(template).render(messages=messages, tools=None, documents=None,
                                             add_generation_prompt=add_generation_prompt, **tokens)
 
 

@@ -243,6 +243,14 @@ def test_top_k_and_top_p_sample_only_the_allowed_set_in_proportion(temperature, 
     np.testing.assert_allclose(freq, want, atol=0.02)
 
 
+def test_top_p_of_one_keeps_every_token():
+    """The float32 running sum of a peaked distribution reaches 1 before its tail."""
+    logits = jnp.array([[20.0, 0.0, 0.0, -1.0]])
+    kept = filter_logits(logits, SamplingConfig(top_p=1.0))
+    np.testing.assert_array_equal(kept, logits)
+    assert np.isinf(filter_logits(logits, SamplingConfig(top_p=0.999))[0, 1:]).all()
+
+
 def test_sharded_sampler_and_cache_match_one_device(gqa):
     model, params, _ = gqa
     prompts = PROMPTS

@@ -27,20 +27,22 @@ class SamplingConfig:
 def filter_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     """Temperature-scaled float32 logits [B, V], -inf outside the top-k / top-p set.
 
-    Top-p keeps the smallest set of most likely tokens whose mass reaches p (at least one).
+    Top-p keeps the smallest set of most likely tokens whose mass reaches p (at least one);
+    p = 1 keeps every token, as in Hugging Face (a float32 running sum reaches 1 early).
     """
     logits = logits.astype(jnp.float32) / config.temperature
-    if config.top_k is None and config.top_p is None:
+    top_p = None if config.top_p == 1 else config.top_p
+    if config.top_k is None and top_p is None:
         return logits
     order = jnp.argsort(-logits, axis=-1)  # [B, V] most likely first
     ranked = jnp.take_along_axis(logits, order, axis=-1)
     keep = jnp.ones(ranked.shape, bool)
     if config.top_k is not None:
         keep &= jnp.arange(ranked.shape[-1]) < config.top_k
-    if config.top_p is not None:
+    if top_p is not None:
         probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep &= mass_before < config.top_p
+        keep &= mass_before < top_p
     ranks = jnp.argsort(order, axis=-1)  # inverse permutation
     return jnp.where(jnp.take_along_axis(keep, ranks, axis=-1), logits, -jnp.inf)
 

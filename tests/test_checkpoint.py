@@ -75,6 +75,19 @@ def test_resume_from_an_earlier_step_is_bitwise_exact(reference, stopped, tmp_pa
     assert saved_steps(workdir) == [6, 7]
 
 
+def test_restarting_a_branch_continues_it_instead_of_branching_again(reference, stopped,
+                                                                    tmp_path):
+    """The same command (`resume_step=3`) run again after the branch saved step 5 resumes at
+    5: a preempted branch restarted as it was launched loses nothing."""
+    workdir = copy_of(stopped[0], tmp_path)
+    first = pretrain(run_config(workdir, resume_step=3), log=quiet, stop_after=5)
+    lines = []
+    second = pretrain(run_config(workdir, resume_step=3), log=lines.append)
+    assert f"resumed from the checkpoint at step 5 in {workdir / 'checkpoints'}" in lines
+    assert losses(first) + losses(second) == reference[3:]
+    assert saved_steps(workdir) == [6, 7]
+
+
 def test_restore_onto_another_mesh_reshards_and_continues(reference, stopped, tmp_path):
     workdir = copy_of(stopped[0], tmp_path)
     history = pretrain(run_config(workdir, MeshConfig(data=1, fsdp=4, tensor=2)), log=quiet)

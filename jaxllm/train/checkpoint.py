@@ -127,9 +127,13 @@ class Checkpointer:
     def _restore_item(self, step: int, **args):
         return self._read(step, lambda: self.manager.restore(step, args=ocp.args.Composite(**args)))
 
+    def _saved_config(self, step: int) -> dict:
+        """The run's config that checkpoint `step` was saved with, as a dict."""
+        return self._restore_item(step, run=ocp.args.JsonRestore()).run["config"]
+
     def _saved_model(self, step: int) -> config_lib.ModelConfig:
         """The model config checkpoint `step` was saved with."""
-        saved = self._restore_item(step, run=ocp.args.JsonRestore()).run["config"]["model"]
+        saved = self._saved_config(step)["model"]
         try:  # fields added since the save take their defaults
             return config_lib.from_dict({"model": saved}).model
         except (TypeError, config_lib.ConfigError) as error:
@@ -156,10 +160,16 @@ class Checkpointer:
     def resume_step(self, config: config_lib.Config) -> int | None:
         """The step to resume from: `checkpoint.resume_step`, else the latest; None if none.
 
-        Needs no state, so a run can check its checkpoint before building one.
+        A restart of a branch (the latest checkpoint is later than `resume_step` and was
+        saved by a run with the same `resume_step`) resumes from the latest, so that the
+        branch's own checkpoints are kept. Needs no state, so a run can check its checkpoint
+        before building one.
         """
         steps = self.manager.all_steps()
-        step = self.cfg.resume_step or self.latest_step()
+        step, latest = self.cfg.resume_step, self.latest_step()
+        if step is None or (latest is not None and latest > step and self._saved_config(
+                latest).get("checkpoint", {}).get("resume_step") == step):
+            step = latest
         if step is None:
             return None
         if step not in steps:

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from helpers import abstract_params, arithmetic_batch, dense_loss_sums, tiny_model
 from jaxllm import Config, MeshConfig, MoEConfig, TrainConfig, parallel, presets
 from jaxllm import config as config_lib
+from jaxllm.config import LoRAConfig
 from jaxllm.nn import Transformer, router
 from jaxllm.nn.transformer import layer_number
 from jaxllm.train.flops import matmul_params
@@ -103,6 +104,19 @@ def train_steps(cfg, grad_accum, steps=1, mesh_config=MeshConfig(data=1, fsdp=2,
         for _ in range(steps):
             state, metrics = step(state, batch)
     return initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def test_a_lora_step_leaves_the_base_models_selection_biases():
+    """The aux-loss-free bias step belongs to the base model, which LoRA freezes."""
+    moe = dataclasses.replace(DEEPSEEK_LIKE, moe_every=1, first_dense_layers=0)
+    cfg = tiny_model(num_layers=1, moe=moe, lora=LoRAConfig(rank=2, targets="q,v"))
+    initial, state, _ = train_steps(cfg, grad_accum=1)
+    assert jax.tree.leaves(initial.moe_bias)
+    for before, after in zip(jax.tree.leaves(initial.moe_bias), jax.tree.leaves(state.moe_bias)):
+        np.testing.assert_array_equal(before, after)
+    _, unadapted, _ = train_steps(dataclasses.replace(cfg, lora=None), grad_accum=1)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(initial.moe_bias),
+                                                         jax.tree.leaves(unadapted.moe_bias)))
 
 
 @pytest.mark.slow

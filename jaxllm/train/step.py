@@ -164,12 +164,14 @@ def train_step(state: TrainState, batch, *frozen, model: nn.Module, tx, cfg: Tra
 def apply_gradients(state: TrainState, grads, moe_metrics, *, model: nn.Module, tx) -> TrainState:
     """The next state: one optimizer update of the trainable params (`grads` is laid out as
     `split_trainable`'s trainable part), then the MoE selection biases' aux-loss-free step
-    on the batch's expert load. The fp8 amax histories stay as they are."""
+    on the batch's expert load, except under LoRA, which leaves the base model as it is.
+    The fp8 amax histories stay as they are."""
     trainable, frozen = split_trainable(state.params, model.config)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = join_trainable(optax.apply_updates(trainable, updates), frozen)
     moe_config = model.config.moe
-    rate = moe_config.bias_update_rate if moe_config else 0.0
+    base_trains = model.config.active_lora is None
+    rate = moe_config.bias_update_rate if moe_config and base_trains else 0.0
     moe_bias = moe.update_biases(state.moe_bias, moe_metrics, rate)
     _, rng = jax.random.split(state.rng)
     return TrainState(state.step + 1, params, opt_state, rng, moe_bias, state.fp8_meta)

@@ -187,6 +187,13 @@ def test_pickled_weights_are_refused_unread(tmp_path, capsys):
 def test_unsupported_architecture_and_mismatched_tensors_are_named(tmp_path):
     with pytest.raises(ConversionError, match="model_type 'gpt2' is not supported"):
         from_hf({"model_type": "gpt2"})
+    llama = tiny_hf_model("llama").config.to_dict()
+    rope = {k: v for k, v in llama["rope_parameters"].items() if k != "low_freq_factor"}
+    with pytest.raises(ConversionError, match="rope_type 'llama3' needs low_freq_factor"):
+        from_hf({**llama, "rope_parameters": rope})
+    yarn = {"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0}
+    imported = from_hf({**llama, "rope_parameters": yarn, "max_position_embeddings": 96})
+    assert imported.attention.rope_original_len == 96  # max_position_embeddings
     hf = tiny_hf_model("llama")
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

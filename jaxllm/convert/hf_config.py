@@ -41,6 +41,14 @@ def family(hf: dict[str, Any]) -> str:
     return kind
 
 
+ROPE_FIELDS = {  # what each RoPE scaling reads
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
 def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
     """The RoPE settings: `rope_parameters` (transformers 5), else `rope_theta` plus
     `rope_scaling` (earlier files)."""
@@ -53,6 +61,11 @@ def rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
 def _attention(hf: dict[str, Any], kind: str) -> AttentionConfig:
     """Masks, RoPE scaling, q/k norm, qkv bias and MLA of an HF config."""
     rope = rope_parameters(hf)
+    if rope["rope_type"] == "yarn":  # as transformers reads it
+        rope.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    missing = [key for key in ROPE_FIELDS.get(rope["rope_type"], ()) if rope.get(key) is None]
+    _require(not missing, f"config.json: rope_type {rope['rope_type']!r} needs "
+                          f"{', '.join(missing)}")
     scaling = {}
     if rope["rope_type"] == "linear":
         scaling = dict(rope_scaling="linear", rope_factor=float(rope["factor"]))

@@ -3,6 +3,9 @@
 Masks compare token indices within a row: 0..S-1 in training, where packed documents are
 told apart by their segment ids, and each token's position in a KV cache. Inside one
 document the two differ by a constant, so causal, sliding and ALiBi terms are the same.
+Chunked and strided terms read the index itself: a packed document that starts off a
+multiple of the chunk or stride is cut at other places than the same document alone in a
+cache (GRPO's rollouts start every row at column 0 for this reason).
 """
 
 import dataclasses

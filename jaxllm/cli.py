@@ -74,21 +74,37 @@ def _generate(args) -> None:
         if sampler.think is None:
             raise config_lib.ConfigError("--effort: the vocabulary has no <think> and </think>")
         prompt.append(sampler.think.open)
+    toolbox = _toolbox(args, tokenizer)
     echo = prompt if getattr(tokenizer, "chat_template", None) else prompt[1:]  # no <bos>
     patch = tokenizer.special.get("<patch>")
-    print(tokenizer.decode([t for t in echo if t != patch]), end="", flush=True)
-    toolbox = _toolbox(args)
-    generated = []
-    for token in stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
-                        rng=jax.random.key(args.seed), temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, effort=args.effort,
-                        toolbox=toolbox, patches=patches):
-        shown = tokenizer.decode(generated)
-        generated.append(token)
-        print(tokenizer.decode(generated)[len(shown):], end="", flush=True)
+    echo = [t for t in echo if t != patch]
+    text = tokenizer.decode(echo)
+    print(text, end="", flush=True)
+    tokens = stream(sampler, prompt, max_new_tokens=args.max_new_tokens,
+                    rng=jax.random.key(args.seed), temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, effort=args.effort, toolbox=toolbox,
+                    patches=patches)
+    for text in _growing_text(tokenizer, echo, tokens):
+        print(text, end="", flush=True)
     print()
     if toolbox is not None:
         toolbox.close()
+
+
+def _growing_text(tokenizer, prompt: list[int], tokens):
+    """The text each new token adds to the decoded prompt and the tokens before it, held
+    back while it ends inside a character (a byte of a multi-byte one decodes as U+FFFD).
+    Decoding the whole sequence keeps the spaces that a tokenizer drops at a text's start."""
+    ids, shown = list(prompt), len(tokenizer.decode(prompt))
+    text = ""
+    for token in tokens:
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            yield text[shown:]
+            shown = len(text)
+    if len(text) > shown:
+        yield text[shown:]
 
 
 def _prompt(args, config: config_lib.Config, tokenizer):
@@ -110,18 +126,20 @@ def _prompt(args, config: config_lib.Config, tokenizer):
     return image_prompt(tokenizer, text, image, patch_size=config.model.vision.patch_size)
 
 
-def _toolbox(args):
+def _toolbox(args, tokenizer):
     """The built-in tools `--tools` names (comma-separated), or None."""
     if not args.tools:
         return None
     if args.effort is not None:
         raise config_lib.ConfigError("--tools: does not combine with budget forcing (--effort)")
     from jaxllm import tools
+    from jaxllm.infer.tool_use import ToolTokens
 
     try:
+        ToolTokens.from_tokenizer(tokenizer)
         return tools.toolbox([name.strip() for name in args.tools.split(",")])
     except ValueError as error:
-        raise config_lib.ConfigError(f"--tools: {error}") from None
+        raise config_lib.ConfigError(f"--tools: {str(error).removeprefix('tools: ')}") from None
 
 
 def _eval(args) -> None:
@@ -153,7 +171,11 @@ def _eval(args) -> None:
         figure = sweep.control_plot({args.workdir: rows}, out / "control.png")
     else:
         name = "sweep"
-        rows = sweep.sweep(sampler, problems, efforts=sweep.budgets(args.budgets),
+        try:
+            efforts = sweep.budgets(args.budgets)
+        except ValueError as error:
+            raise config_lib.ConfigError(f"--{error}") from None
+        rows = sweep.sweep(sampler, problems, efforts=efforts,
                            votes=args.votes_list, rng=rng, **options)
         figure = sweep.plot(rows, out / "sweep.png")
     workdir_lib.write_text(out / f"{name}.md", sweep.table(rows) + "\n")
@@ -272,9 +294,40 @@ def _add_experiment_command(commands, name: str, help: str, run,
     command.set_defaults(run=run)
 
 
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` no less than `minimum`."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" names it
+    return parse
+
+
+def _probability(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1."""
+    return [_at_least(1)(item) for item in text.split(",")]
+
+
+_probability.__name__ = "float"
+_int_list.__name__ = "comma-separated integers"
+
+
 def _add_sampling_options(command) -> None:
-    command.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    command.add_argument("--max-new-tokens", type=int, default=96)
+    command.add_argument("--temperature", type=_at_least(0, float), default=1.0,
+                         help="0 is greedy")
+    command.add_argument("--max-new-tokens", type=_at_least(1), default=96)
     command.add_argument("--seed", type=int, default=0)
 
 
@@ -320,17 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--tools", help="built-in tools the model may call inside its "
                           "thinking, comma-separated: calc,countdown; calls and results are "
                           "shown as they happen")
-    generate.add_argument("--top-k", type=int)
-    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=_at_least(1))
+    generate.add_argument("--top-p", type=_probability)
     _add_sampling_options(generate)
     generate.set_defaults(run=_generate)
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a run's model")
     evaluate.add_argument("workdir", help="a run's workdir, holding checkpoints")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--problems", type=int, default=200, help="the first N of the split")
+    evaluate.add_argument("--problems", type=_at_least(1), default=200,
+                          help="the first N of the split")
     evaluate.add_argument("--effort", choices=("instant", "low", "medium", "high", "auto"))
-    evaluate.add_argument("--votes", type=int, default=1, help="self-consistency samples")
+    evaluate.add_argument("--votes", type=_at_least(1), default=1,
+                          help="self-consistency samples")
     evaluate.add_argument("--sweep", action="store_true",
                           help="every budget x vote count: a table and a PNG in WORKDIR/sweep")
     evaluate.add_argument("--control", action="store_true",
@@ -338,8 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "and thinking tokens per level, in WORKDIR/sweep/control.*")
     evaluate.add_argument("--budgets", default="0,8,16,32,64",
                           help="sweep: thinking-token budgets, comma-separated")
-    evaluate.add_argument("--votes-list", type=lambda s: [int(v) for v in s.split(",")],
-                          default=[1, 4, 16], help="sweep: vote counts, comma-separated")
+    evaluate.add_argument("--votes-list", type=_int_list, default=[1, 4, 16],
+                          help="sweep: vote counts, comma-separated")
     _add_sampling_options(evaluate)
     evaluate.set_defaults(run=_eval)
 

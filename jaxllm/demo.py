@@ -11,6 +11,7 @@ JSONL, plots), `sweep/`, `accuracy.png` and `demo.md` with the before/after tabl
 workdir may be local or gs://.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 import jax
@@ -121,6 +122,13 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
     pre, rl = configs(workdir)
     pre = config_lib.apply_overrides(pre, pre_overrides)
     rl = config_lib.apply_overrides(rl, rl_overrides)
+    differences = [field.name for field in dataclasses.fields(pre.model) if field.name != "lora"
+                   and getattr(pre.model, field.name) != getattr(rl.model, field.name)]
+    if differences:
+        raise config_lib.ConfigError(
+            f"pretrain.model and rl.model differ in {', '.join(differences)}: GRPO starts from "
+            f"the pretrained model, so give model overrides to both runs (pretrain.model.X=... "
+            f"rl.model.X=...)")
     out = workdir_lib.path(workdir)
 
     log("== 1/5 pretraining on the offline reasoning corpus")
@@ -141,7 +149,8 @@ def demo(workdir: str, overrides: Sequence[str] = (), log: Callable[[str], None]
 
     log("== 5/5 thinking budget x self-consistency sweep, after GRPO")
     config, model, state = load_run(rl.workdir)
-    sampler = Sampler(model, state.params, load_tokenizer(config.data.tokenizer))
+    sampler = Sampler(model, state.params, load_tokenizer(config.data.tokenizer),
+                      moe_bias=state.moe_bias)
     rows = sweep.sweep(sampler, problems[:SWEEP_PROBLEMS], efforts=sweep.budgets(SWEEP_BUDGETS),
                        votes=(1, 4, 16), max_new_tokens=length, rng=jax.random.key(2), log=log)
     sweep.plot(rows, out / "sweep" / "sweep.png")

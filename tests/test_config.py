@@ -270,3 +270,13 @@ def test_python_dash_m_runs_the_cli():
         [sys.executable, "-m", "jaxllm", "--help"], capture_output=True, text=True, check=True
     )
     assert "pretrain" in result.stdout and "demo" in result.stdout
+
+
+def test_the_demo_refuses_a_model_override_for_one_run_before_training(tmp_path, capsys):
+    """GRPO starts from the pretrained checkpoint, so the two models must be the same."""
+    assert main(["demo", "--workdir", str(tmp_path), "pretrain.model.num_layers=2"]) == 2
+    assert ("pretrain.model and rl.model differ in num_layers: GRPO starts from the "
+            "pretrained model" in capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+    assert main(["demo", "--workdir", str(tmp_path), "train.steps=2"]) == 2
+    assert "demo overrides start with pretrain. or rl." in capsys.readouterr().err

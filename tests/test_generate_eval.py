@@ -1,6 +1,7 @@
 """`jaxllm generate` and `jaxllm eval` on the checkpoint of a tiny pretraining run."""
 
 import json
+import types
 
 import jax
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from helpers import tiny_model
 from jaxllm import config as config_lib
 from jaxllm import parallel
-from jaxllm.cli import main
+from jaxllm.cli import _growing_text, _toolbox, main
+from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.train.checkpoint import Checkpointer
 from jaxllm.train.loop import pretrain
 from jaxllm.train.optimizer import make_optimizer
@@ -76,3 +78,51 @@ def test_eval_control_sweeps_the_effort_tokens_unforced(trained, capsys):
     assert [r["effort"] for r in rows] == list(config_lib.EFFORT_LEVELS)
     assert all(r["budget"] == 6 and 0 <= r["thinking_tokens"] <= 6 for r in rows)
     assert (trained / "sweep" / "control.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "W", "--prompt", "x", "--temperature", "-1"],
+     "argument --temperature: must be >= 0, got -1"),
+    (["generate", "W", "--prompt", "x", "--top-p", "2"], "argument --top-p: must lie in (0, 1]"),
+    (["generate", "W", "--prompt", "x", "--top-k", "0"], "argument --top-k: must be >= 1"),
+    (["generate", "W", "--prompt", "x", "--max-new-tokens", "-3"],
+     "argument --max-new-tokens: must be >= 1, got -3"),
+    (["eval", "W", "--problems", "0"], "argument --problems: must be >= 1, got 0"),
+    (["eval", "W", "--votes", "zero"], "argument --votes: invalid int value: 'zero'"),
+    (["eval", "W", "--votes-list", "1,a"], "argument --votes-list: invalid comma-separated"),
+])
+def test_bad_sampling_options_exit_with_2_naming_the_option(argv, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_sweep_budgets_exit_with_2_naming_them(trained, capsys):
+    assert main(["eval", str(trained), "--sweep", "--problems", "1", "--budgets", "a,b"]) == 2
+    assert "--budgets: expected comma-separated integers, got 'a,b'" in capsys.readouterr().err
+
+
+def test_tools_on_a_vocabulary_without_their_tokens_are_refused_before_sampling():
+    no_tools = types.SimpleNamespace(special={"<bos>": 1})
+    args = types.SimpleNamespace(tools="calc", effort=None)
+    with pytest.raises(config_lib.ConfigError, match="^--tools: the vocabulary has no <tool>"):
+        _toolbox(args, no_tools)
+
+
+def test_the_streamed_text_is_the_decoded_completion():
+    """Characters split over several byte tokens show once whole; a tokenizer that drops a
+    text's leading space keeps the space between prompt and completion."""
+    tokenizer = ByteTokenizer()
+    prompt, completion = tokenizer.encode("x="), tokenizer.encode("1517 \u2713 caf\u00e9")
+    pieces = list(_growing_text(tokenizer, prompt, completion))
+    assert "".join(pieces) == "1517 \u2713 caf\u00e9"
+    assert not any("\ufffd" in piece for piece in pieces)
+
+    class Words:  # decodes as SentencePiece does: the text's first space is dropped
+        words = ["The", " capital", " is", " Paris"]
+
+        def decode(self, ids):
+            return "".join(self.words[i] for i in ids).lstrip()
+
+    assert list(_growing_text(Words(), [0, 1, 2], [3])) == [" Paris"]

@@ -221,7 +221,7 @@ def test_generate_command_streams_the_calls_and_results_of_the_batched_loop(
     completion = list(want.tokens[0, :want.lengths[0]])
     assert shown == tokenizer.decode(prompts[row][1:] + completion) + "\n"
     assert cli.main(["generate", "run", "--prompt", "x", "--tools", "shell"]) == 2
-    assert "--tools: tools: unknown ['shell']" in capsys.readouterr().err
+    assert "--tools: unknown ['shell']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", tasks.TOOL_FAMILIES)

@@ -119,6 +119,15 @@ def test_generate_with_an_image_equals_the_batched_sampler(vision_run, tmp_path,
     assert capsys.readouterr().out.startswith(f"{echo}<think></think>")
 
 
+def test_a_prompt_holding_the_image_span_tokens_is_refused(vision_run, tmp_path, capsys):
+    """A stray <patch> would take the image's first patch and shift the others."""
+    Image.fromarray(picture(0)).save(tmp_path / "a.png")
+    assert main(["generate", str(vision_run), "--image", str(tmp_path / "a.png"), "--raw",
+                 "--prompt", "<patch><image>What colour?"]) == 2
+    assert "--prompt: holds </image> or <patch>; write the image as the marker <image> alone" \
+        in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["missing", "corrupt"])
 def test_a_bad_image_file_exits_with_2_naming_it(vision_run, tmp_path, capsys, case):
     path = tmp_path / "bad.png"

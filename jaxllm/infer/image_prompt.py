@@ -35,6 +35,9 @@ def image_prompt(tokenizer: Tokenizer, text: str, image: np.ndarray, *, patch_si
     when the text has none) expanded into the span of `image` (uint8 [H, W, 3]), and the
     image's patches, float32 [1, grid², patch_dim] in [0, 1] as a batch holds them."""
     patches = pixel_patches(image, patch_size)
+    if PATCH in text or IMAGE_END in text:
+        raise ConfigError(f"--prompt: holds {IMAGE_END} or {PATCH}; write the image as the "
+                          f"marker {IMAGE} alone")
     text = text if IMAGE in text else IMAGE + text
     if text.count(IMAGE) != 1:
         raise ConfigError(f"--prompt: holds {text.count(IMAGE)} {IMAGE} markers for one image")

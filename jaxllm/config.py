@@ -74,6 +74,9 @@ class MoEConfig:
     router: Literal["softmax", "sigmoid"] = "softmax"
     norm_topk_prob: bool = True  # divide the top-k weights by their sum
     routed_scaling_factor: float = 1.0
+    # Llama 4: a token enters its one expert scaled by the router weight, FFN_i(g_i h),
+    # instead of scaling the expert's output, g_i FFN_i(h).
+    weight_inputs: bool = False
     n_group: int = 1  # group-limited routing (DeepSeek-V3): experts split into n_group groups
     topk_group: int = 1  # ... of which only the best topk_group are eligible
     dispatch: Literal["dropless", "capacity"] = "dropless"
@@ -115,6 +118,9 @@ class MoEConfig:
         )
         for name in ("load_balance_loss", "seq_aux_loss", "router_z_loss", "bias_update_rate"):
             _require(getattr(self, name) >= 0, f"{prefix}{name}", "must be >= 0")
+        _require(not self.weight_inputs or self.experts_per_token == 1,
+                 f"{prefix}weight_inputs", "scales the input of a token's one expert; set "
+                 f"{prefix}experts_per_token=1")
         _require(
             self.bias_update_rate == 0 or self.router == "sigmoid",
             f"{prefix}bias_update_rate",

@@ -73,11 +73,11 @@ def tiny_deepseek_v32() -> ModelConfig:
 
 def tiny_llama4() -> ModelConfig:
     """Llama 4 Maverick's structure: dense and MoE layers alternate (layers 1 and 3 are
-    MoE), each MoE layer routes top-1 with a sigmoid weight and adds a shared expert; three
-    chunked-attention RoPE layers, then one global NoPE layer."""
+    MoE), each MoE layer routes top-1 with a sigmoid weight on the expert's input and adds a
+    shared expert; three chunked-attention RoPE layers, then one global NoPE layer."""
     moe = MoEConfig(
         num_experts=8, experts_per_token=1, expert_dim=192, num_shared_experts=1,
-        router="sigmoid", norm_topk_prob=False, moe_every=2,
+        router="sigmoid", norm_topk_prob=False, weight_inputs=True, moe_every=2,
     )
     attention = AttentionConfig(pattern="chunked,chunked,chunked,global",
                                 positions="rope,rope,rope,none", chunk=32)
@@ -245,11 +245,12 @@ def kimi_k2() -> ModelConfig:
 
 def _llama4(num_experts: int, moe_every: int, qk_norm: str) -> ModelConfig:
     """Llama 4's layout: d 5120, 48 layers, GQA 40/8 heads of 128; MoE layers route top-1
-    with a sigmoid weight and add a shared expert, all of width 8192; dense layers have FFN
-    16384; three chunked (8192) RoPE layers, then a global NoPE layer; RoPE 5e5."""
+    with a sigmoid weight on the expert's input and add a shared expert, all of width 8192;
+    dense layers have FFN 16384; three chunked (8192) RoPE layers, then a global NoPE layer;
+    RoPE 5e5."""
     moe = MoEConfig(num_experts=num_experts, experts_per_token=1, expert_dim=8192,
                     num_shared_experts=1, router="sigmoid", norm_topk_prob=False,
-                    moe_every=moe_every)
+                    weight_inputs=True, moe_every=moe_every)
     attention = AttentionConfig(pattern="chunked,chunked,chunked,global",
                                 positions="rope,rope,rope,none", chunk=8192, qk_norm=qk_norm)
     return ModelConfig(

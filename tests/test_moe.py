@@ -134,13 +134,20 @@ def test_deepseek_gate_is_the_normalised_unbiased_sigmoid_and_bias_only_selects(
 
 
 def test_group_limited_routing_picks_only_from_the_best_groups():
-    """Expert 0 scores highest, but its group's top-2 sum is the lowest: it is masked out."""
+    """Expert 0 scores highest, but its group's top-2 sum is the lowest: with a selection
+    bias (DeepSeek-V3) it is masked out; without one a group scores its best expert
+    (DeepSeek-V2), and expert 0's group is kept."""
     cfg = MoEConfig(num_experts=6, experts_per_token=2, router="sigmoid", n_group=3, topk_group=2)
     logits = jnp.array([[5.0, -5.0, 1.0, 1.0, 0.5, 0.6]])
-    masked = router.group_limited(jax.nn.sigmoid(logits), 3, 2)
+    masked = router.group_limited(jax.nn.sigmoid(logits), 3, 2, biased=True)
     assert np.isneginf(masked[0, :2]).all() and np.isfinite(masked[0, 2:]).all()
-    _, experts, _ = router.route(logits, None, cfg)
+    _, experts, _ = router.route(logits, jnp.zeros(6), cfg)
     np.testing.assert_array_equal(experts, [[2, 3]])
+    masked = router.group_limited(jax.nn.sigmoid(logits), 3, 2, biased=False)
+    assert np.isneginf(masked[0, 4:]).all() and np.isfinite(masked[0, :4]).all()
+    softmax = dataclasses.replace(cfg, router="softmax")
+    _, experts, _ = router.route(logits, None, softmax)
+    np.testing.assert_array_equal(experts, [[0, 2]])
 
 
 def test_bias_update_moves_each_expert_by_the_sign_of_its_load_gap():
@@ -260,3 +267,38 @@ def test_the_kernel_names_are_the_configs_and_others_are_refused():
     x, weights, experts = jnp.zeros((4, 8)), jnp.ones((4, 1)), jnp.zeros((4, 1), jnp.int32)
     with pytest.raises(ValueError, match="^unknown experts kernel 'megablocks'"):
         routed_experts(x, weights, experts, wi, wo, capacity=4, kernel="megablocks")
+
+
+def test_llama4_weights_the_experts_input_as_transformers_does():
+    """`weight_inputs`: a top-1 sigmoid MoE with a shared expert equals transformers'
+    Llama4TextMoe with the same weights, FFN_i(g h) + FFN_shared(h)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    embed, experts, width = 16, 4, 8
+    cfg = MoEConfig(num_experts=experts, experts_per_token=1, expert_dim=width,
+                    num_shared_experts=1, router="sigmoid", norm_topk_prob=False,
+                    weight_inputs=True, kernel="ragged_dot")
+    x = jax.random.normal(jax.random.key(0), (1, 6, embed))
+    variables = nn.meta.unbox(MoE(cfg).init(jax.random.key(1), x))
+    variables.pop("moe_metrics", None)
+    params = jax.tree.map(lambda a: 3.0 * a, variables["params"])  # far from linear
+    ours = MoE(cfg).apply({**variables, "params": params}, x)
+    hf = Llama4TextMoe(transformers.Llama4TextConfig(
+        hidden_size=embed, intermediate_size=width, num_local_experts=experts,
+        num_experts_per_tok=1, intermediate_size_mlp=width, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=8)).eval()
+    p = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), params)
+    with torch.no_grad():
+        hf.router.weight.copy_(p["router"]["kernel"].T)
+        hf.experts.gate_up_proj.copy_(p["wi"].reshape(experts, embed, 2 * width))
+        hf.experts.down_proj.copy_(p["wo"])
+        shared = p["shared"]
+        hf.shared_expert.gate_proj.weight.copy_(shared["wi"]["kernel"][:, 0].T)
+        hf.shared_expert.up_proj.weight.copy_(shared["wi"]["kernel"][:, 1].T)
+        hf.shared_expert.down_proj.weight.copy_(shared["wo"]["kernel"].T)
+        theirs, _ = hf(torch.tensor(np.asarray(x)))
+    np.testing.assert_allclose(ours.reshape(-1, embed), theirs.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="weight_inputs: .*experts_per_token=1"):
+        dataclasses.replace(cfg, experts_per_token=2).validate("model.moe.")

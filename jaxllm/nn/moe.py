@@ -1,7 +1,7 @@
 """The mixture-of-experts feed-forward layer: router, routed SwiGLU experts, shared experts.
 
 h' = sum_shared FFN(h) + sum_i g_i FFN_i(h) (DeepSeek-V3 eq. 12; the residual is added by
-the block). Routing is in float32 (`jaxllm.nn.router`); the grouped matmul is in
+the block), or with `weight_inputs` (Llama 4) sum_shared FFN(h) + FFN_i(g_i h). Routing is in float32 (`jaxllm.nn.router`); the grouped matmul is in
 `jaxllm.nn.experts`. On a mesh with expert > 1, `jaxllm.nn.expert_parallel` runs it with the
 experts sharded and the tokens exchanged by all_to_all.
 
@@ -83,6 +83,8 @@ class MoE(nn.Module):
             in_axis=1, out_axis=2,
         )
         flat_x = x.reshape(tokens, embed).astype(self.dtype)
+        if cfg.weight_inputs:  # Llama 4: FFN_i(g_i h) for the token's one expert i
+            flat_x, weights = flat_x * weights.astype(self.dtype), jnp.ones_like(weights)
         mesh = expert_parallel.expert_mesh(tokens) if cfg.expert_parallel else None
         if mesh is None:
             y, dropped = routed_experts(

@@ -5,9 +5,10 @@ Conventions follow `docs/references.md`, "Mixture of experts":
   logits (softmax, then renormalise over the chosen experts).
 - sigmoid: DeepSeek-V3. s = sigmoid(logits); s + bias chooses the experts, the unbiased s of
   the chosen experts are the weights. Llama 4 is sigmoid top-1 without normalisation.
-- group-limited selection (DeepSeek-V3): a group's score is the sum of its top-2 selection
-  scores; experts outside the best topk_group groups are masked with -inf, as in DeepSeek's
-  reference `inference/model.py` and transformers 5.
+- group-limited selection: with a selection bias (DeepSeek-V3) a group's score is the sum of
+  its top-2 biased scores, without one (DeepSeek-V2's softmax router) its best score, as in
+  DeepSeek's reference `inference/model.py`; experts outside the best topk_group groups are
+  masked with -inf, as there and in transformers 5.
 """
 
 import jax
@@ -21,14 +22,19 @@ def router_scores(logits: jax.Array, router: str) -> jax.Array:
     return jax.nn.softmax(logits, axis=-1) if router == "softmax" else jax.nn.sigmoid(logits)
 
 
-def group_limited(selection: jax.Array, n_group: int, topk_group: int) -> jax.Array:
+def group_limited(selection: jax.Array, n_group: int, topk_group: int, *,
+                  biased: bool) -> jax.Array:
     """Masks, with -inf, the experts outside the topk_group best of n_group groups.
 
-    selection: [T, E] scores used for choosing. A group scores the sum of its top-2.
+    selection: [T, E] scores used for choosing. A group scores the sum of its top-2 when the
+    scores are `biased` (DeepSeek-V3), else its best one (DeepSeek-V2).
     """
     tokens, num_experts = selection.shape
     grouped = selection.reshape(tokens, n_group, num_experts // n_group)
-    group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+    if biased:
+        group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, G]
+    else:
+        group_scores = grouped.max(-1)
     _, best = jax.lax.top_k(group_scores, topk_group)  # [T, topk_group]
     keep = jnp.zeros((tokens, n_group), bool).at[jnp.arange(tokens)[:, None], best].set(True)
     return jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(tokens, num_experts)
@@ -48,7 +54,8 @@ def route(logits: jax.Array, bias: jax.Array | None, cfg: MoEConfig):
     scores = router_scores(logits, cfg.router)
     selection = scores if bias is None else scores + bias
     if cfg.n_group > 1:
-        selection = group_limited(selection, cfg.n_group, cfg.topk_group)
+        selection = group_limited(selection, cfg.n_group, cfg.topk_group,
+                                  biased=bias is not None)
     _, experts = jax.lax.top_k(selection, cfg.experts_per_token)
     weights = jnp.take_along_axis(scores, experts, axis=-1)  # unbiased
     if cfg.norm_topk_prob:

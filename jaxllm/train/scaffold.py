@@ -83,8 +83,11 @@ def initial_weights(run: Run):
     config = run.config
     if run.start == 0:
         return jax.tree.map(jnp.copy, (run.state.params, run.state.moe_bias))
-    if config.init_from is not None:
-        state = restore_weights(config.init_from, run.state, config)
+    if config.init_from is not None:  # into a copy: a restore frees its target's arrays
+        fields = {f.name: getattr(run.state, f.name) for f in dataclasses.fields(run.state)
+                  if f.name != "opt_state"}
+        state = restore_weights(config.init_from,
+                                run.state.replace(**jax.tree.map(jnp.copy, fields)), config)
     else:
         state, _ = init_state(run.model, run.tx, config.train.seq_len, run.mesh,
                               jax.random.key(config.train.seed))

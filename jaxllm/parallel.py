@@ -25,6 +25,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", TENSOR),
     ("embed", FSDP),
+    ("q_lora", FSDP),  # MLA's up-projections have no embed axis; their latent takes fsdp
+    ("kv_lora", FSDP),
     ("heads", TENSOR),
     ("kv_heads", TENSOR),
     ("mlp", TENSOR),

@@ -2,13 +2,14 @@
 
 import flax.linen as nn
 import jax
+from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from helpers import arithmetic_batch, init_params, loss_and_grads, tiny_model
-from jaxllm import Config, MeshConfig, parallel
+from jaxllm import Config, MeshConfig, parallel, presets
 from jaxllm.nn import Transformer
 
 MESHES = {
@@ -60,6 +61,20 @@ def test_parameters_are_sharded_as_the_rules_say(reference):
     for name, (array, spec, shard_shape) in expected.items():
         assert array.sharding.spec == spec, name
         assert array.addressable_shards[0].data.shape == shard_shape, name
+
+
+@pytest.mark.parametrize("preset", [n for n in presets.PRESETS if n.startswith("tiny")])
+def test_fsdp_splits_every_weight_matrix_of_every_preset(preset):
+    """No weight matrix (two or more axes of 16 or more) is left whole on each device of an
+    fsdp mesh (MLA's up-projections, which have no embed axis, once were)."""
+    boxed = jax.eval_shape(Transformer(presets.PRESETS[preset]()).init, jax.random.key(0),
+                           jnp.zeros((1, 8), jnp.int32))["params"]
+    mesh = parallel.make_mesh(Config(mesh=MeshConfig(data=1, fsdp=8)))
+    shardings = traverse_util.flatten_dict(parallel.shardings(boxed, mesh))
+    shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed))
+    whole = ["/".join(path) for path, sharding in shardings.items()
+             if "fsdp" not in sharding.spec and sum(d >= 16 for d in shapes[path].shape) >= 2]
+    assert not whole
 
 
 def test_axes_that_do_not_divide_a_dimension_leave_it_replicated():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from jaxllm import calculator, cli, parallel, presets
@@ -207,6 +208,20 @@ def test_a_negative_compiler_estimate_counts_as_none():
     assert cost.flops == 1e9 and cost.optimal_seconds != cost.optimal_seconds  # nan
     total = cost + aot.Cost(1e9, 1e6, 0.5)
     assert total.optimal_seconds != total.optimal_seconds  # no estimate stays none
+
+
+def test_a_step_that_fits_only_in_micro_batches_gets_no_estimate_instead_of_failing(
+        monkeypatch):
+    """The cost compiles take the whole batch in one micro-batch; when they run out of memory
+    the step has no estimate, and a search keeps going."""
+
+    def out_of_memory(config, mesh):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in hbm")
+
+    monkeypatch.setattr(aot, "compile_step", out_of_memory)
+    config = dataclasses.replace(TINY, train=dataclasses.replace(TINY.train, grad_accum=2))
+    cost, method = aot.step_cost(config, parallel.make_mesh(config, jax.devices()[:4]))
+    assert cost is None and method.startswith("none: the unrolled cost compile")
 
 
 def test_an_fp8_step_compiles_for_tpu_and_reports_its_estimate():

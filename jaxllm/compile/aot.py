@@ -184,8 +184,10 @@ def _unrolled(config: config_lib.Config, repeats: int) -> config_lib.Config:
     return dataclasses.replace(config, model=model, train=train)
 
 
-def step_cost(config: config_lib.Config, mesh, compiled=None) -> tuple[Cost, str]:
-    """(the step's per-chip cost with every layer and micro-batch counted, how it was got).
+def step_cost(config: config_lib.Config, mesh, compiled=None) -> tuple[Cost | None, str]:
+    """(the step's per-chip cost with every layer and micro-batch counted, how it was got);
+    (None, why) when an unrolled compile, which takes the whole batch in one micro-batch,
+    runs out of memory.
 
     `compiled`, the step of `config` itself if at hand, is exact when nothing loops."""
     segments = layer_segments(config.model)
@@ -194,10 +196,16 @@ def step_cost(config: config_lib.Config, mesh, compiled=None) -> tuple[Cost, str
     if not looped and config.train.grad_accum == 1:
         compiled = compiled or compile_step(config, mesh)
         return cost_of(compiled), "exact: no loop in the step"
-    one = cost_of(compile_step(_unrolled(config, 1), mesh))
-    if repeats == 1:
-        return one, "from an unrolled compile"
-    two = cost_of(compile_step(_unrolled(config, 2), mesh))
+    try:
+        one = cost_of(compile_step(_unrolled(config, 1), mesh))
+        if repeats == 1:
+            return one, "from an unrolled compile"
+        two = cost_of(compile_step(_unrolled(config, 2), mesh))
+    except jax.errors.JaxRuntimeError as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return None, ("none: the unrolled cost compile, the whole batch in one micro-batch, "
+                      "ran out of memory")
     return one + (two - one).scaled(repeats - 1), (
         f"corrected for the scan: unrolled compiles of 1 and 2 repeating groups, the "
         f"difference times {repeats - 1} more")
@@ -343,7 +351,8 @@ def with_cost(report: Report, config: config_lib.Config, topology: Topology) -> 
     """`report` of `config` (compiled with cost=False) with its step cost added."""
     config, mesh = prepare(config, topology)
     total_cost, method = step_cost(config, mesh)
-    total_cost, method = _with_splash(total_cost, method, config, topology, mesh.size)
+    if total_cost is not None:
+        total_cost, method = _with_splash(total_cost, method, config, topology, mesh.size)
     return dataclasses.replace(report, cost=total_cost, cost_method=method)
 
 
@@ -382,6 +391,8 @@ def format_report(report: Report) -> str:
         c = report.cost
         lines.append(f"cost         {c.flops:.3g} FLOPs and {c.bytes_accessed:.3g} bytes per "
                      f"device per step ({report.cost_method})")
+    elif report.cost_method != "not computed":
+        lines.append(f"cost         {report.cost_method}")
     if report.fp8 is not None:
         lines.append(f"fp8          {fp8_costs.describe(report.fp8)}; the memory above is the "
                      "compiled fp8 step's (quantised residuals included)")

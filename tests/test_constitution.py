@@ -35,9 +35,11 @@ from jaxllm.train.loop import pretrain
     ("p.txt", "# the constitution\nBe kind.\n\n  Be brief.  \n"),
     ("p.yaml", "- Be kind.\n- Be brief.\n"),
     ("p.yml", "principles:\n  - Be kind.\n  - ' Be brief. '\n"),
+    ("p.YAML", "- Be kind.\n- Be brief.\n"),
+    ("bom.txt", "\ufeff# the constitution\nBe kind.\nBe brief.\n"),  # a byte-order mark
 ])
 def test_principles_read_from_text_and_yaml(tmp_path, name, text):
-    (tmp_path / name).write_text(text)
+    (tmp_path / name).write_text(text, encoding="utf-8")
     assert read_principles(tmp_path / name) == ["Be kind.", "Be brief."]
 
 

@@ -16,6 +16,7 @@ from jaxllm import config as config_lib
 from jaxllm import parallel
 from jaxllm.cli import main
 from jaxllm.data import tasks
+from jaxllm.data.readers import jsonl_records
 from jaxllm.data.tokenizer import ByteTokenizer
 from jaxllm.nn import Transformer
 from jaxllm.post import preferences
@@ -139,6 +140,16 @@ def test_a_bad_pair_is_named_by_file_and_line_and_nothing_is_written(tmp_path, l
     with pytest.raises(config_lib.ConfigError, match="dpo.paths: .*" + message):
         dpo(config, log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_line_separator_inside_a_string_stays_in_its_record(tmp_path):
+    """JSON allows U+2028 raw in a string; only a newline ends a JSONL record."""
+    path = tmp_path / "pairs.jsonl"
+    record = {"prompt": "a\u2028b", "chosen": "c\u2029", "rejected": "d\u0085e"}
+    path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    [pair] = preferences.read_pairs(str(path), "dpo.paths")
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("a\u2028b", "c\u2029", "d\u0085e")
+    assert list(jsonl_records(path)) == [(1, record)]
 
 
 def test_the_command_refuses_an_empty_response_with_status_2(tmp_path, capsys):

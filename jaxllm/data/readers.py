@@ -185,7 +185,7 @@ def _documents(path: Path, text_key: str) -> list[str]:
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, JSON value) of each non-blank line of a JSONL file."""
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().split("\n"), 1):
         if not line.strip():
             continue
         try:

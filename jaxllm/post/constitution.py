@@ -93,7 +93,7 @@ def read_prompts(config: config_lib.Config) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"constitution.prompts: {cfg.prompts!r} is not a file")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().split("\n"), 1):
         if line.strip():
             records.append(_prompt_record(line, f"constitution.prompts: {path}:{number}"))
     if not records:
@@ -222,7 +222,7 @@ def _stage(path: epath.Path, items: list[dict], work: Callable[[list[dict], int]
 
 
 def _read_jsonl(path: epath.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def _write_atomically(path: epath.Path, lines: list[str]) -> None:

@@ -68,7 +68,7 @@ def read_pairs(paths: str, field: str = "dpo.paths") -> list[Pair]:
 
 def _file_pairs(path: Path, field: str) -> list[Pair]:
     pairs = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text().split("\n"), 1):
         if line.strip():
             pairs.append(parse_pair(line, f"{field}: {path}:{number}"))
     return pairs

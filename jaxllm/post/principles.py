@@ -15,11 +15,11 @@ def read_principles(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--principles: {str(path)!r} is not a file")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
+    text = path.read_text(encoding="utf-8-sig")  # without a byte-order mark
+    if path.suffix.lower() in (".yaml", ".yml"):
         principles = _yaml_principles(text, path)
     else:
-        principles = [line.strip() for line in text.splitlines()
+        principles = [line.strip() for line in text.split("\n")
                       if line.strip() and not line.strip().startswith("#")]
     if not principles:
         raise ConfigError(f"--principles: {path} holds no principles")

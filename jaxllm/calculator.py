@@ -155,7 +155,7 @@ def device_bytes(boxed_tree, mesh) -> int:
 def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
     """An estimate of the activations one device keeps for the backward pass.
 
-    With b = train.batch_size / grad_accum / (data * fsdp * expert) rows of s = seq_len / context
+    With b = train.batch_size / grad_accum / (data * fsdp) rows of s = seq_len / context
     tokens per device, t = tensor, S = seq_len, d, H heads, K kv heads, dh head_dim,
     V vocab and F the FFN width of a layer (mlp_dim, or top-k x expert_dim + shared width
     + num_experts router logits for a MoE layer), the values one layer makes per token are
@@ -177,7 +177,7 @@ def activation_bytes(config: config_lib.Config, mesh: dict[str, int]) -> int:
     them: `jaxllm.train.step.cross_entropy`).
     """
     m, t = config.model, config.train
-    rows = t.batch_size // t.grad_accum // parallel.batch_shards(mesh)
+    rows = t.batch_size // t.grad_accum // (mesh[parallel.DATA] * mesh[parallel.FSDP])
     tokens = rows * (t.seq_len // mesh[parallel.CONTEXT])
     tp, d, dh = mesh[parallel.TENSOR], m.embed_dim, m.resolved_head_dim
     H, K = m.num_heads, m.num_kv_heads  # noqa: N806 (the docstring's names)
@@ -291,7 +291,7 @@ def compute_optimal(budget_flops: float) -> dict[str, float]:
 def suggested_config(model: config_lib.ModelConfig, chips: int = 256) -> config_lib.Config:
     """A training config for `model` on `chips` chips: FSDP over all of them, or for MoE
     `expert` = the largest power of two up to 16 dividing the experts and FSDP over the
-    rest; one 4096-token sequence per batch shard (one per chip), full remat, bfloat16."""
+    rest; one 4096-token sequence per batch shard (data x fsdp), full remat, bfloat16."""
     expert = 1
     if model.moe is not None:
         expert = math.gcd(model.moe.num_experts, chips, 16)
@@ -299,7 +299,7 @@ def suggested_config(model: config_lib.ModelConfig, chips: int = 256) -> config_
     return config_lib.Config(
         model=model,
         mesh=config_lib.MeshConfig(data=1, fsdp=chips // expert, expert=expert),
-        train=config_lib.TrainConfig(batch_size=chips, seq_len=4096),
+        train=config_lib.TrainConfig(batch_size=chips // expert, seq_len=4096),
     )
 
 

@@ -6,7 +6,6 @@ tensor is laid out. GSPMD does the rest.
 """
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
@@ -20,9 +19,7 @@ from jaxllm.config import Config, ConfigError
 # The mesh axes, by name; every module that names a mesh axis imports it from here.
 DATA, FSDP, TENSOR, EXPERT, CONTEXT = "data", "fsdp", "tensor", "expert", "context"
 MESH_AXES = (DATA, FSDP, TENSOR, EXPERT, CONTEXT)
-# The axes that split the batch of sequences; outside the MoE layers `expert` acts as one
-# more data-parallel axis, so no device repeats another's attention work (as in MaxText).
-BATCH_AXES = (DATA, FSDP, EXPERT)
+BATCH_AXES = (DATA, FSDP)  # the axes that split the batch of sequences
 
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
@@ -39,7 +36,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     # activations
     ("act_batch", BATCH_AXES),
-    ("act_batch_replica", (DATA, EXPERT)),  # the batch whole per FSDP group
+    ("act_batch_replica", DATA),  # the batch over data only, whole per FSDP group
     ("act_length", CONTEXT),
     ("act_embed", None),
     ("act_heads", TENSOR),
@@ -89,11 +86,6 @@ def _resolve_mesh_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, in
     return sizes
 
 
-def batch_shards(sizes: dict[str, int]) -> int:
-    """The shards a batch of sequences splits into: the product of the `BATCH_AXES` sizes."""
-    return math.prod(sizes[axis] for axis in BATCH_AXES)
-
-
 def _check_splits(config: Config, sizes: dict[str, int]) -> None:
     """The experts, slices, batch and sequences split evenly over the mesh axes `sizes`."""
     moe = config.model.moe
@@ -105,11 +97,11 @@ def _check_splits(config: Config, sizes: dict[str, int]) -> None:
         raise ConfigError(f"mesh.slices: the data axis ({sizes[DATA]}) must split evenly over "
                           f"{config.mesh.slices} slices")
     t = config.train
-    shards = batch_shards(sizes)
-    if (t.batch_size // t.grad_accum) % shards != 0:
+    batch_shards = sizes[DATA] * sizes[FSDP]
+    if (t.batch_size // t.grad_accum) % batch_shards != 0:
         raise ConfigError(f"train.batch_size: each of the {t.grad_accum} micro-batches of "
                           f"{t.batch_size // t.grad_accum} sequences must split evenly over "
-                          f"mesh.data*mesh.fsdp*mesh.expert={shards} shards")
+                          f"mesh.data*mesh.fsdp={batch_shards} shards")
     context = sizes[CONTEXT]
     if context != 1 and t.seq_len % (2 * context) != 0:
         raise ConfigError(f"train.seq_len: {t.seq_len} must be a multiple of {2 * context}: "
@@ -178,13 +170,13 @@ def shardings(boxed_tree, mesh: Mesh, rules=RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sequences split over the batch axes (data, fsdp, expert), positions over context."""
+    """Sequences split over (data, fsdp), positions over context."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, CONTEXT))
 
 
 def batch_shardings(mesh: Mesh, keys) -> dict[str, NamedSharding]:
     """The sharding of each array `keys` names in a training batch: [B, S] arrays as
-    `batch_sharding`; the rows' image `patches` [B, P, patch_dim] over the batch axes only,
+    `batch_sharding`; the rows' image `patches` [B, P, patch_dim] over (data, fsdp) only,
     each row's patches whole on its devices."""
     per_token, per_row = batch_sharding(mesh), NamedSharding(mesh, PartitionSpec(BATCH_AXES))
     return {key: per_row if key == "patches" else per_token for key in keys}

@@ -191,7 +191,7 @@ DEVICE_MESSAGES = [
     ("mesh.slices=3", "mesh.slices: the data axis (8) must split evenly over 3 slices"),
     ("train.batch_size=4",
      "train.batch_size: each of the 1 micro-batches of 4 sequences must split evenly over "
-     "mesh.data*mesh.fsdp*mesh.expert=8 shards"),
+     "mesh.data*mesh.fsdp=8 shards"),
     ("mesh.context=4 train.seq_len=36",
      "train.seq_len: 36 must be a multiple of 8: ring attention cuts each sequence into 2 "
      "chunks on each of the mesh.context=4 devices"),

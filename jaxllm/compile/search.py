@@ -39,8 +39,7 @@ def candidates(config: config_lib.Config, topology: Topology, *, remat=REMAT_POL
                grad_accum=GRAD_ACCUM, tensor=TENSOR, expert=EXPERT) -> Iterator[Candidate]:
     """Every candidate the config allows on the slice: data spans the slices, and each slice's
     chips split into fsdp x tensor x expert, tensor dividing both head counts, expert the
-    expert count; the batch must split over the data, fsdp and expert shards and the
-    micro-batches."""
+    expert count; the batch must split over the data and fsdp shards and micro-batches."""
     model = config.model
     per_slice = topology.chips // topology.slices
     experts = model.moe.num_experts if model.moe else 1
@@ -48,7 +47,7 @@ def candidates(config: config_lib.Config, topology: Topology, *, remat=REMAT_POL
         fsdp, rest = divmod(per_slice, tp * ep)
         rows = config.train.batch_size
         if (rest or model.num_heads % tp or model.num_kv_heads % tp
-                or experts % ep or rows % (accum * topology.slices * fsdp * ep)):
+                or experts % ep or rows % (accum * topology.slices * fsdp)):
             continue
         yield Candidate(policy, accum, fsdp, tp, ep)
 

@@ -1,9 +1,9 @@
 """Expert parallelism: experts sharded over the `expert` mesh axis, tokens exchanged by all-to-all.
 
 Inside `jax.shard_map`, each device holds a slice of the tokens and E/n of the experts (n the
-size of the `expert` axis). As in MaxText, `expert` is one of the batch axes, so it splits
-the tokens too and no device repeats another's work. Each device (`docs/references.md`,
-"Expert parallelism"):
+size of the `expert` axis). The `expert` axis splits the tokens too, alongside the batch axes,
+so no device repeats another's expert work (outside this layer the batch is split over the
+batch axes only). Each device (`docs/references.md`, "Expert parallelism"):
 1. sorts its token-choices by destination shard (the shard holding the chosen expert);
 2. exchanges them with `jax.lax.all_to_all` over `expert`, at a fixed capacity of C rows per
    (source, destination) pair;
@@ -29,8 +29,8 @@ from jaxllm.nn.experts import PALLAS_KERNELS, resolve_kernel, routed_experts
 from jaxllm.parallel import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 
 # The flattened tokens [B*S] split over every axis, in the order that matches the layout of
-# activations (batch over data, fsdp and expert, positions over context), then tensor.
-TOKEN_AXES = (*BATCH_AXES, CONTEXT, TENSOR)
+# activations (batch over data and fsdp, positions over context), then tensor and expert.
+TOKEN_AXES = (*BATCH_AXES, CONTEXT, TENSOR, EXPERT)
 
 
 def token_axes(mesh: AbstractMesh) -> tuple[str, ...]:

@@ -28,8 +28,8 @@ from jaxllm.nn.platform import target_platform
 from jaxllm.parallel import BATCH_AXES, CONTEXT, EXPERT, TENSOR
 
 # The flattened tokens [B*S] split over these axes, in the order of the activations' layout
-# (batch over data, fsdp and expert, positions over context).
-ROW_AXES = (*BATCH_AXES, CONTEXT)
+# (batch over data and fsdp, positions over context), then expert.
+ROW_AXES = (*BATCH_AXES, CONTEXT, EXPERT)
 
 
 def tiling(rows: int, k: int, n: int, num_experts: int) -> tuple[int, int, int]:
@@ -89,8 +89,8 @@ def per_device(routed, x, weights, experts, wi, wo, *, mesh: AbstractMesh, capac
     kernel: gmm, triton_gmm or mosaic_gmm) run on each device of `mesh` inside
     `jax.shard_map`.
 
-    Each device routes, sorts and combines its own tokens, split over the data, fsdp, expert
-    and context axes (those that divide them; tokens are repeated over the others), so no
+    Each device routes, sorts and combines its own tokens, split over the data, fsdp, context
+    and expert axes (those that divide them; tokens are repeated over the others), so no
     device holds another's rows. Each holds every expert, as any of its rows may choose any,
     but only its slice of the hidden dimension F over `tensor` (where that divides F, else
     all of F): the gate/up projections and SwiGLU of that slice are exact, and its down

@@ -67,7 +67,7 @@ def dpo_step(state: TrainState, batch, *, model: nn.Module, tx, cfg: DPOConfig, 
 
 
 def batch_shardings(mesh: Mesh, keys=ROW_KEYS + ("ref_logps",)) -> dict[str, NamedSharding]:
-    """Rows over the batch axes (data, fsdp, expert); [2P, S] positions over context."""
+    """Rows over (data, fsdp); [2P, S] positions over context."""
     per_token = parallel.batch_sharding(mesh)
     per_row = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
     return {k: per_row if k == "ref_logps" else per_token for k in keys}

@@ -122,8 +122,7 @@ def batch_keys(cfg: GRPOConfig, images: bool = False) -> tuple[str, ...]:
 
 def batch_shardings(mesh: Mesh, cfg: GRPOConfig, images: bool = False
                     ) -> dict[str, NamedSharding]:
-    """Sequences over the batch axes; [B, S] positions over context; each row's patches
-    whole."""
+    """Sequences over (data, fsdp); [B, S] positions over context; each row's patches whole."""
     per_sequence = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
     return {**parallel.batch_shardings(mesh, batch_keys(cfg, images)),
             "advantages": per_sequence}

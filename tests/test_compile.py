@@ -37,6 +37,8 @@ def test_a_bad_slice_name_lists_the_valid_ones():
 
 def test_the_devices_of_a_slice_and_of_two_slices():
     assert len(topology.parse("v5e-4").devices()) == 4
+    v4 = topology.parse("v4-8")  # megacore: one device of 32 GiB per chip, as a v4 VM runs
+    assert len(v4.devices()) == 4 and v4.hbm_per_device(v4.devices()) == 32 * 2**30
     devices = topology.parse("v5e-4", slices=2).devices()
     assert sorted({d.slice_index for d in devices}) == [0, 1]
 

@@ -80,6 +80,8 @@ class Topology:
         from jax.experimental import topologies
 
         options = {"chips_per_host_bounds": [1, 1, 1]} if self.grid == (1, 1) else {}
+        if self.generation.cores_per_chip == 2:  # one device per chip, as a v4 or v5p VM runs
+            options["chip_config_name"] = "megacore"
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes
         with _quiet_stderr():
             desc = topologies.get_topology_desc(topology_name=self.libtpu_name, platform="tpu",
@@ -87,8 +89,8 @@ class Topology:
         return list(desc.devices)
 
     def hbm_per_device(self, devices: list) -> int:
-        """HBM one device may use: the chip's, shared by its devices when libtpu lists each
-        TensorCore as a device (v4 without megacore)."""
+        """HBM one device may use: the chip's, shared by its devices where a chip holds
+        several."""
         return self.generation.hbm_bytes * self.chips // len(devices)
 
 

@@ -12,7 +12,8 @@ import os
 import sys
 
 
-def _has_tpu() -> bool:
+def has_tpu() -> bool:
+    """Whether this machine has a TPU attached (a TPU VM)."""
     return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
                 or os.environ.get("TPU_ACCELERATOR_TYPE"))
 
@@ -20,7 +21,7 @@ def _has_tpu() -> bool:
 def skip_tpu_probe_without_tpu() -> None:
     """Sets JAX_PLATFORMS to "cuda,cpu" (NVIDIA devices present) or "cpu" when it is unset
     and no TPU is attached; leaves any other machine, and any choice of the user's, alone."""
-    if "JAX_PLATFORMS" in os.environ or _has_tpu() or glob.glob("/dev/kfd"):
+    if "JAX_PLATFORMS" in os.environ or has_tpu() or glob.glob("/dev/kfd"):
         return
     platforms = "cuda,cpu" if glob.glob("/dev/nvidia[0-9]*") else "cpu"
     os.environ["JAX_PLATFORMS"] = platforms

@@ -121,3 +121,17 @@ def test_two_pretraining_processes_match_one_and_stop_together(tmp_path):
 @pytest.mark.slow
 def test_two_grpo_processes_stop_together(tmp_path):
     stop_one_of_two("grpo", tmp_path)  # both processes read the corpus: process 0 builds it
+
+
+@pytest.mark.parametrize("tpu_vm", [True, False])
+def test_every_tpu_vm_initialises_and_a_lone_cpu_process_does_not(monkeypatch, tpu_vm):
+    """A gcloud TPU VM's environment names no workers, so each one initialises and JAX reads
+    the hosts from the VM's metadata; a single process elsewhere is left alone."""
+    from jaxllm import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "has_tpu", lambda: tpu_vm)
+    monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                        lambda *args: calls.append(args))
+    distributed.initialize()
+    assert calls == ([()] if tpu_vm else [])

@@ -45,14 +45,36 @@ def test_create_multislice_spot_uses_queued_resources():
 
 @pytest.mark.parametrize("accelerator, devices", [("v4-8", 4), ("v5p-128", 64), ("v5litepod-8", 8)])
 def test_setup_checks_the_device_count_of_the_slice(accelerator, devices):
-    lines = dry_run("setup.sh", "--type", accelerator)
-    assert lines[0].startswith("gcloud compute tpus tpu-vm scp --recurse ")
-    assert "--worker=all" in lines[1] and "jax[tpu]" in lines[1]
-    assert f"assert n == {devices}" in lines[2]
+    """The checkout goes as one archive, without .git, .venv and runs, replacing the last
+    copy (scp -r into an existing directory would nest it); jaxllm goes into a venv of
+    Python 3.11 or newer (the TPU images' python3 is 3.10); the check initialises as jaxllm
+    does."""
+    tar, scp, install, check = dry_run("setup.sh", "--type", accelerator)
+    assert tar.startswith("tar -czf ") and "--exclude=.git --exclude=.venv --exclude=runs" in tar
+    assert scp.startswith("gcloud compute tpus tpu-vm scp ") and "~/jaxllm.tar.gz" in scp
+    assert "rm -rf ~/jaxllm && mkdir ~/jaxllm && tar -xzf ~/jaxllm.tar.gz" in install
+    assert "python3.11" in install and "sys.version_info < (3, 11)" in install
+    assert "~/jaxllm-venv/bin/pip install -q -e ~/jaxllm" in install and "jax[tpu]" in install
+    assert "~/jaxllm-venv/bin/python -c" in check and "distributed.initialize()" in check
+    assert f"assert n == {devices}" in check
+
+
+def test_the_install_command_picks_a_python_of_3_11_or_newer(tmp_path):
+    """The remote shell snippet run here, with python3 faked as 3.10 and as the real one."""
+    install = dry_run("setup.sh", "--type", "v4-8")[2]
+    snippet = re.search(r"(\{ python3 -c .*; \}; \})", install).group(1).replace("'\\''", "'")
+    old = tmp_path / "python3"
+    old.write_text("#!/bin/sh\nexit 1\n")  # sys.version_info < (3, 11)
+    old.chmod(0o755)
+    for path, want in ((f"{tmp_path}:/usr/bin:/bin", "python3.11"), (None, "python3")):
+        env = {"PATH": path} if path else None
+        script = snippet.replace("sudo apt-get", "true") + ' && echo "$py"'
+        result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+        assert result.stdout.split()[-1] == want, result
 
 
 def test_setup_multislice_visits_every_slice_and_counts_all_devices():
-    lines = dry_run("setup.sh", "--type", "v5litepod-256", "--nodes", "2")
+    lines = dry_run("setup.sh", "--type", "v5litepod-256", "--nodes", "2")[1:]  # after the tar
     nodes = [re.search(r"\bllm-\d", line).group() for line in lines]
     assert nodes == ["llm-0", "llm-1"] * 3  # copy, install, check: each on both slices
     assert "assert n == 512" in lines[-1]
@@ -72,7 +94,8 @@ def test_launch_runs_the_same_command_on_all_workers_with_a_bucket_workdir():
     )
     assert lines[0] == (
         "gcloud compute tpus tpu-vm ssh llm --project=proj --zone=us-central2-b --worker=all "
-        "'--command=cd ~/jaxllm && TFDS_DATA_DIR=gs://bkt/tensorflow_datasets nohup jaxllm "
+        "'--command=cd ~/jaxllm && TFDS_DATA_DIR=gs://bkt/tensorflow_datasets nohup "
+        "~/jaxllm-venv/bin/jaxllm "
         "pretrain experiments/tiny_dense.py workdir=gs://bkt/runs/r1 train.steps=5 "
         "> ~/r1.log 2>&1 &'"
     )

@@ -34,7 +34,7 @@ if [[ -z "$RUN" ]]; then RUN="$(basename "$EXPERIMENT" .py)-$(date -u +%Y%m%d-%H
 
 overrides=""
 if [[ ${#EXTRA[@]} -gt 0 ]]; then printf -v overrides ' %q' "${EXTRA[@]}"; fi
-job="cd ~/jaxllm && TFDS_DATA_DIR=$BUCKET/tensorflow_datasets nohup jaxllm $command $EXPERIMENT"
+job="cd ~/jaxllm && TFDS_DATA_DIR=$BUCKET/tensorflow_datasets nohup $VENV/jaxllm $command $EXPERIMENT"
 job+=" workdir=$BUCKET/runs/$RUN$overrides > ~/$RUN.log 2>&1 &"
 on_all_workers "$job"
 echo "run $RUN: logs with tpu_setup/logs.sh --run $RUN; TensorBoard: tensorboard --logdir $BUCKET/runs/$RUN/tb"

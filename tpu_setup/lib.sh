@@ -135,6 +135,11 @@ run() {
   fi
 }
 
+# The virtual environment setup.sh installs jaxllm into on every worker; the tilde expands
+# there, in the remote shell.
+# shellcheck disable=SC2088
+VENV="~/jaxllm-venv/bin"
+
 # on_all_workers COMMAND: runs a shell command on every worker of every slice.
 on_all_workers() {
   local node
@@ -142,4 +147,19 @@ on_all_workers() {
     run gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" \
       --worker=all --command="$1"
   done < <(node_names)
+}
+
+# on_all_workers_together COMMAND: on_all_workers with every slice's command running at once,
+# as a multislice JAX job needs (each slice's processes wait for the others'); one after
+# another under --dry-run, so its output keeps its order.
+on_all_workers_together() {
+  if [[ "$DRY_RUN" == true ]]; then on_all_workers "$1"; return; fi
+  local node pid status=0 pids=()
+  while read -r node; do
+    gcloud compute tpus tpu-vm ssh "$node" --project="$PROJECT" --zone="$ZONE" --worker=all \
+      --command="$1" &
+    pids+=("$!")
+  done < <(node_names)
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  return "$status"
 }

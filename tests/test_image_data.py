@@ -214,6 +214,12 @@ def test_image_documents_that_cannot_be_packed_are_refused_by_name():
     for document, message in cases:
         with pytest.raises(ValueError, match=message):
             ImageTextSource([document], TOKENIZER, image_size=8, patch_size=4)
+    # A mixed-in text's <patch> would take a patch of a later image in its row.
+    fine = ImageDocument(images.IMAGE, (image,), "fine")
+    with pytest.raises(ValueError, match="text document 0: the text holds <image>, </image> "
+                                         "or <patch>, which only an image document may"):
+        ImageTextSource([fine], TOKENIZER, image_size=8, patch_size=4, texts=["a <patch> b"],
+                        text_share=0.5)
 
 
 # ---------------------------------------------------------------------------------------

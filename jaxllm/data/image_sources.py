@@ -73,10 +73,16 @@ class ImageTextSource:
         encoded = [self._encode(doc) for doc in documents]
         self._docs = [ids for ids, _ in encoded]
         self._patches = [patches for _, patches in encoded]
+        span_ids = {tokenizer.special[token] for token in (IMAGE, PATCH, IMAGE_END)}
         for text in _mixed_texts(texts, text_share, len(documents)):
-            self._docs.append(np.asarray(encode_document(tokenizer, text), np.int32))
+            name = f"text document {len(self._docs) - len(documents)}"
+            ids = encode_document(tokenizer, text)
+            if span_ids & set(ids):  # a <patch> of no image would shift the row's patches
+                raise ValueError(f"{name}: the text holds {IMAGE}, {IMAGE_END} or {PATCH}, "
+                                 "which only an image document may")
+            self._docs.append(np.asarray(ids, np.int32))
             self._patches.append(np.zeros((0, self.patch_dim), np.uint8))
-            self._names.append(f"text document {len(self._docs) - len(documents) - 1}")
+            self._names.append(name)
 
     def __len__(self) -> int:
         return len(self._docs)

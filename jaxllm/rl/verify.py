@@ -37,8 +37,12 @@ def _same_roots(text: str, answer: str, numbers, target) -> bool:
     )
 
 
+def _word_form(text: str) -> str:
+    return text.strip().lower()
+
+
 def _same_word(text: str, answer: str, numbers, target) -> bool:
-    return text.strip().lower() == answer
+    return _word_form(text) == answer
 
 
 def _reaches_target(text: str, answer: str, numbers, target) -> bool:
@@ -79,8 +83,8 @@ CANONICAL: dict[str, Callable[[str], str]] = {
     "linear": _number_form,
     "quadratic": _roots_form,
     "countdown": lambda text: "".join(text.split()),
-    "colour": lambda text: text.strip().lower(),
-    "shape": lambda text: text.strip().lower(),
+    "colour": _word_form,
+    "shape": _word_form,
     "count": _number_form,
     "digit": _number_form,
     "sum": _number_form,
